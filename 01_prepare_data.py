@@ -1,0 +1,532 @@
+"""Stage 01: turn a dataset into the plain .npz files every later stage reads.
+
+Two sources, one layout (README, "Data layout"):
+  * simulated (default): a small spoken-story study built in seconds with no download. Stories are
+    real synthesized speech (espeak-ng via the espeakng-loader wheel); simulated subjects have
+    auditory voxels driven by the sound, semantic voxels driven by word meaning, mixed and
+    noise-only voxels, a canonical HRF, TR = 2 s and a test story heard 10 times. The ground truth
+    goes to truth.npz so tests can check every claim against it.
+  * ds003020: the LeBel et al. (2023) dataset (OpenNeuro), the one the paper used (Section 2.1).
+
+    python 01_prepare_data.py                                   # simulated study -> data/
+    python 01_prepare_data.py --source ds003020 --ds-root PATH --subjects UTS01 UTS02 UTS03 \\
+        [--roi-file masks.npz]
+"""
+import argparse
+import ctypes
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+from scipy.io import wavfile
+from scipy.signal import fftconvolve, resample_poly
+from scipy.stats import gamma
+
+from common import StudyError, fail, noise_ceiling, save_npz, zscore
+
+SR = 16000
+TR = 2.0
+# ds003020 bookkeeping (HuthLab/deep-fMRI-dataset): the sound starts 10 s into the scan, TR times are
+# mid-TR, and 10 TRs at the start and 5 at the end are trimmed, so response row i sits at
+# 2.0 * i + 11.0 s after the start of the story's wav, and the hf5 holds respdict[story] - 20 rows.
+FIRST_TR_TIME = 11.0
+TRIM_TRS = 20
+DROP_WORDS = {"sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", ""}
+
+# Real English words so espeak pronounces them; a category's words share a semantic centroid.
+CATEGORIES = {
+    "animal": "dog cat horse mouse sheep goat tiger eagle snake rabbit wolf bear duck fox frog camel "
+              "whale zebra lion owl",
+    "food": "bread apple cheese soup rice butter honey lemon cake salad bacon onion pepper sugar "
+            "cookie peach melon noodle toast grape",
+    "body": "hand foot knee elbow finger shoulder ankle chin thumb wrist neck belly spine lip tooth "
+            "heel palm rib skull tongue",
+    "weather": "rain snow wind storm cloud thunder fog frost sunshine hail breeze drizzle flood "
+               "lightning mist blizzard drought rainbow gust sleet",
+    "family": "mother father sister brother uncle aunt cousin daughter son grandma grandpa niece "
+              "nephew baby wife husband parent twin bride groom",
+    "vehicle": "car truck bus train boat plane bike taxi wagon ferry rocket tractor scooter subway "
+               "canoe jeep van tram yacht sled",
+    "tool": "hammer saw drill wrench shovel rake ladder nail screw axe chisel pliers brush bucket "
+            "rope needle knife hose clamp file",
+    "music": "piano guitar drum violin trumpet flute song choir melody rhythm banjo cello harp "
+             "tuba organ opera chord tempo lyric bass",
+    "building": "house castle church tower school bridge cabin barn palace hotel garage temple "
+                "prison museum factory library chapel hut mansion shed",
+    "emotion": "happy angry afraid proud lonely jealous calm nervous joyful gloomy brave shy eager "
+               "bored grateful guilty hopeful anxious curious tender",
+}
+FUNCTION_WORDS = "the a and of to in was he she it then with that but for".split()
+VOICES = ["en-us", "en-us+m3", "en-us+f3", "en-us+m7", "en-us+f4", "en-us+m1"]
+KIND_NAMES = np.array(["auditory", "semantic", "mixed", "noise"])
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data", help="output folder (default: data/)")
+    p.add_argument("--source", choices=["simulated", "ds003020"], default="simulated")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything random (simulated study)")
+    g = p.add_argument_group("simulated study")
+    g.add_argument("--n-subjects", type=int, default=3)
+    g.add_argument("--n-voxels", type=int, default=300, help="voxels per subject")
+    g.add_argument("--n-train-stories", type=int, default=10)
+    g.add_argument("--n-val-stories", type=int, default=1)
+    g.add_argument("--story-seconds", type=float, default=120.0, help="length of each train/val story")
+    g.add_argument("--test-seconds", type=float, default=240.0, help="length of the test story")
+    g.add_argument("--test-repeats", type=int, default=10, help="times the test story is heard")
+    g.add_argument("--n-categories", type=int, default=10, help=f"semantic categories (<= {len(CATEGORIES)})")
+    g.add_argument("--words-per-category", type=int, default=4,
+                   help="content words per category (<= 20); more words = harder to learn (README)")
+    g.add_argument("--n-voices", type=int, default=1, help=f"espeak voices (<= {len(VOICES)})")
+    g.add_argument("--rate", type=int, default=170, help="speaking rate, words per minute")
+    g.add_argument("--semantic-dim", type=int, default=16)
+    g.add_argument("--noise-sd", type=float, nargs=2, default=[0.7, 2.0], metavar=("LO", "HI"),
+                   help="per-voxel noise sd range (signal sd = 1), log-uniform")
+    g = p.add_argument_group("ds003020")
+    g.add_argument("--ds-root", help="root of the downloaded OpenNeuro ds003020 dataset")
+    g.add_argument("--subjects", nargs="+", default=["UTS01", "UTS02", "UTS03"])
+    g.add_argument("--val-stories", nargs="+", default=["fromboyhoodtofatherhood", "onapproachtopluto"])
+    g.add_argument("--test-story", default="wheretheressmoke")
+    g.add_argument("--roi-file", help="npz with boolean masks <subject>_AC, <subject>_LH, <subject>_RH")
+    args = p.parse_args(argv)
+    if not 1 <= args.n_categories <= len(CATEGORIES):
+        p.error(f"--n-categories must be 1..{len(CATEGORIES)}")
+    if not 1 <= args.words_per_category <= 20:
+        p.error("--words-per-category must be 1..20")
+    if not 1 <= args.n_voices <= len(VOICES):
+        p.error(f"--n-voices must be 1..{len(VOICES)}")
+    if args.test_repeats < 2:
+        p.error("--test-repeats must be >= 2 (the noise ceiling needs repeats)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Speech synthesis: espeak-ng through ctypes, no system install
+# ---------------------------------------------------------------------------------------------
+
+def synthesize(job):
+    """One word -> float32 audio at 16 kHz, trimmed to the voiced part.
+
+    espeak-ng carries hidden state from one utterance to the next (the same word comes out a few
+    samples different the second time), so each word is spoken by a fresh engine in a forked worker:
+    that makes the same seed give the same audio.
+    """
+    word, voice, rate = job
+    import espeakng_loader
+    lib = ctypes.cdll.LoadLibrary(espeakng_loader.get_library_path())
+    data_dir = os.path.dirname(espeakng_loader.get_data_path())
+    rate_in = lib.espeak_Initialize(2, 0, data_dir.encode(), 0)  # 2 = AUDIO_OUTPUT_SYNCHRONOUS
+    if rate_in <= 0:
+        raise StudyError("espeak-ng failed to initialise; reinstall the espeakng-loader wheel")
+    chunks = []
+    callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                     ctypes.c_void_p)
+
+    def collect(wav, n, events):
+        if n > 0 and wav:
+            chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+    callback = callback_type(collect)
+    lib.espeak_SetSynthCallback(callback)
+    if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+        raise StudyError(f"espeak-ng has no voice {voice!r}")
+    lib.espeak_SetParameter(1, int(rate), 0)  # 1 = espeakRATE (words per minute)
+    text = word.encode() + b"\0"
+    lib.espeak_Synth(text, len(text), 0, 1, 0, 0, None, None)
+    lib.espeak_Synchronize()
+    x = np.concatenate(chunks).astype(np.float32) / 32768.0
+    x = resample_poly(x, SR, rate_in).astype(np.float32)
+    voiced = np.nonzero(np.abs(x) > 0.01)[0]
+    return x[voiced[0]:voiced[-1] + 1]
+
+
+def synthesize_all(words, voices, rate):
+    """clips[voice][word]: every word spoken once per voice, each by a fresh engine (see synthesize)."""
+    jobs = [(w, v, rate) for v in voices for w in words]
+    with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
+        flat = pool.map(synthesize, jobs, chunksize=1)
+    return [flat[i * len(words):(i + 1) * len(words)] for i in range(len(voices))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated study
+# ---------------------------------------------------------------------------------------------
+
+def make_vocabulary(args, rng):
+    """Content words in categories with semantic vectors near a category centroid; function words
+    carry no meaning (zero vector). The sound of a word says nothing about its vector."""
+    cats = list(CATEGORIES)[:args.n_categories]
+    words, category, vectors = [], [], []
+    centroids = rng.standard_normal((len(cats), args.semantic_dim))
+    for c, name in enumerate(cats):
+        for w in CATEGORIES[name].split()[:args.words_per_category]:
+            v = centroids[c] + 0.5 * rng.standard_normal(args.semantic_dim)
+            words.append(w)
+            category.append(c)
+            vectors.append(v / np.linalg.norm(v))
+    for w in FUNCTION_WORDS:
+        words.append(w)
+        category.append(-1)
+        vectors.append(np.zeros(args.semantic_dim))
+    return np.array(words), np.array(category), np.array(vectors, dtype=np.float32), np.array(cats)
+
+
+def make_story(seconds, vocab, category, clips, rng, n_voices):
+    """A story: sentences whose topic drifts between categories, spoken by concatenating each word's
+    one synthesized clip (per voice) with short gaps. Returns audio and word indices/onsets/offsets."""
+    n_cat = category.max() + 1
+    func = np.flatnonzero(category < 0)
+    pieces, idx, onsets, offsets = [np.zeros(int(0.5 * SR), np.float32)], [], [], []
+    t = 0.5
+    topic = rng.integers(n_cat)
+    while t < seconds - 1.0:
+        if rng.random() < 0.4:  # topic drift between sentences
+            topic = rng.integers(n_cat)
+        voice = rng.integers(n_voices)
+        content = np.flatnonzero(category == topic)
+        for _ in range(rng.integers(4, 10)):
+            w = rng.choice(func) if rng.random() < 0.35 else rng.choice(content)
+            clip = clips[voice][w]
+            gap = np.zeros(int(rng.uniform(0.04, 0.12) * SR), np.float32)
+            pieces += [clip, gap]
+            idx.append(w)
+            onsets.append(t)
+            offsets.append(t + len(clip) / SR)
+            t += (len(clip) + len(gap)) / SR
+        pause = np.zeros(int(rng.uniform(0.25, 0.6) * SR), np.float32)
+        pieces.append(pause)
+        t += len(pause) / SR
+    audio = np.concatenate(pieces)
+    audio = np.concatenate([audio, np.zeros(max(0, int(seconds * SR) - len(audio)), np.float32)])
+    return audio, np.array(idx), np.array(onsets), np.array(offsets)
+
+
+def log_mel(audio, n_bands=8, hop=160, win=400):
+    """Log-mel band energies at 100 Hz: the acoustics that drive the auditory voxels."""
+    n = 1 + (len(audio) - win) // hop
+    frames = np.lib.stride_tricks.sliding_window_view(audio, win)[::hop][:n] * np.hanning(win)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(win, 1 / SR)
+    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+    edges = 700 * (10 ** (np.linspace(mel(100), mel(7000), n_bands + 2) / 2595) - 1)
+    fb = np.zeros((n_bands, len(freqs)))
+    for b in range(n_bands):
+        lo, mid, hi = edges[b:b + 3]
+        fb[b] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
+    times = (np.arange(n) * hop + win / 2) / SR
+    return np.log(power @ fb.T + 1e-8), times
+
+
+def hrf(dt, length=32.0):
+    """SPM's canonical double-gamma HRF (peak ~5 s, undershoot ~15 s), unit sum."""
+    t = np.arange(0, length, dt)
+    h = gamma.pdf(t, 6) - gamma.pdf(t, 16) / 6
+    return h / h.sum()
+
+
+def to_trs(x, dt, tr_times):
+    """Convolve a high-rate (time x dims) signal with the HRF and average it within each TR."""
+    y = fftconvolve(x, hrf(dt)[:, None], axes=0)[:len(x)]
+    t = np.arange(len(x)) * dt
+    return np.stack([y[(t >= c - TR / 2) & (t < c + TR / 2)].mean(0) for c in tr_times])
+
+
+def story_tr_times(duration):
+    n = int((duration - FIRST_TR_TIME) // TR) + 1
+    return FIRST_TR_TIME + TR * np.arange(n)
+
+
+def build_simulated(args):
+    rng = np.random.default_rng(args.seed)
+    t0 = time.time()
+    vocab, category, sem_vectors, cat_names = make_vocabulary(args, rng)
+    voices = VOICES[:args.n_voices]
+    clips = synthesize_all(list(vocab), voices, args.rate)
+    print(f"synthesized {len(vocab)} words x {len(voices)} voice(s) in {time.time() - t0:.1f} s")
+
+    names = ([f"story{i:02d}" for i in range(args.n_train_stories)]
+             + [f"val{i:02d}" for i in range(args.n_val_stories)] + ["test"])
+    stories = {}
+    for name in names:
+        secs = args.test_seconds if name == "test" else args.story_seconds
+        audio, idx, on, off = make_story(secs, vocab, category, clips, rng, len(voices))
+        stories[name] = dict(audio=audio, idx=idx, on=on, off=off, tr_times=story_tr_times(len(audio) / SR))
+
+    # Latent drives at 100 Hz, shared by all subjects: acoustics (log-mel) and meaning (the vector of
+    # the word being heard). Each is put through the HRF and averaged within TRs.
+    dt = 0.01
+    mels = {n: log_mel(s["audio"]) for n, s in stories.items()}
+    allmel = np.concatenate([m for m, _ in mels.values()])
+    mu, sd = allmel.mean(0), allmel.std(0)
+    drives = {}
+    for name, s in stories.items():
+        m, mt = mels[name]
+        grid = np.arange(0, len(s["audio"]) / SR, dt)
+        aco = np.stack([np.interp(grid, mt, (m[:, b] - mu[b]) / sd[b]) for b in range(m.shape[1])], 1)
+        sem = np.zeros((len(grid), args.semantic_dim))
+        for w, a, b in zip(s["idx"], s["on"], s["off"]):
+            sem[int(a / dt):int(b / dt)] = sem_vectors[w]
+        drives[name] = (to_trs(aco, dt, s["tr_times"]), to_trs(sem, dt, s["tr_times"]))
+
+    out = args.data
+    tmp_out = out.rstrip("/") + ".tmp_build"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    for name, s in stories.items():
+        save_npz(os.path.join(tmp_out, "stories", f"{name}.npz"), audio=s["audio"], sr=np.int64(SR),
+                 tr_times=s["tr_times"].astype(np.float64), words=vocab[s["idx"]],
+                 word_onsets=s["on"], word_offsets=s["off"])
+
+    subjects = [f"sim{i + 1:02d}" for i in range(args.n_subjects)]
+    truth = dict(kind_names=KIND_NAMES, vocab=vocab, vocab_category=category, category_names=cat_names,
+                 semantic_vectors=sem_vectors, subjects=np.array(subjects))
+    n_aco = drives["test"][0].shape[1]
+    for subj in subjects:
+        v = args.n_voxels
+        kind = rng.choice(4, size=v, p=[0.25, 0.4, 0.2, 0.15])
+        # each subject mixes the shared latents into its voxels its own way
+        w_aco = (0.5 + rng.standard_normal((n_aco, v))) * np.isin(kind, [0, 2])
+        w_sem = rng.standard_normal((args.semantic_dim, v)) * np.isin(kind, [1, 2])
+        signal = {n: d[0] @ w_aco / np.sqrt(n_aco) + d[1] @ w_sem for n, d in drives.items()}
+        sd_sig = np.concatenate(list(signal.values())).std(0)
+        sd_sig[sd_sig == 0] = 1
+        noise_sd = np.exp(rng.uniform(*np.log(args.noise_sd), size=v))
+
+        def noisy(x):  # AR(1) noise (rho 0.3): fMRI noise is autocorrelated in time
+            e = rng.standard_normal(x.shape)
+            for t in range(1, len(e)):
+                e[t] = 0.3 * e[t - 1] + np.sqrt(1 - 0.09) * e[t]
+            return x + e * noise_sd
+        resp = {n: zscore(noisy(sig / sd_sig)) for n, sig in signal.items() if n != "test"}
+        test_signal = signal["test"] / sd_sig
+        repeats = np.stack([noisy(test_signal) for _ in range(args.test_repeats)]).astype(np.float32)
+        order = rng.permutation(v)
+        roi = dict(roi_AC=kind == 0, roi_LH=np.isin(np.arange(v), order[:v // 2]),
+                   roi_RH=np.isin(np.arange(v), order[v // 2:]))
+        save_npz(os.path.join(tmp_out, "subjects", f"{subj}.npz"),
+                 **{f"resp_{n}": r for n, r in resp.items()}, test_resp=zscore(repeats.mean(0)),
+                 test_repeats=repeats, noise_ceiling=noise_ceiling(repeats),
+                 constant_voxels=np.zeros(v, bool), **roi)
+        # the ceiling from the truth: expected r between the signal and the mean of N noisy repeats
+        var_s = test_signal.var(0)
+        true_ceiling = np.sqrt(var_s / (var_s + noise_sd ** 2 / args.test_repeats))
+        truth.update({f"{subj}_kind": kind, f"{subj}_test_signal": test_signal.astype(np.float32),
+                      f"{subj}_noise_sd": noise_sd, f"{subj}_true_ceiling": true_ceiling,
+                      f"{subj}_w_acoustic": w_aco.astype(np.float32),
+                      f"{subj}_w_semantic": w_sem.astype(np.float32)})
+    truth["test_acoustic_drive"] = drives["test"][0].astype(np.float32)
+    truth["test_semantic_drive"] = drives["test"][1].astype(np.float32)
+    save_npz(os.path.join(tmp_out, "truth.npz"), **truth)
+    save_npz(os.path.join(tmp_out, "study.npz"), source=np.array("simulated"), subjects=np.array(subjects),
+             train_stories=np.array(names[:args.n_train_stories]),
+             val_stories=np.array(names[args.n_train_stories:-1]), test_story=np.array("test"),
+             tr=np.float64(TR), seed=np.int64(args.seed))
+    return tmp_out, subjects, stories
+
+
+# ---------------------------------------------------------------------------------------------
+# The real dataset: OpenNeuro ds003020
+# ---------------------------------------------------------------------------------------------
+
+def read_textgrid_words(path):
+    """Words of a Praat TextGrid's word tier (the second tier), with the lab's filler tokens dropped."""
+    try:
+        text = open(path, encoding="utf-8", errors="replace").read()
+    except OSError as e:
+        raise StudyError(f"cannot read {path}: {e}")
+    tiers = text.split("item [")[2:]  # [0] is the header, [1] the 'item []:' line
+    if len(tiers) < 2:
+        raise StudyError(f"{path} has fewer than 2 tiers; the word tier must be the second "
+                         "(re-export the TextGrid in Praat's long text format)")
+    words, on, off = [], [], []
+    for iv in tiers[1].split("intervals [")[1:]:
+        fields = {}
+        for line in iv.splitlines():
+            if "=" in line:
+                k, v = line.split("=", 1)
+                fields[k.strip()] = v.strip()
+        w = fields.get("text", "").strip('"').strip()
+        if w.lower().strip("{}") in DROP_WORDS:
+            continue
+        words.append(w.lower())
+        on.append(float(fields["xmin"]))
+        off.append(float(fields["xmax"]))
+    return np.array(words), np.array(on), np.array(off)
+
+
+def read_wav(path):
+    """Any rate, mono or stereo, int or float wav -> float32 mono at 16 kHz."""
+    try:
+        rate, x = wavfile.read(path)
+    except (OSError, ValueError) as e:
+        raise StudyError(f"cannot read {path}: {e}")
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / np.iinfo(x.dtype).max
+    x = x.astype(np.float32)
+    if x.ndim == 2:
+        x = x.mean(1)
+    if rate != SR:
+        g = np.gcd(int(rate), SR)
+        x = resample_poly(x, SR // g, int(rate) // g).astype(np.float32)
+    return x
+
+
+def read_hf5(path):
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("data", "resp"):
+                if key in f:
+                    return np.asarray(f[key], dtype=np.float32)
+            keys = list(f.keys())
+    except OSError as e:
+        raise StudyError(f"cannot read {path}: {e}")
+    raise StudyError(f"{path} has no 'data' or 'resp' dataset (found {keys}); it is not a ds003020 "
+                     "response file")
+
+
+def check_voxels(resp, path):
+    """NaN voxels are rejected; constant voxels are flagged and kept as zeros."""
+    nan = np.isnan(resp).any(axis=tuple(range(resp.ndim - 1)))
+    if nan.any():
+        raise StudyError(f"{path}: {nan.sum()} voxels contain NaN; mask them out (or re-run the "
+                         "preprocessing) before preparing the data")
+    return resp.reshape(-1, resp.shape[-1]).std(0) == 0
+
+
+def build_ds003020(args):
+    root = args.ds_root
+    if not root or not os.path.isdir(root):
+        raise StudyError(f"--ds-root {root!r} is not a folder; download OpenNeuro ds003020 and pass "
+                         "its root (the folder holding derivative/ and stimuli/)")
+    prep = os.path.join(root, "derivative", "preprocessed_data")
+    respdict_path = os.path.join(root, "derivative", "respdict.json")
+    if not os.path.exists(respdict_path):
+        raise StudyError(f"{respdict_path} not found: the TR bookkeeping needs it (it is part of ds003020)")
+    respdict = json.load(open(respdict_path))
+    for s in args.subjects:
+        if not os.path.isdir(os.path.join(prep, s)):
+            have = sorted(os.listdir(prep)) if os.path.isdir(prep) else []
+            raise StudyError(f"unknown subject {s}: no folder {os.path.join(prep, s)} (found {have})")
+    # stories every chosen subject heard
+    per_subj = [{f[:-4] for f in os.listdir(os.path.join(prep, s)) if f.endswith(".hf5")}
+                for s in args.subjects]
+    common_stories = sorted(set.intersection(*per_subj))
+    for st in args.val_stories + [args.test_story]:
+        if st not in common_stories:
+            raise StudyError(f"story {st!r} (validation/test) has no .hf5 for every subject in {prep}; "
+                             "choose others with --val-stories / --test-story")
+    train = [s for s in common_stories if s not in args.val_stories and s != args.test_story]
+    rois = load_npz_rois(args.roi_file, args.subjects)
+
+    tmp_out = args.data.rstrip("/") + ".tmp_build"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    stories = {}
+    for st in train + args.val_stories + [args.test_story]:
+        wav = os.path.join(root, "stimuli", f"{st}.wav")
+        tg = os.path.join(root, "derivative", "TextGrids", f"{st}.TextGrid")
+        for f in (wav, tg):
+            if not os.path.exists(f):
+                raise StudyError(f"story {st}: {f} not found (every story needs its wav and TextGrid)")
+        if st not in respdict:
+            raise StudyError(f"story {st} is missing from {respdict_path}")
+        audio = read_wav(wav)
+        words, on, off = read_textgrid_words(tg)
+        tr_times = FIRST_TR_TIME + TR * np.arange(respdict[st] - TRIM_TRS)
+        if tr_times[-1] > len(audio) / SR + 30:
+            raise StudyError(f"story {st}: respdict says {respdict[st]} TRs (last row at {tr_times[-1]:.0f} s)"
+                             f" but {wav} lasts {len(audio) / SR:.0f} s; the wav or respdict is wrong")
+        stories[st] = tr_times
+        save_npz(os.path.join(tmp_out, "stories", f"{st}.npz"), audio=audio, sr=np.int64(SR),
+                 tr_times=tr_times, words=words, word_onsets=on, word_offsets=off)
+        print(f"  story {st}: {len(audio) / SR:.0f} s, {len(words)} words, {len(tr_times)} TRs")
+    for s in args.subjects:
+        out = {}
+        constant = None
+        for st, tr_times in stories.items():
+            path = os.path.join(prep, s, f"{st}.hf5")
+            resp = read_hf5(path)
+            if resp.shape[-2] != len(tr_times):
+                raise StudyError(f"{path} has {resp.shape[-2]} rows but respdict says {respdict[st]} TRs, "
+                                 f"i.e. {len(tr_times)} rows after the lab's trimming of {TRIM_TRS}; "
+                                 "the file or derivative/respdict.json is from another version")
+            const = check_voxels(resp, path)
+            constant = const if constant is None else constant | const
+            if st == args.test_story:
+                if resp.ndim == 3:
+                    out["test_repeats"] = resp
+                    out["noise_ceiling"] = noise_ceiling(resp)
+                    resp = resp.mean(0)
+                else:
+                    print(f"  note: {path} holds one (averaged) response, no repeats: "
+                          "noise_ceiling is NaN for {s}")
+                    out["noise_ceiling"] = np.full(resp.shape[-1], np.nan, np.float32)
+                out["test_resp"] = zscore(resp)
+            else:
+                out[f"resp_{st}"] = zscore(resp)
+        n_vox = {v.shape[-1] for v in out.values()}
+        if len(n_vox) != 1:
+            raise StudyError(f"subject {s}: stories disagree on the voxel count {sorted(n_vox)}")
+        n_vox = n_vox.pop()
+        if constant.any():
+            print(f"  note: {s}: {constant.sum()} constant voxels kept as zeros (flagged in constant_voxels)")
+        for name, mask in rois.get(s, {}).items():
+            if len(mask) != n_vox:
+                raise StudyError(f"{args.roi_file}: {s}_{name} has {len(mask)} entries but {s} has "
+                                 f"{n_vox} voxels")
+            out[f"roi_{name}"] = mask
+        missing = [r for r in ("AC", "LH", "RH") if r not in rois.get(s, {})]
+        if missing:
+            print(f"  note: {s}: no {', '.join(missing)} mask" + (" (no --roi-file)" if not args.roi_file else
+                  f" in {args.roi_file}") + "; stages that need them will say so")
+        save_npz(os.path.join(tmp_out, "subjects", f"{s}.npz"), constant_voxels=constant, **out)
+        print(f"  subject {s}: {n_vox} voxels")
+    save_npz(os.path.join(tmp_out, "study.npz"), source=np.array("ds003020"), subjects=np.array(args.subjects),
+             train_stories=np.array(train), val_stories=np.array(args.val_stories),
+             test_story=np.array(args.test_story), tr=np.float64(TR), seed=np.int64(args.seed))
+    return tmp_out, args.subjects, stories
+
+
+def load_npz_rois(path, subjects):
+    if not path:
+        return {}
+    if not os.path.exists(path):
+        raise StudyError(f"--roi-file {path} not found")
+    with np.load(path, allow_pickle=False) as f:
+        rois = {}
+        for key in f.files:
+            subj, _, name = key.partition("_")
+            if name not in ("AC", "LH", "RH"):
+                raise StudyError(f"{path}: key {key!r} is not <subject>_AC, <subject>_LH or <subject>_RH")
+            if subj in subjects:
+                rois.setdefault(subj, {})[name] = f[key].astype(bool)
+    return rois
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.time()
+    print(f"stage 01: building the {args.source} study into {args.data}/")
+    try:
+        tmp_out, subjects, stories = (build_simulated if args.source == "simulated" else build_ds003020)(args)
+    except StudyError as e:
+        shutil.rmtree(args.data.rstrip("/") + ".tmp_build", ignore_errors=True)
+        fail(e)
+    # swap the finished study in whole: a failed build never leaves a half-written data/
+    # (a feature cache under data/features from the same stories is kept: stage 02 checks its key)
+    old_features = os.path.join(args.data, "features")
+    if os.path.isdir(old_features):
+        shutil.move(old_features, os.path.join(tmp_out, "features"))
+    shutil.rmtree(args.data, ignore_errors=True)
+    os.replace(tmp_out, args.data)
+    audio_s = sum(len(np.load(os.path.join(args.data, "stories", f"{s}.npz"))["audio"]) / SR for s in stories)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.data) for f in fs)
+    print(f"wrote {len(stories)} stories ({audio_s / 60:.1f} min of audio), {len(subjects)} subjects, "
+          f"{size / 1e6:.1f} MB in {time.time() - t0:.1f} s -> {args.data}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Shared test helpers: run a stage's main() in-process, and one tiny simulated study per session."""
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import common  # noqa: E402
+
+common.set_threads(2)
+
+TINY = ["--n-subjects", "2", "--n-voxels", "60", "--n-train-stories", "3", "--n-val-stories", "1",
+        "--story-seconds", "40", "--test-seconds", "50", "--seed", "3"]
+
+
+def load_stage(script):
+    name = "stage_" + script.replace(".py", "")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return sys.modules[name]
+
+
+def run_stage(script, argv):
+    """Run a stage's main(argv); return its exit code (0 when it returns normally)."""
+    try:
+        load_stage(script).main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("study") / "data")
+    assert run_stage("01_prepare_data.py", ["--data", data] + TINY) == 0
+    return data
+
+
+@pytest.fixture(scope="session")
+def default_study(tmp_path_factory):
+    """The default simulated study (what `make demo` builds): a few seconds."""
+    data = str(tmp_path_factory.mktemp("default") / "data")
+    assert run_stage("01_prepare_data.py", ["--data", data]) == 0
+    return data

@@ -1,0 +1,148 @@
+"""common.py numerics against independent references."""
+import numpy as np
+import pytest
+import torch
+
+import common
+
+
+def lanczos_reference(data, oldtime, newtime, window=3, cutoff_mult=1.0):
+    """A loop-by-loop transcription of the Lanczos formula of the lab's lanczosinterp2D."""
+    cutoff = cutoff_mult / np.mean(np.diff(newtime))
+    out = np.zeros((len(newtime), data.shape[1]))
+    for i, tn in enumerate(newtime):
+        for j, to in enumerate(oldtime):
+            t = (tn - to) * cutoff
+            if t == 0:
+                w = 1.0
+            elif abs(t) > window:
+                w = 0.0
+            else:
+                w = window * np.sin(np.pi * t) * np.sin(np.pi * t / window) / (np.pi ** 2 * t ** 2)
+            out[i] += w * data[j]
+    return out
+
+
+def test_lanczos_matches_reference_and_torch_twin():
+    rng = np.random.default_rng(0)
+    old = np.sort(rng.uniform(0, 30, 200))
+    new = 1.0 + 2.0 * np.arange(14)
+    x = rng.standard_normal((200, 3))
+    ref = lanczos_reference(x, old, new)
+    np.testing.assert_allclose(common.lanczos_interp(x, old, new), ref, rtol=1e-4, atol=1e-4)
+    # not normalised: a constant input scales by (old rate / new rate), as in the lab's code
+    assert abs(common.lanczos_interp(np.ones((200, 1)), old, new)[5, 0] - 200 / 30 * 2) < 3
+    xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
+    yt = common.lanczos_interp_torch(xt, old, new)
+    np.testing.assert_allclose(yt.detach().numpy(), ref, rtol=1e-4, atol=1e-4)
+    yt.sum().backward()
+    assert xt.grad is not None and xt.grad.abs().sum() > 0
+
+
+def test_lanczos_recovers_a_slow_signal():
+    old = np.arange(0, 60, 0.02)
+    new = np.arange(1, 59, 2.0)
+    slow = np.sin(2 * np.pi * old / 20)[:, None]
+    y = common.lanczos_interp(slow, old, new)
+    r = np.corrcoef(y[3:-3, 0], np.sin(2 * np.pi * new[3:-3] / 20))[0, 1]
+    assert r > 0.999
+
+
+def test_make_delayed_numpy_and_torch():
+    x = np.arange(12, dtype=np.float32).reshape(6, 2) + 1
+    d = common.make_delayed(x, (1, 2))
+    assert d.shape == (6, 4)
+    np.testing.assert_array_equal(d[:, :2], np.vstack([np.zeros((1, 2)), x[:-1]]))
+    np.testing.assert_array_equal(d[:, 2:], np.vstack([np.zeros((2, 2)), x[:-2]]))
+    dt = common.make_delayed(torch.tensor(x), (1, 2))
+    np.testing.assert_array_equal(dt.numpy(), d)
+    np.testing.assert_array_equal(common.make_delayed(x, (0,)), x)
+
+
+def test_zscore_and_pearson():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 4)).astype(np.float32) * 3 + 2
+    x[:, 2] = 7.0
+    z = common.zscore(x)
+    assert np.all(np.isfinite(z))
+    np.testing.assert_allclose(z[:, [0, 1, 3]].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z[:, [0, 1, 3]].std(0), 1, atol=1e-5)
+    assert np.all(z[:, 2] == 0)
+    a = rng.standard_normal((80, 5))
+    b = a + rng.standard_normal((80, 5))
+    r = common.pearson_r(a, b)
+    np.testing.assert_allclose(r, [np.corrcoef(a[:, i], b[:, i])[0, 1] for i in range(5)], atol=1e-6)
+    assert common.pearson_r(a, np.ones_like(a))[0] == 0
+
+
+def test_noise_ceiling_agrees_with_known_truth(default_study):
+    """On the simulated study the estimate from repeats matches the ceiling implied by the true
+    noise-free signal and noise level."""
+    truth = common.load_npz(f"{default_study}/truth.npz")
+    for subj in truth["subjects"]:
+        s = common.load_npz(f"{default_study}/subjects/{subj}.npz")
+        est = common.noise_ceiling(s["test_repeats"])
+        np.testing.assert_allclose(est, s["noise_ceiling"], atol=1e-6)
+        true = truth[f"{subj}_true_ceiling"]
+        assert np.abs(est - true).mean() < 0.05
+        assert np.corrcoef(est, true)[0, 1] > 0.9
+        # and the empirical r between the truth and the mean of repeats
+        emp = common.pearson_r(truth[f"{subj}_test_signal"], s["test_repeats"].mean(0))
+        assert np.abs(emp - true).mean() < 0.05
+
+
+def test_noise_ceiling_limits():
+    rng = np.random.default_rng(2)
+    sig = rng.standard_normal((1, 100, 3))
+    assert np.allclose(common.noise_ceiling(np.repeat(sig, 4, 0)), 1, atol=1e-5)
+    assert common.noise_ceiling(rng.standard_normal((10, 400, 50))).mean() < 0.15
+    with pytest.raises(ValueError):
+        common.noise_ceiling(sig)
+
+
+def test_contiguous_folds_cover_everything_once():
+    folds = common.contiguous_folds(103, 5)
+    test = np.concatenate([t for _, t in folds])
+    np.testing.assert_array_equal(test, np.arange(103))
+    for tr, te in folds:
+        assert np.all(np.diff(te) == 1)
+        assert len(np.intersect1d(tr, te)) == 0 and len(tr) + len(te) == 103
+
+
+def _ridge_problem(seed=0, n=400, p=60, v=120):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, p)).astype(np.float32)
+    X[:, 1:] += 0.5 * X[:, :-1]
+    W = rng.standard_normal((p, v)) * rng.uniform(0, 0.4, v)
+    Y = X @ W + rng.standard_normal((n, v)) * 2
+    return common.zscore(X), common.zscore(Y)
+
+
+def test_ridge_cv_agrees_with_himalaya():
+    from himalaya.backend import set_backend
+    from himalaya.ridge import RidgeCV
+    from himalaya.scoring import correlation_score
+    set_backend("numpy")
+    X, Y = _ridge_problem()
+    alphas = np.logspace(-1, 4, 12)
+    folds = common.contiguous_folds(len(X), 5)
+    W, best, cv_r = common.ridge_cv(X, Y, alphas, folds=folds, voxel_batch=50)
+    ref = RidgeCV(alphas=alphas, cv=folds, solver="svd", fit_intercept=False,
+                  solver_params=dict(score_func=correlation_score, local_alpha=True)).fit(X, Y)
+    assert np.mean(np.isclose(best, ref.best_alphas_)) > 0.97  # near-ties may flip in float32
+    assert len(np.unique(best)) > 2  # per-voxel alphas really differ here
+    same = np.isclose(best, ref.best_alphas_)
+    np.testing.assert_allclose(W[:, same], np.asarray(ref.coef_)[:, same], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(cv_r.max(0), np.asarray(ref.cv_scores_), atol=1e-4)
+    assert cv_r.shape == (12, Y.shape[1])
+
+
+def test_ridge_cv_closed_form_and_predict():
+    X, Y = _ridge_problem(1, n=200, p=20, v=7)
+    alphas = np.array([3.0])
+    W, best, _ = common.ridge_cv(X, Y, alphas)
+    W_ref = np.linalg.solve(X.T.astype(np.float64) @ X + 3.0 * np.eye(20), X.T @ Y)
+    np.testing.assert_allclose(W, W_ref, atol=1e-4)
+    np.testing.assert_allclose(common.ridge_predict(X, W, voxel_batch=3), X @ W, atol=1e-4)
+    with pytest.raises(ValueError):
+        common.ridge_cv(X, Y[:-1], alphas)

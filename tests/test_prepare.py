@@ -1,0 +1,263 @@
+"""Stage 01: the simulated study and the ds003020 reader, including every bad-input path."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+from scipy.io import wavfile
+
+import common
+from conftest import TINY, run_stage
+
+STAGE = "01_prepare_data.py"
+
+
+# --------------------------------------------------------------------------- simulated study
+
+def test_simulated_layout(tiny_study):
+    study = common.load_npz(f"{tiny_study}/study.npz")
+    assert str(study["source"]) == "simulated" and float(study["tr"]) == 2.0
+    assert len(study["train_stories"]) == 3 and len(study["val_stories"]) == 1
+    stories = list(study["train_stories"]) + list(study["val_stories"]) + [str(study["test_story"])]
+    for st in stories:
+        s = common.load_npz(f"{tiny_study}/stories/{st}.npz")
+        assert s["audio"].dtype == np.float32 and int(s["sr"]) == 16000
+        dur = len(s["audio"]) / 16000
+        assert s["tr_times"][0] == 11.0 and np.allclose(np.diff(s["tr_times"]), 2.0)
+        assert s["tr_times"][-1] <= dur
+        assert len(s["words"]) == len(s["word_onsets"]) == len(s["word_offsets"]) > 10
+        assert np.all(s["word_offsets"] > s["word_onsets"]) and s["word_offsets"][-1] <= dur
+        assert np.all(np.diff(s["word_onsets"]) > 0)
+        # speech is really there: words are loud, the gaps before them quiet
+        on = (s["word_onsets"][:5] * 16000).astype(int)
+        assert all(np.abs(s["audio"][o:o + 1600]).max() > 0.05 for o in on)
+    for subj in study["subjects"]:
+        d = common.load_npz(f"{tiny_study}/subjects/{subj}.npz")
+        for st in study["train_stories"]:
+            n_tr = len(common.load_npz(f"{tiny_study}/stories/{st}.npz")["tr_times"])
+            r = d[f"resp_{st}"]
+            assert r.shape == (n_tr, 60) and r.dtype == np.float32
+            np.testing.assert_allclose(r.mean(0), 0, atol=1e-5)
+        assert d["test_repeats"].shape[0] == 10 and d["test_repeats"].shape[1:] == d["test_resp"].shape
+        assert d["noise_ceiling"].shape == (60,)
+        assert not np.any(d["roi_LH"] & d["roi_RH"]) and np.all(d["roi_LH"] | d["roi_RH"])
+    truth = common.load_npz(f"{tiny_study}/truth.npz")
+    kind = truth[f"{study['subjects'][0]}_kind"]
+    d = common.load_npz(f"{tiny_study}/subjects/{study['subjects'][0]}.npz")
+    np.testing.assert_array_equal(d["roi_AC"], kind == list(truth["kind_names"]).index("auditory"))
+    assert truth["semantic_vectors"].shape == (len(truth["vocab"]), 16)
+    # function words carry no meaning; content words sit near their category's centroid
+    assert np.all(truth["semantic_vectors"][truth["vocab_category"] < 0] == 0)
+
+
+def test_simulated_signals_come_from_their_drives(tiny_study):
+    """Auditory voxels follow the acoustic drive, semantic voxels the semantic drive (the truth)."""
+    truth = common.load_npz(f"{tiny_study}/truth.npz")
+    subj = truth["subjects"][0]
+    kind, sig = truth[f"{subj}_kind"], truth[f"{subj}_test_signal"]
+    aco = truth["test_acoustic_drive"] @ truth[f"{subj}_w_acoustic"]
+    sem = truth["test_semantic_drive"] @ truth[f"{subj}_w_semantic"]
+    aud = kind == 0
+    assert np.all(common.pearson_r(aco[:, aud], sig[:, aud]) > 0.99)
+    semv = kind == 1
+    assert np.all(common.pearson_r(sem[:, semv], sig[:, semv]) > 0.99)
+    assert np.all(sig[:, kind == 3] == 0)
+
+
+def test_simulated_same_seed_same_files(tiny_study, tmp_path):
+    other = str(tmp_path / "again")
+    assert run_stage(STAGE, ["--data", other] + TINY) == 0
+    for rel in ["study.npz", "truth.npz", "stories/story00.npz", "subjects/sim01.npz"]:
+        a, b = common.load_npz(f"{tiny_study}/{rel}"), common.load_npz(f"{other}/{rel}")
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{rel}:{k}")
+    changed = str(tmp_path / "seed4")
+    assert run_stage(STAGE, ["--data", changed] + TINY[:-1] + ["4"]) == 0
+    assert not np.array_equal(common.load_npz(f"{changed}/subjects/sim01.npz")["test_resp"],
+                              common.load_npz(f"{tiny_study}/subjects/sim01.npz")["test_resp"])
+
+
+
+
+# --------------------------------------------------------------------------- ds003020 fixture
+
+TRAIN = ["alpha", "beta"]
+VAL = ["fromboyhoodtofatherhood", "onapproachtopluto"]
+TEST = "wheretheressmoke"
+R = 40  # respdict TRs -> 20 response rows, at 11, 13, ..., 49 s
+
+
+def envelope(t, phase):
+    return 1 + 0.8 * np.sin(2 * np.pi * t / 9.0 + phase)
+
+
+def write_textgrid(path, words, dur):
+    iv = [("", 0.0, 0.3)] + [(w, 0.3 + i * 0.5, 0.7 + i * 0.5) for i, w in enumerate(words)]
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0 ", f"xmax = {dur} ",
+             "tiers? <exists> ", "size = 2 ", "item []: "]
+    for n, (name, ivs) in enumerate([("phone", [("AH0", 0.0, dur)]), ("word", iv)], 1):
+        lines += [f"    item [{n}]:", '        class = "IntervalTier" ', f'        name = "{name}" ',
+                  "        xmin = 0 ", f"        xmax = {dur} ", f"        intervals: size = {len(ivs)} "]
+        for k, (text, a, b) in enumerate(ivs, 1):
+            lines += [f"        intervals [{k}]:", f"            xmin = {a} ", f"            xmax = {b} ",
+                      f'            text = "{text}" ']
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+def make_ds(root, subjects=("UTS01", "UTS02"), n_vox=30, seed=0):
+    """A miniature ds003020 in the exact layout: hf5 responses, 44.1 kHz stereo wavs, TextGrids,
+    respdict.json. Voxel 0 of every story follows the sound's loudness at 2*i + 11 s."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(f"{root}/stimuli")
+    os.makedirs(f"{root}/derivative/TextGrids")
+    stories = TRAIN + VAL + [TEST]
+    json.dump({s: R for s in stories}, open(f"{root}/derivative/respdict.json", "w"))
+    phases = {s: rng.uniform(0, 2 * np.pi) for s in stories}
+    dur = 2 * R - 20
+    for s in stories:
+        t = np.arange(int(dur * 44100)) / 44100
+        x = rng.standard_normal((len(t), 2)) * 0.1 * envelope(t, phases[s])[:, None]
+        wavfile.write(f"{root}/stimuli/{s}.wav", 44100, (x * 32767 / 0.6).clip(-32767, 32767).astype(np.int16))
+        write_textgrid(f"{root}/derivative/TextGrids/{s}.TextGrid",
+                       ["{LG}", "hello", "sp", "world", "br", "again"] * 3, dur)
+    rows = R - 20
+    for subj in subjects:
+        os.makedirs(f"{root}/derivative/preprocessed_data/{subj}")
+        for s in stories:
+            resp = rng.standard_normal((rows, n_vox)).astype(np.float32)
+            resp[:, 0] = envelope(11.0 + 2.0 * np.arange(rows), phases[s])
+            key = "resp" if s == "beta" else "data"  # the lab's files use either name
+            if s == TEST:
+                resp = np.stack([resp + 0.1 * rng.standard_normal(resp.shape) for _ in range(3)])
+            with h5py.File(f"{root}/derivative/preprocessed_data/{subj}/{s}.hf5", "w") as f:
+                f.create_dataset(key, data=resp.astype(np.float32))
+    return root
+
+
+@pytest.fixture
+def ds(tmp_path):
+    return make_ds(str(tmp_path / "ds003020"))
+
+
+def run_ds(ds, out, *extra):
+    return run_stage(STAGE, ["--source", "ds003020", "--ds-root", ds, "--data", out,
+                             "--subjects", "UTS01", "UTS02", *extra])
+
+
+def test_ds003020_rows_line_up_with_the_audio(ds, tmp_path):
+    out = str(tmp_path / "data")
+    assert run_ds(ds, out) == 0
+    study = common.load_npz(f"{out}/study.npz")
+    assert str(study["source"]) == "ds003020"
+    assert list(study["train_stories"]) == TRAIN and list(study["val_stories"]) == VAL
+    assert str(study["test_story"]) == TEST
+    for s in TRAIN + VAL + [TEST]:
+        st = common.load_npz(f"{out}/stories/{s}.npz")
+        assert int(st["sr"]) == 16000 and st["audio"].ndim == 1
+        assert abs(len(st["audio"]) / 16000 - (2 * R - 20)) < 0.01
+        np.testing.assert_allclose(st["tr_times"], 11.0 + 2.0 * np.arange(R - 20))
+        assert list(st["words"]) == ["hello", "world", "again"] * 3  # fillers dropped
+        # loudness of the prepared 16 kHz audio around each TR time tracks voxel 0 row for row
+        a = st["audio"]
+        loud = np.array([np.sqrt(np.mean(a[int((t - 0.5) * 16000):int((t + 0.5) * 16000)] ** 2))
+                         for t in st["tr_times"]])
+        resp = common.load_npz(f"{out}/subjects/UTS01.npz")
+        y = resp["test_resp"] if s == TEST else resp[f"resp_{s}"]
+        assert np.corrcoef(loud, y[:, 0])[0, 1] > 0.95
+        assert np.corrcoef(loud[1:], y[:-1, 0])[0, 1] < 0.9  # one TR off would show
+    d = common.load_npz(f"{out}/subjects/UTS02.npz")
+    assert d["test_repeats"].shape == (3, R - 20, 30)
+    assert d["noise_ceiling"].shape == (30,) and d["noise_ceiling"][0] > 0.9
+    assert "roi_AC" not in d  # no --roi-file: masks are never invented
+
+
+def test_ds003020_roi_file(ds, tmp_path):
+    rois = {f"{s}_{r}": np.arange(30) % 3 == i for s in ("UTS01", "UTS02") for i, r in enumerate(["AC", "LH", "RH"])}
+    np.savez(tmp_path / "masks.npz", **rois)
+    out = str(tmp_path / "data")
+    assert run_ds(ds, out, "--roi-file", str(tmp_path / "masks.npz")) == 0
+    d = common.load_npz(f"{out}/subjects/UTS01.npz")
+    np.testing.assert_array_equal(d["roi_AC"], rois["UTS01_AC"])
+    np.savez(tmp_path / "bad.npz", UTS01_AC=np.ones(7, bool))
+    assert run_ds(ds, str(tmp_path / "d2"), "--roi-file", str(tmp_path / "bad.npz")) == 1
+
+
+def test_ds003020_constant_voxels_flagged(ds, tmp_path, capsys):
+    for s in TRAIN:
+        p = f"{ds}/derivative/preprocessed_data/UTS01/{s}.hf5"
+        with h5py.File(p, "a") as f:
+            key = "resp" if "resp" in f else "data"
+            d = f[key][...]
+            d[:, 5] = 3.0
+            f[key][...] = d
+    out = str(tmp_path / "data")
+    assert run_ds(ds, out) == 0
+    d = common.load_npz(f"{out}/subjects/UTS01.npz")
+    assert d["constant_voxels"].sum() == 1 and d["constant_voxels"][5]
+    assert np.all(d["resp_alpha"][:, 5] == 0)
+    assert "1 constant voxels" in capsys.readouterr().out
+
+
+def _break(ds, what):
+    sub = f"{ds}/derivative/preprocessed_data/UTS01"
+    if what == "no_root":
+        return "/nonexistent/ds003020", "is not a folder"
+    if what == "no_textgrid":
+        os.remove(f"{ds}/derivative/TextGrids/alpha.TextGrid")
+        return ds, "alpha.TextGrid not found"
+    if what == "no_wav":
+        os.remove(f"{ds}/stimuli/beta.wav")
+        return ds, "beta.wav not found"
+    if what == "bad_key":
+        with h5py.File(f"{sub}/alpha.hf5", "w") as f:
+            f.create_dataset("bold", data=np.zeros((R - 20, 30), np.float32))
+        return ds, "no 'data' or 'resp'"
+    if what == "rows":
+        with h5py.File(f"{sub}/alpha.hf5", "w") as f:
+            f.create_dataset("data", data=np.ones((R - 19, 30), np.float32))
+        return ds, "has 21 rows but respdict says 40 TRs"
+    if what == "nan":
+        with h5py.File(f"{sub}/beta.hf5", "a") as f:
+            d = f["resp"][...]
+            d[3, :4] = np.nan
+            f["resp"][...] = d
+        return ds, "4 voxels contain NaN"
+    if what == "no_respdict":
+        os.remove(f"{ds}/derivative/respdict.json")
+        return ds, "respdict.json not found"
+    if what == "missing_val":
+        os.remove(f"{sub}/onapproachtopluto.hf5")
+        return ds, "onapproachtopluto"
+
+
+@pytest.mark.parametrize("what", ["no_root", "no_textgrid", "no_wav", "bad_key", "rows", "nan",
+                                  "no_respdict", "missing_val"])
+def test_ds003020_bad_input_is_one_clear_error_and_nothing_written(ds, tmp_path, capsys, what):
+    out = str(tmp_path / "data")
+    assert run_ds(ds, out) == 0  # a good study already there must survive a failed rebuild
+    before = common.load_npz(f"{out}/subjects/UTS01.npz")["resp_alpha"]
+    root, msg = _break(ds, what)
+    capsys.readouterr()
+    code = run_stage(STAGE, ["--source", "ds003020", "--ds-root", root, "--data", out,
+                             "--subjects", "UTS01", "UTS02"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert msg in err and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    np.testing.assert_array_equal(common.load_npz(f"{out}/subjects/UTS01.npz")["resp_alpha"], before)
+    assert not os.path.exists(out + ".tmp_build")
+
+
+def test_ds003020_unknown_subject(ds, tmp_path, capsys):
+    out = str(tmp_path / "data")
+    assert run_stage(STAGE, ["--source", "ds003020", "--ds-root", ds, "--data", out, "--subjects", "UTS09"]) == 1
+    assert "unknown subject UTS09" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_simulated_bad_flags(capsys):
+    from conftest import load_stage
+    with pytest.raises(SystemExit):
+        load_stage(STAGE).get_args(["--n-categories", "99"])
+    assert "--n-categories" in capsys.readouterr().err
