@@ -218,7 +218,10 @@ def log_mel(audio, n_bands=8, hop=160, win=400):
         lo, mid, hi = edges[b:b + 3]
         fb[b] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
     times = (np.arange(n) * hop + win / 2) / SR
-    return np.log(power @ fb.T + 1e-8), times
+    energy = power @ fb.T
+    # a 40 dB floor, as a hearing threshold: digital silence between words would otherwise send
+    # the log to -inf-ish and dominate the drive with the gap pattern alone
+    return np.log(energy + 1e-4 * energy.mean(0)), times
 
 
 def hrf(dt, length=32.0):
@@ -259,6 +262,7 @@ def build_simulated(args):
     # Latent drives at 100 Hz, shared by all subjects: acoustics (log-mel) and meaning (the vector of
     # the word being heard). Each is put through the HRF and averaged within TRs.
     dt = 0.01
+    sem_centre = sem_vectors[category >= 0].mean(0)
     mels = {n: log_mel(s["audio"]) for n, s in stories.items()}
     allmel = np.concatenate([m for m, _ in mels.values()])
     mu, sd = allmel.mean(0), allmel.std(0)
@@ -267,9 +271,12 @@ def build_simulated(args):
         m, mt = mels[name]
         grid = np.arange(0, len(s["audio"]) / SR, dt)
         aco = np.stack([np.interp(grid, mt, (m[:, b] - mu[b]) / sd[b]) for b in range(m.shape[1])], 1)
+        # the meaning in play: the vector of the latest content word, held through function words
+        # and pauses, so meaning is not just "speech is on" (vectors are centred for the same reason)
         sem = np.zeros((len(grid), args.semantic_dim))
-        for w, a, b in zip(s["idx"], s["on"], s["off"]):
-            sem[int(a / dt):int(b / dt)] = sem_vectors[w]
+        for w, a in zip(s["idx"], s["on"]):
+            if category[w] >= 0:
+                sem[int(a / dt):] = sem_vectors[w] - sem_centre
         drives[name] = (to_trs(aco, dt, s["tr_times"]), to_trs(sem, dt, s["tr_times"]))
 
     out = args.data
@@ -515,11 +522,8 @@ def main(argv=None):
     except StudyError as e:
         shutil.rmtree(args.data.rstrip("/") + ".tmp_build", ignore_errors=True)
         fail(e)
-    # swap the finished study in whole: a failed build never leaves a half-written data/
-    # (a feature cache under data/features from the same stories is kept: stage 02 checks its key)
-    old_features = os.path.join(args.data, "features")
-    if os.path.isdir(old_features):
-        shutil.move(old_features, os.path.join(tmp_out, "features"))
+    # swap the finished study in whole: a failed build never leaves a half-written data/ (the old
+    # feature cache goes with the old stories)
     shutil.rmtree(args.data, ignore_errors=True)
     os.replace(tmp_out, args.data)
     audio_s = sum(len(np.load(os.path.join(args.data, "stories", f"{s}.npz"))["audio"]) / SR for s in stories)

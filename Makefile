@@ -8,17 +8,20 @@ PY := $(VENV)/bin/python
 DATA ?= data
 RESULTS ?= results
 
-.PHONY: demo test 01 clean
+.PHONY: demo test 01 02 clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-demo: 01
+demo: 01 02
 
 01: $(VENV)/.installed
 	$(PY) 01_prepare_data.py --data $(DATA)
+
+02: $(VENV)/.installed
+	$(PY) 02_baseline_ridge.py --data $(DATA) --results $(RESULTS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

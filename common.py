@@ -30,6 +30,7 @@ def pick_device(name=None):
     """`None`/"auto" -> cuda when present, else cpu."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise StudyError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
     return torch.device(name)
@@ -189,6 +190,33 @@ def noise_ceiling(repeats):
 
 
 # ---------------------------------------------------------------------------------------------
+# From speech-model features to a ridge design matrix (stages 02-05 share this exact recipe)
+# ---------------------------------------------------------------------------------------------
+
+PAD_TRS = 8  # TRs downsampled before the first response row, so delays read real audio, not zeros
+
+
+def tr_grid(tr_times, pad=PAD_TRS):
+    """The response TR times with `pad` earlier TRs in front (features there feed the delays)."""
+    tr_times = np.asarray(tr_times, dtype=np.float64)
+    tr = np.mean(np.diff(tr_times))
+    return np.concatenate([tr_times[0] - tr * np.arange(pad, 0, -1), tr_times])
+
+
+def downsample_to_trs(feats, feat_times, tr_times):
+    """Lanczos-resample frame features (frames x hidden) onto tr_grid(tr_times)."""
+    return lanczos_interp(feats, feat_times, tr_grid(tr_times))
+
+
+def design_matrix(ds, delays=(1, 2, 3, 4)):
+    """Downsampled features on the padded grid -> z-scored per story -> delayed copies, one row per
+    response TR. The delays read the padded rows, so the first responses see real earlier audio."""
+    if max(delays) > PAD_TRS:
+        raise StudyError(f"delays up to {PAD_TRS} TRs are supported (got {max(delays)})")
+    return make_delayed(zscore(ds), delays)[PAD_TRS:]
+
+
+# ---------------------------------------------------------------------------------------------
 # Ridge regression with one alpha per voxel, chosen by cross-validation over contiguous blocks
 # ---------------------------------------------------------------------------------------------
 
@@ -280,3 +308,303 @@ def ridge_predict(X, W, device="cpu", voxel_batch=20000):
         Wb = torch.from_numpy(np.ascontiguousarray(W[:, v0:v0 + voxel_batch], dtype=np.float32)).to(dev)
         out[:, v0:v0 + Wb.shape[1]] = (Xt @ Wb).cpu().numpy()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The speech model: WavLM with attention that LoRA can reach
+# ---------------------------------------------------------------------------------------------
+
+FRAME_HOP = 320  # WavLM's CNN strides multiply to 320 samples: one frame per 20 ms at 16 kHz
+FRAME_WIN = 400  # receptive field of one frame, in samples
+
+
+def tiny_config(hidden=96, layers=3, heads=4):
+    """A small WavLM (~0.4M parameters) for the simulated study and the tests.
+
+    Same frame rate and architecture as wavlm-base-plus, just narrower and shallower. The CNN uses
+    per-frame layer norm ("layer"), so each frame depends only on its own 25 ms of audio.
+    """
+    from transformers import WavLMConfig
+    return WavLMConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       intermediate_size=2 * hidden, conv_dim=(64,) * 7, feat_extract_norm="layer",
+                       conv_bias=True, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
+                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                       feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0,
+                       apply_spec_augment=False, num_buckets=64, max_bucket_distance=200)
+
+
+def _attention_forward(self, hidden_states, attention_mask=None, position_bias=None, index=0, **kwargs):
+    """WavLM self-attention that calls q_proj/k_proj/v_proj/out_proj as modules.
+
+    Stock transformers hands those weights straight to F.multi_head_attention_forward, so LoRA
+    wrappers around the modules are never called: PEFT then trains nothing, silently. This does
+    the same maths (gated relative position bias as an additive mask, padding masked out) through
+    the modules and scaled_dot_product_attention.
+    """
+    bsz, tgt_len, _ = hidden_states.size()
+    if position_bias is None:
+        position_bias = self.compute_bias(tgt_len, tgt_len)
+        position_bias = position_bias.unsqueeze(0).repeat(bsz, 1, 1, 1).view(bsz * self.num_heads, tgt_len, tgt_len)
+    # gate of the relative position bias, computed from the hidden states as in WavLM
+    gated = hidden_states.view(hidden_states.shape[:-1] + (self.num_heads, -1)).permute(0, 2, 1, 3)
+    rel = self.gru_rel_pos_linear(gated).view(gated.shape[:-1] + (2, 4)).sum(-1)
+    gate_a, gate_b = torch.sigmoid(rel).chunk(2, dim=-1)
+    gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0
+    bias = (gate.view(bsz * self.num_heads, -1, 1) * position_bias).view(bsz, self.num_heads, tgt_len, tgt_len)
+    if attention_mask is not None:  # 1 = real frame, 0 = padding: padded keys get -inf
+        pad = attention_mask.ne(1)[:, None, None, :]
+        bias = bias.masked_fill(pad, float("-inf"))
+
+    def heads(x):
+        return x.view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
+    q, k, v = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0)
+    out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim))
+    return out, None, position_bias
+
+
+def make_lora_able(model):
+    """Route every WavLM attention through _attention_forward (see there). Returns the model."""
+    import types
+    for module in model.modules():
+        if type(module).__name__ == "WavLMAttention":
+            module.forward = types.MethodType(_attention_forward, module)
+    return model
+
+
+def load_wavlm(name="tiny", seed=0, device=None):
+    """`tiny`: a seeded, randomly initialised tiny WavLM (same seed, same weights). Anything else: a
+    Hugging Face id or local folder loaded with from_pretrained (e.g. microsoft/wavlm-base-plus).
+    LayerDrop and SpecAugment masking are switched off, the CNN front end is frozen, the attention
+    is made LoRA-able, and the model is returned in eval mode on `device`."""
+    from transformers import WavLMModel
+    if name == "tiny":
+        torch.manual_seed(seed)
+        model = WavLMModel(tiny_config())
+    else:
+        kw = dict(layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)
+        try:  # a local folder or the local cache first: no network wait when the weights are here
+            model = WavLMModel.from_pretrained(name, local_files_only=True, **kw)
+        except (OSError, ValueError):
+            try:
+                model = WavLMModel.from_pretrained(name, **kw)
+            except (OSError, ValueError) as e:
+                raise StudyError(
+                    f"could not load WavLM {name!r} ({str(e).splitlines()[0]}). Pass a local folder with "
+                    f"config.json and the weights, or download it once on a machine with internet: "
+                    f"`hf download {name}` (then it loads offline from the cache)")
+    model.config.layerdrop = 0.0
+    model.config.apply_spec_augment = False
+    model.freeze_feature_encoder()
+    make_lora_able(model)
+    return model.to(pick_device(device)).eval()
+
+
+def add_lora(model, rank=4, alpha=4, dropout=0.1, targets=("q_proj", "k_proj", "v_proj")):
+    """Wrap `targets` of every layer with LoRA adapters (peft); only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+    return get_peft_model(model, cfg)
+
+
+def base_wavlm(model):
+    """The WavLMModel inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing on CPU (float32 there: reproducible to the bit)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def cnn_features(model, audio):
+    """The frozen CNN front end: (batch, samples) -> (batch, frames, conv channels)."""
+    with torch.no_grad():
+        return base_wavlm(model).feature_extractor(audio).transpose(1, 2)
+
+
+def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None):
+    """Run WavLM from CNN output: returns [input to layer 1, output of layer 1, ..., of n_layers],
+    i.e. the first n_layers + 1 entries of transformers' hidden_states. Stops early: layers above
+    the one you need are never computed."""
+    m = base_wavlm(model)
+    enc = m.encoder
+    h, _ = m.feature_projection(cnn)
+    h = h + enc.pos_conv_embed(h)
+    if not m.config.do_stable_layer_norm:
+        h = enc.layer_norm(h)
+    h = enc.dropout(h)
+    states = [h]
+    bias = None
+    for layer in enc.layers[:n_layers if n_layers is not None else len(enc.layers)]:
+        h, bias = layer(h, attention_mask=attention_mask, position_bias=bias)
+        states.append(h)
+    return states
+
+
+def n_frames(n_samples):
+    return (n_samples - FRAME_WIN) // FRAME_HOP + 1
+
+
+def frame_times(n, sr=16000):
+    """Time stamp of each frame: the centre of its 400-sample (25 ms) receptive field."""
+    return (np.arange(n) * FRAME_HOP + FRAME_WIN / 2) / sr
+
+
+def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, batch_size=8,
+                     device=None, grad=False, progress=False):
+    """Causal WavLM features of one story, from sliding windows.
+
+    WavLM's attention is bidirectional, so causality comes from the windows: each window spans
+    `context_s + stride_s` seconds and moves by `stride_s`, and only the frames of its last
+    `stride_s` seconds are kept. Every kept frame has `context_s` of past audio (where the story
+    has it) and sees less than `stride_s` of the future. stride_s=0.1 keeping 5 frames is the
+    lab's 16 s / 0.1 s recipe; cost in model-seconds per audio second is (context_s + stride_s) /
+    stride_s. The frozen CNN is run once per story when its output is local (layer-norm CNNs, e.g.
+    the tiny model); group-norm CNNs (wavlm-base-plus) normalise over the whole input, so there it
+    runs per window to keep each window exactly what a model fed that window would compute.
+
+    Returns (feats, times): feats[i] is a (frames x hidden) float32 array (torch tensor when grad=True)
+    for hidden state layers[i] (0 = input to the first transformer layer), and times the frame
+    times in seconds (frame_times: centre of each frame's 25 ms).
+    """
+    m = base_wavlm(model)
+    dev = next(m.parameters()).device if device is None else torch.device(device)
+    if sr != 16000:
+        raise StudyError(f"WavLM needs 16 kHz audio, got {sr} Hz; resample first (stage 01 does)")
+    n_layers = m.config.num_hidden_layers
+    layers = list(range(n_layers + 1)) if layers is None else [int(x) for x in layers]
+    if not all(0 <= layer <= n_layers for layer in layers):
+        raise StudyError(f"layers {layers} out of range: this model has hidden states 0..{n_layers}")
+    hop_s = FRAME_HOP / sr
+    s_f, c_f = int(round(stride_s / hop_s)), int(round(context_s / hop_s))
+    if s_f < 1 or abs(s_f * hop_s - stride_s) > 1e-6 or abs(c_f * hop_s - context_s) > 1e-6:
+        raise StudyError(f"stride_s and context_s must be multiples of the 20 ms frame (got {stride_s}, {context_s})")
+    x = torch.as_tensor(audio, dtype=torch.float32, device=dev).reshape(-1)
+    F = n_frames(len(x))
+    if F < 1:
+        raise StudyError(f"audio of {len(x)} samples is shorter than one WavLM frame ({FRAME_WIN} samples)")
+    local_cnn = m.config.feat_extract_norm == "layer"
+    if local_cnn:  # frames are independent: run the CNN once, in 60 s chunks to bound memory
+        chunk = 3000
+        cnn = torch.cat([cnn_features(m, x[None, f0 * FRAME_HOP:(min(F, f0 + chunk) - 1) * FRAME_HOP + FRAME_WIN])[0]
+                         for f0 in range(0, F, chunk)])
+    # windows: keep frames [k0, k1), feed frames [k0 - context, k1); group equal lengths into batches
+    wins = [(max(0, k0 - c_f), k0, min(F, k0 + s_f)) for k0 in range(0, F, s_f)]
+    groups = {}
+    for w in wins:
+        groups.setdefault((w[2] - w[0], w[2] - w[1]), []).append(w)
+    batches = [(g[i:i + batch_size]) for g in groups.values() for i in range(0, len(g), batch_size)]
+    out = [[None] * len(wins) for _ in layers]
+    index = {w: i for i, w in enumerate(wins)}
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="    windows", leave=False, unit="batch")
+    with torch.set_grad_enabled(grad), autocast(dev):
+        for batch in batches:
+            if local_cnn:
+                c = torch.stack([cnn[a:b] for a, _, b in batch])
+            else:
+                c = cnn_features(m, torch.stack([x[a * FRAME_HOP:(b - 1) * FRAME_HOP + FRAME_WIN] for a, _, b in batch]))
+            states = hidden_states_from_cnn(model, c, max(layers))
+            keep = batch[0][2] - batch[0][1]
+            for li, layer in enumerate(layers):
+                h = states[layer][:, -keep:].float()
+                for j, w in enumerate(batch):
+                    out[li][index[w]] = h[j]
+    feats = [torch.cat(o) for o in out]
+    if not grad:
+        feats = [f.cpu().numpy() for f in feats]
+    return feats, frame_times(F, sr)
+
+
+def model_fingerprint(model):
+    """sha1 of every weight (adapters included): tells one model's feature cache from another's."""
+    import hashlib
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False, progress=False):
+    """Hidden states of every layer of one story, Lanczos-downsampled onto tr_grid: an array
+    (layers x (PAD_TRS + TRs) x hidden), cached as <cache_dir>/<story>.npz.
+
+    The cache stores a key (model weights, window settings, audio, TR times); a cache built from
+    anything else is refused with a StudyError rather than silently reused (refresh=True rebuilds it).
+    """
+    import hashlib
+    import json
+    name = os.path.basename(story_npz)[:-4]
+    st = load_npz(story_npz, "story file")
+    key = json.dumps(dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS,
+                          audio=hashlib.sha1(st["audio"].tobytes()).hexdigest(),
+                          tr_times=hashlib.sha1(st["tr_times"].tobytes()).hexdigest()), sort_keys=True)
+    path = os.path.join(cache_dir, f"{name}.npz")
+    if os.path.exists(path) and not refresh:
+        cached = load_npz(path)
+        if str(cached.get("key")) == key:
+            return cached["ds"]
+        raise StudyError(f"{path} was computed from a different model, window setting or story audio; "
+                         "rerun with --refresh-features to recompute it (or delete that folder)")
+    feats, times = extract_features(model, st["audio"], int(st["sr"]), context_s=context_s, stride_s=stride_s,
+                                    progress=progress)
+    ds = np.stack([downsample_to_trs(f, times, st["tr_times"]) for f in feats])
+    save_npz(path, ds=ds, key=np.array(key))
+    return ds
+
+
+def load_study(data):
+    """study.npz as a dict of plain Python values; a missing or old-layout file is a StudyError."""
+    path = os.path.join(data, "study.npz")
+    if not os.path.exists(path):
+        raise StudyError(f"{path} not found: build the data first with `python 01_prepare_data.py --data {data}`")
+    st = load_npz(path)
+    missing = sorted({"source", "subjects", "train_stories", "val_stories", "test_story", "tr"} - set(st))
+    if missing:
+        raise StudyError(f"{path} is from an older layout (no {', '.join(missing)}); rebuild it with 01_prepare_data.py")
+    return dict(source=str(st["source"]), subjects=[str(s) for s in st["subjects"]],
+                train=[str(s) for s in st["train_stories"]], val=[str(s) for s in st["val_stories"]],
+                test=str(st["test_story"]), tr=float(st["tr"]))
+
+
+def load_subject(data, subject, study):
+    """subjects/<subject>.npz checked for every response the stages need."""
+    path = os.path.join(data, "subjects", f"{subject}.npz")
+    if subject not in study["subjects"] or not os.path.exists(path):
+        raise StudyError(f"unknown subject {subject!r}: {data} has {', '.join(study['subjects'])}")
+    d = load_npz(path)
+    missing = [f"resp_{s}" for s in study["train"] + study["val"] if f"resp_{s}" not in d]
+    missing += [] if "test_resp" in d else ["test_resp"]
+    if missing:
+        raise StudyError(f"{path} has no responses {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                         "rebuild the data with 01_prepare_data.py")
+    return d
+
+
+def subject_list(requested, study):
+    subjects = requested or study["subjects"]
+    unknown = [s for s in subjects if s not in study["subjects"]]
+    if unknown:
+        raise StudyError(f"unknown subject(s) {', '.join(unknown)}: this study has {', '.join(study['subjects'])}")
+    return subjects
+
+
+def model_tag(name, seed):
+    """Folder-safe name of a base model, e.g. tiny_seed0 or microsoft--wavlm-base-plus."""
+    return f"tiny_seed{seed}" if name == "tiny" else name.strip("/").replace("/", "--")
+
+
+def add_common_args(p, results=True):
+    """The flags every stage 02-05 shares."""
+    p.add_argument("--data", default="data", help="folder written by 01_prepare_data.py (default: data/)")
+    if results:
+        p.add_argument("--results", default="results", help="output folder (default: results/)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")

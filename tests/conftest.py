@@ -13,7 +13,7 @@ import common  # noqa: E402
 common.set_threads(2)
 
 TINY = ["--n-subjects", "2", "--n-voxels", "60", "--n-train-stories", "3", "--n-val-stories", "1",
-        "--story-seconds", "40", "--test-seconds", "50", "--seed", "3"]
+        "--story-seconds", "60", "--test-seconds", "60", "--seed", "3"]
 
 
 def load_stage(script):

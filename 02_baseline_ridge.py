@@ -1,0 +1,155 @@
+"""Stage 02: the linear baseline. Frozen WavLM hidden states -> ridge -> every voxel.
+
+The standard speech encoding model the paper starts from (Section 2.2 and the "baseline" of its
+figures): causal WavLM features of each story, Lanczos-downsampled to the TRs, z-scored per story,
+stacked at delays of 1-4 TRs, and mapped to each voxel by ridge regression with a per-voxel alpha
+chosen by cross-validation over contiguous TR blocks. Layers are compared on the validation
+stories; the best layer is refit on train + validation stories and scored on the held-out test
+story (Pearson r per voxel, also as a fraction of the noise ceiling).
+
+    python 02_baseline_ridge.py                                      # simulated study, tiny WavLM
+    python 02_baseline_ridge.py --model microsoft/wavlm-base-plus    # real data, on a GPU
+
+Features are cached under data/features/<model>/ and reused by stages 03-05.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+
+import common
+from common import StudyError
+
+# The lab's bootstrap_ridge grid logspace(1, 3) is logspace(2, 6) in this (himalaya) convention;
+# the grid reaches lower so small studies (a few hundred TRs) find their optimum too.
+DEFAULT_ALPHAS = np.logspace(0, 6, 13)
+DEFAULT_STRIDE_S = 4.0  # chosen from bench/features.py (README): 32x cheaper than the lab's 0.1 s
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--model", default="tiny", help="'tiny' (random init) or a WavLM id/folder, "
+                   "e.g. microsoft/wavlm-base-plus")
+    p.add_argument("--model-seed", type=int, default=0, help="seed of the tiny model's random weights")
+    p.add_argument("--subjects", nargs="+", help="default: every subject in the study")
+    p.add_argument("--layers", type=int, nargs="+", help="hidden states to compare (default: all)")
+    p.add_argument("--context-s", type=float, default=16.0, help="seconds of past audio per window (lab: 16)")
+    p.add_argument("--stride-s", type=float, default=DEFAULT_STRIDE_S, help="window step (lab: 0.1)")
+    p.add_argument("--delays", type=int, nargs="+", default=[1, 2, 3, 4], help="delays in TRs")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
+    p.add_argument("--n-folds", type=int, default=5)
+    p.add_argument("--refresh-features", action="store_true", help="recompute the feature cache")
+    return p.parse_args(argv)
+
+
+def stack(ds, stories, layer, delays):
+    return np.vstack([common.design_matrix(ds[s][layer], delays) for s in stories])
+
+
+def fit_and_score(ds, d, study, layers, args, device):
+    """Layer sweep on validation stories, best layer refit on train + val, scored on the test story.
+    Shared by stages 03 and 04 (they call it on tuned-model features)."""
+    train, val = study["train"], study["val"]
+    Y_train = np.vstack([d[f"resp_{s}"] for s in train])
+    Y_val = np.vstack([d[f"resp_{s}"] for s in val])
+    val_r = []
+    for layer in layers:
+        W, _, _ = common.ridge_cv(stack(ds, train, layer, args.delays), Y_train, args.alphas,
+                                  n_folds=args.n_folds, device=device)
+        val_r.append(common.pearson_r(Y_val, common.ridge_predict(stack(ds, val, layer, args.delays), W, device)))
+        print(f"    layer {layer}: mean validation r {val_r[-1].mean():.4f}", flush=True)
+    val_r = np.array(val_r)
+    best = layers[int(np.argmax(val_r.mean(1)))]
+    W, alphas, _ = common.ridge_cv(stack(ds, train + val, best, args.delays), np.vstack([Y_train, Y_val]),
+                                   args.alphas, n_folds=args.n_folds, device=device)
+    X_test = common.design_matrix(ds[study["test"]][best], args.delays)
+    test_r = common.pearson_r(d["test_resp"], common.ridge_predict(X_test, W, device))
+    return dict(test_r=test_r, val_r_by_layer=val_r.astype(np.float32), best_layer=np.int64(best),
+                alphas=alphas, weights=W)
+
+
+def roi_means(r, d):
+    out = {"all": float(np.mean(r))}
+    if "roi_AC" in d:
+        out["AC"] = float(np.mean(r[d["roi_AC"]])) if d["roi_AC"].any() else np.nan
+        out["non-AC"] = float(np.mean(r[~d["roi_AC"]])) if (~d["roi_AC"]).any() else np.nan
+    return out
+
+
+def frac_ceiling(r, ceiling):
+    ok = np.isfinite(ceiling) & (ceiling > 0.1)  # ratios to a near-zero ceiling are meaningless
+    return float(np.mean(r[ok]) / np.mean(ceiling[ok])) if ok.any() else np.nan
+
+
+def plot(results, layers, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    for subj, (res, d) in results.items():
+        ax[0].plot(layers, res["val_r_by_layer"].mean(1), "o-", label=subj)
+        ax[2].scatter(d["noise_ceiling"], res["test_r"], s=6, alpha=0.6, label=subj)
+    ax[0].set(xlabel="hidden state (0 = transformer input)", ylabel="mean validation r", title="Layer sweep")
+    ax[0].legend()
+    rois = ["all", "AC", "non-AC"]
+    width = 0.8 / len(results)
+    for i, (subj, (res, d)) in enumerate(results.items()):
+        m = roi_means(res["test_r"], d)
+        ax[1].bar(np.arange(len(rois)) + i * width, [m.get(k, np.nan) for k in rois], width, label=subj)
+    ax[1].set_xticks(np.arange(len(rois)) + width * (len(results) - 1) / 2, rois)
+    ax[1].set(ylabel="mean test r", title="Best layer, test story, by ROI")
+    ax[2].plot([0, 1], [0, 1], "k--", lw=1)
+    ax[2].set(xlabel="noise ceiling", ylabel="test r", title="Test r against the noise ceiling")
+    common.save_figure(fig, path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    common.set_threads(args.threads)
+    t0 = time.time()
+    try:
+        device = common.pick_device(args.device)
+        study = common.load_study(args.data)
+        subjects = common.subject_list(args.subjects, study)
+        subject_data = {s: common.load_subject(args.data, s, study) for s in subjects}
+        print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {device}")
+        model = common.load_wavlm(args.model, args.model_seed, device)
+        n_states = model.config.num_hidden_layers + 1
+        layers = args.layers if args.layers else list(range(n_states))
+        if any(not 0 <= layer < n_states for layer in layers):
+            raise StudyError(f"--layers {layers}: {args.model} has hidden states 0..{n_states - 1}")
+        cache = os.path.join(args.data, "features", common.model_tag(args.model, args.model_seed))
+        fingerprint = common.model_fingerprint(model)
+        ds = {}
+        stories = study["train"] + study["val"] + [study["test"]]
+        for i, s in enumerate(stories):
+            print(f"  features {i + 1}/{len(stories)}: {s}", flush=True)
+            ds[s] = common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
+                                          args.context_s, args.stride_s, args.refresh_features, progress=True)
+        results = {}
+        for subj in subjects:
+            d = subject_data[subj]
+            n_vox = d["test_resp"].shape[1]
+            print(f"  subject {subj}: {n_vox} voxels, ridge per layer", flush=True)
+            res = fit_and_score(ds, d, study, layers, args, device)
+            common.save_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), **res,
+                            layers=np.array(layers), noise_ceiling=d["noise_ceiling"], model=np.array(args.model),
+                            model_seed=np.int64(args.model_seed), context_s=np.float64(args.context_s),
+                            stride_s=np.float64(args.stride_s), delays=np.array(args.delays))
+            results[subj] = (res, d)
+    except StudyError as e:
+        common.fail(e)
+    plot(results, layers, os.path.join(args.results, "02_baseline.png"))
+    print("\n  subject  best layer  mean r all    AC  non-AC  fraction of ceiling")
+    for subj, (res, d) in results.items():
+        m = roi_means(res["test_r"], d)
+        print(f"  {subj:8s} {int(res['best_layer']):10d}  {m['all']:10.3f} {m.get('AC', np.nan):5.3f}"
+              f"  {m.get('non-AC', np.nan):6.3f}  {frac_ceiling(res['test_r'], d['noise_ceiling']):8.2f}")
+    print(f"\nwrote {args.results}/02_baseline_<subject>.npz and 02_baseline.png in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Stage 02 on a tiny simulated study, and its bad-input paths."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import common
+from conftest import run_stage
+
+STAGE = "02_baseline_ridge.py"
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_study, tmp_path_factory):
+    results = str(tmp_path_factory.mktemp("results"))
+    assert run_stage(STAGE, ["--data", tiny_study, "--results", results, "--layers", "0", "2"]) == 0
+    return tiny_study, results
+
+
+def test_baseline_outputs(baseline):
+    data, results = baseline
+    truth = common.load_npz(f"{data}/truth.npz")
+    for subj in truth["subjects"]:
+        r = common.load_npz(f"{results}/02_baseline_{subj}.npz")
+        n_vox = len(truth[f"{subj}_kind"])
+        assert r["test_r"].shape == (n_vox,) and r["val_r_by_layer"].shape == (2, n_vox)
+        assert int(r["best_layer"]) in (0, 2) and r["alphas"].shape == (n_vox,)
+        assert r["weights"].shape == (96 * 4, n_vox) and str(r["model"]) == "tiny"
+        assert int(r["best_layer"]) == [0, 2][int(np.argmax(r["val_r_by_layer"].mean(1)))]
+        kind = truth[f"{subj}_kind"]
+        # sound-driven voxels are predicted from a random WavLM; pure-noise voxels are not
+        assert r["test_r"][kind == 0].mean() > 0.3
+        assert r["test_r"][kind == 0].mean() > r["test_r"][kind == 3].mean() + 0.2
+    assert os.path.exists(f"{results}/02_baseline.png")
+    assert len(os.listdir(f"{data}/features/tiny_seed0")) == 5
+
+
+def test_feature_cache_from_another_setting_is_refused(baseline, tmp_path, capsys):
+    data, _ = baseline
+    results = str(tmp_path / "r")
+    code = run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--context-s", "8"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--refresh-features" in err and "features/tiny_seed0" in err
+    assert not os.path.exists(results)  # nothing half-written
+    assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--context-s", "8",
+                             "--refresh-features", "--subjects", "sim01"]) == 0
+    assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--refresh-features",
+                             "--subjects", "sim01"]) == 0  # back to the default for the other tests
+
+
+def test_bad_inputs(tiny_study, tmp_path, capsys):
+    res = str(tmp_path / "r")
+    assert run_stage(STAGE, ["--data", str(tmp_path / "none"), "--results", res]) == 1
+    assert "01_prepare_data.py" in capsys.readouterr().err
+    assert run_stage(STAGE, ["--data", tiny_study, "--results", res, "--subjects", "UTS09"]) == 1
+    assert "unknown subject" in capsys.readouterr().err
+    assert run_stage(STAGE, ["--data", tiny_study, "--results", res, "--layers", "9"]) == 1
+    assert "hidden states 0..3" in capsys.readouterr().err
+    # an old layout: study.npz without the keys this layout needs
+    old = tmp_path / "old"
+    shutil.copytree(tiny_study, old, ignore=shutil.ignore_patterns("features"))
+    st = common.load_npz(old / "study.npz")
+    del st["val_stories"]
+    common.save_npz(old / "study.npz", **st)
+    assert run_stage(STAGE, ["--data", str(old), "--results", res]) == 1
+    assert "older layout" in capsys.readouterr().err
+    # a subject file with a story's responses missing
+    st["val_stories"] = np.array(["val00"])
+    common.save_npz(old / "study.npz", **st)
+    d = common.load_npz(old / "subjects" / "sim01.npz")
+    del d["resp_story01"]
+    common.save_npz(old / "subjects" / "sim01.npz", **d)
+    assert run_stage(STAGE, ["--data", str(old), "--results", res]) == 1
+    assert "no responses resp_story01" in capsys.readouterr().err
+    assert not os.path.exists(res)
+
+
+def test_unknown_model_offline(tiny_study, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert run_stage(STAGE, ["--data", tiny_study, "--results", str(tmp_path), "--model", "nobody/wavlm-x"]) == 1
+    assert "could not load WavLM" in capsys.readouterr().err
