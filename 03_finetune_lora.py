@@ -1,0 +1,306 @@
+"""Stage 03: BrainWavLM. Fine-tune WavLM end to end on brain responses, with LoRA.
+
+The paper's method (Section 2.3): LoRA adapters on the attention's query/key/value projections of
+WavLM, one hidden layer -> per-feature normalisation -> differentiable Lanczos to the TR times ->
+delays of 1-4 TRs -> a bottleneck readout to the voxels, trained with the negative correlation
+across voxels at each TR (the "spatial" correlation loss). The best epoch (validation stories) is
+then scored "linearized" (Section 3.1): its features go through stage 02's exact ridge recipe, so
+the tuned r is directly comparable with the baseline.
+
+    python 03_finetune_lora.py                          # every subject, whole cortex, LoRA, seed 0
+    python 03_finetune_lora.py --subject sim01 --roi AC
+    python 03_finetune_lora.py --subject sim01 --seeds 0 1 2 --full-finetune   # the unstable comparison
+    python 03_finetune_lora.py --resume                 # continue a killed run
+
+A training example is a block of consecutive TRs of one story with the audio that covers them (plus
+the Lanczos window, the delays and a little left context); blocks are shuffled across stories each
+epoch. Checkpoints: checkpoints/03_<subject>_<roi>_<lora|full>_seed<N>/.
+"""
+import argparse
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+
+import common
+from common import StudyError
+
+ROIS = ("whole", "AC", "LH", "RH")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(p)
+    p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder (default: checkpoints/)")
+    p.add_argument("--subject", nargs="+", help="default: every subject in the study")
+    p.add_argument("--roi", default="whole", help=f"voxels the loss sees: {'|'.join(ROIS)}")
+    p.add_argument("--full-finetune", action="store_true", help="train all transformer weights, no LoRA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", help="run several seeds in turn (overrides --seed)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--patience", type=int, default=4, help="stop after this many epochs without a better val r")
+    p.add_argument("--loss", choices=["corr", "mse"], default="corr")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--layer", type=int, help="hidden state to tune and read out (default: stage 02's best)")
+    g = p.add_argument_group("model (paper defaults)")
+    g.add_argument("--lora-rank", type=int, default=4)
+    g.add_argument("--lora-alpha", type=float, default=4)
+    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj"])
+    g.add_argument("--bottleneck", type=int, default=100, help="readout width; 0 = one linear map")
+    g.add_argument("--lr-adapter", type=float, default=1e-4, help="learning rate of LoRA (or all) weights")
+    g.add_argument("--lr-readout", type=float, default=1e-4)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g = p.add_argument_group("training examples")
+    g.add_argument("--block-trs", type=int, default=32, help="TRs per training example")
+    g.add_argument("--batch-blocks", type=int, default=2, help="examples per optimizer step")
+    g.add_argument("--train-context-s", type=float, default=0.0,
+                   help="extra past audio per training window (the forward pass dominates the cost)")
+    g.add_argument("--train-stride-s", type=float, default=4.0, help="training window length/step")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The end-to-end model: WavLM layer -> norm -> Lanczos -> delays -> bottleneck readout
+# ---------------------------------------------------------------------------------------------
+
+def make_readout(n_in, n_vox, bottleneck):
+    if bottleneck:
+        return torch.nn.Sequential(torch.nn.Linear(n_in, bottleneck), torch.nn.Linear(bottleneck, n_vox))
+    return torch.nn.Linear(n_in, n_vox)
+
+
+def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
+    """Predicted responses of rows i0..i1 of one story, differentiable through WavLM."""
+    tr = np.mean(np.diff(story["tr_times"]))
+    d = max(delays)
+    grid = story["tr_times"][0] + tr * np.arange(i0 - d, i1)  # rows feeding the delays, too
+    half = 3 * tr  # the Lanczos window reaches 3 TRs each side
+    sr = 16000
+    # segment edges on the story's own window grid (multiples of the stride), plus whole windows of
+    # past context: the block's features are then exactly the whole story's at the same setting
+    step = int(round(args.train_stride_s * sr))
+    ctx = int(np.ceil(args.train_context_s / args.train_stride_s)) * step
+    a = max(0, int((grid[0] - half) * sr) // step * step - ctx)
+    b = min(len(story["audio"]), -(-int((grid[-1] + half) * sr + common.FRAME_WIN) // step) * step + common.FRAME_WIN)
+    feats, times = common.extract_features(model, story["audio"][a:b], layers=[layer], grad=grad,
+                                           context_s=args.train_context_s, stride_s=args.train_stride_s)
+    f = torch.as_tensor(feats[0], device=story["audio"].device)
+    x = common.lanczos_interp_torch(f, times + a / sr, grid)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-5)  # per-feature normalisation over the block
+    return readout(common.make_delayed(x, delays)[d:])
+
+
+def spatial_corr_loss(pred, y):
+    """-(1/T) sum_t corr_voxels(pred[t], y[t]): the paper's loss; blind to each TR's scale."""
+    p = pred - pred.mean(1, keepdim=True)
+    q = y - y.mean(1, keepdim=True)
+    r = (p * q).sum(1) / (p.norm(dim=1) * q.norm(dim=1) + 1e-8)
+    return -r.mean()
+
+
+def predict_story(model, readout, story, layer, args):
+    rows = len(story["tr_times"])
+    with torch.no_grad():
+        return torch.cat([predict_block(model, readout, story, i, min(rows, i + args.block_trs), layer, args,
+                                        grad=False) for i in range(0, rows, args.block_trs)]).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: peft adapter (or full model) + readout, optimizer, RNG state, history
+# ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(folder, model, readout, opt, epoch, history):
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "model"))  # peft: adapter_config.json + adapter_model.safetensors
+    torch.save(dict(readout=readout.state_dict(), opt=opt.state_dict(), epoch=epoch, history=history,
+                    torch_rng=torch.get_rng_state()), os.path.join(tmp, "state.pt"))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def load_weights(folder, model, readout, full):
+    if full:
+        from safetensors.torch import load_file
+        sd = load_file(os.path.join(folder, "model", "model.safetensors"))
+        common.base_wavlm(model).load_state_dict(sd)
+    else:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        set_peft_model_state_dict(model, load_file(os.path.join(folder, "model", "adapter_model.safetensors")))
+    state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    readout.load_state_dict(state["readout"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# One run: train, keep the best epoch, evaluate linearized and end to end
+# ---------------------------------------------------------------------------------------------
+
+def run(args, subj, seed, study, device, baseline):
+    mode = "full" if args.full_finetune else "lora"
+    name = f"03_{subj}_{args.roi}_{mode}_seed{seed}"
+    ckpt = os.path.join(args.checkpoints, name)
+    d = common.load_subject(args.data, subj, study)
+    if args.roi == "whole":
+        mask = np.ones(d["test_resp"].shape[1], bool)
+    else:
+        if f"roi_{args.roi}" not in d:
+            raise StudyError(f"{args.data}/subjects/{subj}.npz has no {args.roi} mask; for ds003020 pass "
+                             "--roi-file to 01_prepare_data.py")
+        mask = d[f"roi_{args.roi}"]
+        if not mask.any():
+            raise StudyError(f"the {args.roi} mask of {subj} is empty")
+    layer = args.layer if args.layer is not None else int(baseline["best_layer"])
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
+    if not 0 <= layer <= model.config.num_hidden_layers:
+        raise StudyError(f"--layer {layer}: the model has hidden states 0..{model.config.num_hidden_layers}")
+    if args.full_finetune:
+        for n, p_ in model.named_parameters():
+            p_.requires_grad = not n.startswith("feature_extractor")
+    else:
+        model = common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    torch.manual_seed(seed)
+    readout = make_readout(model.config.hidden_size * 4, int(mask.sum()), args.bottleneck).to(device)
+    opt = torch.optim.Adam([{"params": [p_ for p_ in model.parameters() if p_.requires_grad], "lr": args.lr_adapter},
+                            {"params": readout.parameters(), "lr": args.lr_readout}])
+    load = lambda s: common.load_npz(os.path.join(args.data, "stories", f"{s}.npz"))  # noqa: E731
+    stories = {s: dict(audio=torch.as_tensor(load(s)["audio"], device=device), tr_times=load(s)["tr_times"])
+               for s in study["train"] + study["val"] + [study["test"]]}
+    resp = {s: torch.as_tensor(d[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
+    blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
+    history, start = dict(val_r=[], loss=[]), 0
+    if args.resume and os.path.exists(os.path.join(ckpt, "last", "state.pt")):
+        state = load_weights(os.path.join(ckpt, "last"), model, readout, args.full_finetune)
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start = state["history"], state["epoch"] + 1
+        print(f"  resuming {name} after epoch {start}")
+    elif os.path.exists(ckpt) and not args.resume:
+        shutil.rmtree(ckpt)
+    from tqdm import tqdm
+    for epoch in range(start, args.epochs):
+        if epoch - int(np.argmax(history["val_r"])) > args.patience if history["val_r"] else False:
+            break
+        model.train()
+        order = np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))  # seeded, resumable
+        losses = []
+        bar = tqdm(range(0, len(order), args.batch_blocks), desc=f"  {name} epoch {epoch + 1}", leave=False)
+        for k in bar:
+            opt.zero_grad()
+            for j in order[k:k + args.batch_blocks]:
+                s, i0 = blocks[j]
+                i1 = min(len(stories[s]["tr_times"]), i0 + args.block_trs)
+                with common.autocast(device):
+                    pred = predict_block(model, readout, stories[s], i0, i1, layer, args).float()
+                y = resp[s][i0:i1]
+                loss = spatial_corr_loss(pred, y) if args.loss == "corr" else torch.mean((pred - y) ** 2)
+                (loss / args.batch_blocks).backward()
+                losses.append(loss.item())
+            torch.nn.utils.clip_grad_norm_([p_ for g in opt.param_groups for p_ in g["params"]], args.grad_clip)
+            opt.step()
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        model.eval()
+        val_r = np.mean([common.pearson_r(d[f"resp_{s}"][:, mask], predict_story(model, readout, stories[s], layer, args)).mean()
+                         for s in study["val"]])
+        history["val_r"].append(float(val_r))
+        history["loss"].append(float(np.mean(losses)))
+        best = int(np.argmax(history["val_r"]))
+        print(f"  {name} epoch {epoch + 1}: loss {np.mean(losses):.4f}, val r {val_r:.4f}"
+              f"{'  (best)' if best == epoch else ''}", flush=True)
+        save_checkpoint(os.path.join(ckpt, "last"), model, readout, opt, epoch, history)
+        if best == epoch:
+            save_checkpoint(os.path.join(ckpt, "best"), model, readout, opt, epoch, history)
+    if not history["val_r"]:
+        raise StudyError(f"{name}: no epoch ran (--epochs {args.epochs})")
+
+    # evaluation of the best epoch
+    load_weights(os.path.join(ckpt, "best"), model, readout, args.full_finetune)
+    model.eval()
+    direct = np.full(len(mask), np.nan, np.float32)
+    direct[mask] = common.pearson_r(d["test_resp"][:, mask], predict_story(model, readout, stories[study["test"]], layer, args))
+    context_s, stride_s = float(baseline["context_s"]), float(baseline["stride_s"])
+    ds = {}
+    for s in stories:
+        st = load(s)
+        f, times = common.extract_features(model, st["audio"], layers=[layer], context_s=context_s, stride_s=stride_s)
+        ds[s] = common.downsample_to_trs(f[0], times, st["tr_times"])
+    delays = tuple(int(x) for x in baseline["delays"])
+    fit = study["train"] + study["val"]
+    W, _, _ = common.ridge_cv(np.vstack([common.design_matrix(ds[s], delays) for s in fit]),
+                              np.vstack([d[f"resp_{s}"] for s in fit]), np.logspace(0, 6, 13), device=device)
+    tuned = common.pearson_r(d["test_resp"], common.ridge_predict(common.design_matrix(ds[study["test"]], delays), W, device))
+    out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, test_r_direct=direct,
+               val_r_by_epoch=np.array(history["val_r"], np.float32), loss_by_epoch=np.array(history["loss"], np.float32),
+               best_epoch=np.int64(int(np.argmax(history["val_r"])) + 1), layer=np.int64(layer), roi_mask=mask,
+               roi=np.array(args.roi), mode=np.array(mode), seed=np.int64(seed), subject=np.array(subj),
+               settings=np.array(str({k: v for k, v in vars(args).items() if k not in ("seeds", "subject")})))
+    common.save_npz(os.path.join(args.results, f"{name}.npz"), **out)
+    plot(out, d, os.path.join(args.results, f"{name}.png"))
+    return name, out, d
+
+
+def plot(out, d, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    b, t = out["test_r_baseline"], out["test_r_tuned"]
+    ac = d.get("roi_AC", np.zeros(len(b), bool))
+    ax[0].scatter(b[~ac], t[~ac], s=6, label="non-AC")
+    ax[0].scatter(b[ac], t[ac], s=6, label="AC")
+    lim = [min(b.min(), t.min()), max(b.max(), t.max())]
+    ax[0].plot(lim, lim, "k--", lw=1)
+    ax[0].set(xlabel="baseline test r", ylabel="tuned test r (linearized)", title=str(out["subject"]))
+    ax[0].legend()
+    names = ["all"] + [r for r in ("AC", "LH", "RH") if f"roi_{r}" in d]
+    deltas = [np.mean(t - b)] + [np.mean((t - b)[d[f"roi_{r}"]]) for r in names[1:]]
+    ax[1].bar(names, deltas)
+    ax[1].axhline(0, color="k", lw=1)
+    ax[1].set(ylabel="mean delta r (tuned - baseline)", title=f"{out['roi']} {out['mode']} seed {int(out['seed'])}")
+    common.save_figure(fig, path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    common.set_threads(args.threads)
+    t0 = time.time()
+    rows = []
+    try:
+        if args.roi not in ROIS:
+            raise StudyError(f"unknown ROI {args.roi!r}: choose one of {', '.join(ROIS)}")
+        device = common.pick_device(args.device)
+        study = common.load_study(args.data)
+        subjects = common.subject_list(args.subject, study)
+        for subj in subjects:
+            path = os.path.join(args.results, f"02_baseline_{subj}.npz")
+            if not os.path.exists(path):
+                raise StudyError(f"{path} not found: run `python 02_baseline_ridge.py --subjects {subj}` first")
+            baseline = common.load_npz(path)
+            for seed in args.seeds or [args.seed]:
+                print(f"stage 03: {subj}, roi {args.roi}, {'full fine-tuning' if args.full_finetune else 'LoRA'},"
+                      f" seed {seed}, device {device}", flush=True)
+                name, out, d = run(args, subj, seed, study, device, baseline)
+                rows.append((name, out, d))
+    except StudyError as e:
+        common.fail(e)
+    print("\n  run                                   best epoch  mean delta r  (AC)    direct r")
+    for name, out, d in rows:
+        delta = out["test_r_tuned"] - out["test_r_baseline"]
+        ac = np.mean(delta[d["roi_AC"]]) if "roi_AC" in d else np.nan
+        print(f"  {name:38s} {int(out['best_epoch']):5d}  {delta.mean():+11.4f}  {ac:+.4f}  {np.nanmean(out['test_r_direct']):8.4f}")
+    if len(rows) > 1:
+        gains = [np.mean(o["test_r_tuned"] - o["test_r_baseline"]) for _, o, _ in rows]
+        print(f"  gain over {len(rows)} runs: mean {np.mean(gains):+.4f}, std across seeds {np.std(gains):.4f}")
+    print(f"\nstage 03 done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Stage 03: the loss, the differentiable pieces, LoRA training, resume, ROI and bad flags."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import load_stage, run_stage
+
+STAGE = "03_finetune_lora.py"
+FAST = ["--epochs", "2", "--block-trs", "16", "--lora-rank", "4", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
+        "--lora-targets", "q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def test_spatial_corr_loss_is_minus_one_for_perfect_and_scale_blind():
+    m = load_stage(STAGE)
+    y = torch.randn(10, 50)
+    assert torch.isclose(m.spatial_corr_loss(y.clone(), y), torch.tensor(-1.0), atol=1e-5)
+    scale = torch.rand(10, 1) * 5 + 0.1
+    assert torch.isclose(m.spatial_corr_loss(y * scale + 3.0, y), torch.tensor(-1.0), atol=1e-5)
+    assert torch.isclose(m.spatial_corr_loss(-y, y), torch.tensor(1.0), atol=1e-5)
+    assert abs(m.spatial_corr_loss(torch.randn(200, 500), torch.randn(200, 500)).item()) < 0.02
+
+
+def test_lora_changes_after_a_step_and_loss_falls_on_a_fixed_batch(tiny_study):
+    m = load_stage(STAGE)
+    args = m.get_args(FAST)
+    torch.manual_seed(0)
+    model = common.add_lora(common.load_wavlm("tiny"), 4, 4, 0.0, args.lora_targets).train()
+    st = common.load_npz(f"{tiny_study}/stories/story00.npz")
+    story = dict(audio=torch.tensor(st["audio"]), tr_times=st["tr_times"])
+    y = torch.tensor(common.load_npz(f"{tiny_study}/subjects/sim01.npz")["resp_story00"][:16])
+    readout = m.make_readout(96 * 4, y.shape[1], 20)
+    opt = torch.optim.Adam([{"params": [p for p in model.parameters() if p.requires_grad], "lr": 3e-3},
+                            {"params": readout.parameters(), "lr": 1e-3}])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = m.spatial_corr_loss(m.predict_block(model, readout, story, 0, 16, 3, args), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert not torch.equal(p, before[n]), n
+
+
+def test_predict_block_matches_whole_story_features(tiny_study):
+    """The block's differentiable path (torch Lanczos on a segment) equals the numpy recipe on the
+    whole story, for rows away from the segment edges."""
+    m = load_stage(STAGE)
+    args = m.get_args(FAST + ["--train-context-s", "0", "--train-stride-s", "4"])
+    model = common.load_wavlm("tiny")
+    st = common.load_npz(f"{tiny_study}/stories/story01.npz")
+    story = dict(audio=torch.tensor(st["audio"]), tr_times=st["tr_times"])
+    ident = torch.nn.Identity()
+    with torch.no_grad():
+        block = m.predict_block(model, ident, story, 4, 12, 1, args, delays=(1,)).numpy()
+    f, t = common.extract_features(model, st["audio"], layers=[1], context_s=0.0, stride_s=4.0)
+    grid = st["tr_times"][0] + 2.0 * np.arange(3, 12)
+    ref = common.lanczos_interp(f[0], t, grid)
+    ref = (ref - ref.mean(0)) / (ref.std(0, ddof=1) + 1e-5)
+    np.testing.assert_allclose(block, ref[:-1], atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_study, tmp_path_factory):
+    base = tmp_path_factory.mktemp("ft")
+    results, ckpt = str(base / "results"), str(base / "ckpt")
+    assert run_stage("02_baseline_ridge.py", ["--data", tiny_study, "--results", results, "--layers", "1",
+                                              "--subjects", "sim01", "--context-s", "4", "--stride-s", "2",
+                                              "--refresh-features"]) == 0
+    assert run_stage(STAGE, ["--data", tiny_study, "--results", results, "--checkpoints", ckpt,
+                             "--subject", "sim01"] + FAST) == 0
+    return tiny_study, results, ckpt
+
+
+def test_run_writes_results_and_peft_checkpoints(trained):
+    data, results, ckpt = trained
+    out = common.load_npz(f"{results}/03_sim01_whole_lora_seed0.npz")
+    n_vox = len(out["test_r_baseline"])
+    for k in ("test_r_tuned", "test_r_direct"):
+        assert out[k].shape == (n_vox,) and np.all(np.isfinite(out[k]))
+    assert out["val_r_by_epoch"].shape == (2,) and 1 <= int(out["best_epoch"]) <= 2
+    assert int(out["layer"]) == 1
+    run = f"{ckpt}/03_sim01_whole_lora_seed0"
+    assert os.path.exists(f"{run}/best/model/adapter_config.json")
+    assert os.path.exists(f"{run}/best/model/adapter_model.safetensors")
+    # anyone with peft can load the adapter
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(common.load_wavlm("tiny"), f"{run}/best/model")
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    assert os.path.exists(f"{results}/03_sim01_whole_lora_seed0.png")
+
+
+def test_resume_equals_uninterrupted(trained, tmp_path):
+    data, results, _ = trained
+    ckpt = str(tmp_path / "ckpt")
+    res2 = str(tmp_path / "res")
+    os.makedirs(res2)
+    import shutil
+    shutil.copy(f"{results}/02_baseline_sim01.npz", res2)
+    common_args = ["--data", data, "--results", res2, "--checkpoints", ckpt, "--subject", "sim01"]
+    assert run_stage(STAGE, common_args + FAST[:1] + ["1"] + FAST[2:]) == 0  # "killed" after epoch 1
+    assert run_stage(STAGE, common_args + FAST + ["--resume"]) == 0
+    a = common.load_npz(f"{results}/03_sim01_whole_lora_seed0.npz")
+    b = common.load_npz(f"{res2}/03_sim01_whole_lora_seed0.npz")
+    np.testing.assert_allclose(b["val_r_by_epoch"], a["val_r_by_epoch"], atol=1e-6)
+    np.testing.assert_allclose(b["test_r_tuned"], a["test_r_tuned"], atol=1e-5)
+
+
+def test_roi_restricts_the_readout(trained, tmp_path):
+    data, results, _ = trained
+    ckpt = str(tmp_path / "ckpt")
+    assert run_stage(STAGE, ["--data", data, "--results", results, "--checkpoints", ckpt, "--subject", "sim01",
+                             "--roi", "AC"] + FAST[:1] + ["1"] + FAST[2:]) == 0
+    out = common.load_npz(f"{results}/03_sim01_AC_lora_seed0.npz")
+    ac = common.load_npz(f"{data}/subjects/sim01.npz")["roi_AC"]
+    np.testing.assert_array_equal(out["roi_mask"], ac)
+    assert np.all(np.isnan(out["test_r_direct"][~ac])) and np.all(np.isfinite(out["test_r_direct"][ac]))
+    state = torch.load(f"{ckpt}/03_sim01_AC_lora_seed0/best/state.pt", weights_only=True)
+    assert state["readout"]["1.weight"].shape[0] == ac.sum()
+
+
+def test_bad_flags(trained, tmp_path, capsys):
+    data, results, _ = trained
+    base = ["--data", data, "--results", results, "--checkpoints", str(tmp_path)]
+    assert run_stage(STAGE, base + ["--roi", "V1"]) == 1
+    assert "unknown ROI" in capsys.readouterr().err
+    assert run_stage(STAGE, ["--data", data, "--results", str(tmp_path / "none"), "--subject", "sim01"]) == 1
+    assert "02_baseline_ridge.py" in capsys.readouterr().err
+    empty = tmp_path / "d"
+    import shutil
+    shutil.copytree(data, empty, ignore=shutil.ignore_patterns("features"))
+    d = common.load_npz(empty / "subjects" / "sim01.npz")
+    d["roi_AC"] = np.zeros_like(d["roi_AC"])
+    common.save_npz(empty / "subjects" / "sim01.npz", **d)
+    assert run_stage(STAGE, ["--data", str(empty), "--results", results, "--checkpoints", str(tmp_path),
+                             "--subject", "sim01", "--roi", "AC"]) == 1
+    assert "mask of sim01 is empty" in capsys.readouterr().err
