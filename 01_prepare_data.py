@@ -26,7 +26,7 @@ from scipy.io import wavfile
 from scipy.signal import fftconvolve, resample_poly
 from scipy.stats import gamma
 
-from common import StudyError, fail, noise_ceiling, save_npz, zscore
+from common import StudyError, fail, log_mel, noise_ceiling, save_npz, zscore
 
 SR = 16000
 TR = 2.0
@@ -203,25 +203,6 @@ def make_story(seconds, vocab, category, clips, rng, n_voices):
     audio = np.concatenate(pieces)
     audio = np.concatenate([audio, np.zeros(max(0, int(seconds * SR) - len(audio)), np.float32)])
     return audio, np.array(idx), np.array(onsets), np.array(offsets)
-
-
-def log_mel(audio, n_bands=8, hop=160, win=400):
-    """Log-mel band energies at 100 Hz: the acoustics that drive the auditory voxels."""
-    n = 1 + (len(audio) - win) // hop
-    frames = np.lib.stride_tricks.sliding_window_view(audio, win)[::hop][:n] * np.hanning(win)
-    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
-    freqs = np.fft.rfftfreq(win, 1 / SR)
-    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
-    edges = 700 * (10 ** (np.linspace(mel(100), mel(7000), n_bands + 2) / 2595) - 1)
-    fb = np.zeros((n_bands, len(freqs)))
-    for b in range(n_bands):
-        lo, mid, hi = edges[b:b + 3]
-        fb[b] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
-    times = (np.arange(n) * hop + win / 2) / SR
-    energy = power @ fb.T
-    # a 40 dB floor, as a hearing threshold: digital silence between words would otherwise send
-    # the log to -inf-ish and dominate the drive with the gap pattern alone
-    return np.log(energy + 1e-4 * energy.mean(0)), times
 
 
 def hrf(dt, length=32.0):

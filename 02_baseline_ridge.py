@@ -49,8 +49,7 @@ def stack(ds, stories, layer, delays):
 
 
 def fit_and_score(ds, d, study, layers, args, device):
-    """Layer sweep on validation stories, best layer refit on train + val, scored on the test story.
-    Shared by stages 03 and 04 (they call it on tuned-model features)."""
+    """Layer sweep on validation stories, best layer refit on train + val, scored on the test story."""
     train, val = study["train"], study["val"]
     Y_train = np.vstack([d[f"resp_{s}"] for s in train])
     Y_val = np.vstack([d[f"resp_{s}"] for s in val])
@@ -62,10 +61,8 @@ def fit_and_score(ds, d, study, layers, args, device):
         print(f"    layer {layer}: mean validation r {val_r[-1].mean():.4f}", flush=True)
     val_r = np.array(val_r)
     best = layers[int(np.argmax(val_r.mean(1)))]
-    W, alphas, _ = common.ridge_cv(stack(ds, train + val, best, args.delays), np.vstack([Y_train, Y_val]),
-                                   args.alphas, n_folds=args.n_folds, device=device)
-    X_test = common.design_matrix(ds[study["test"]][best], args.delays)
-    test_r = common.pearson_r(d["test_resp"], common.ridge_predict(X_test, W, device))
+    test_r, W, alphas = common.score_on_test({s: ds[s][best] for s in ds}, d, study, args.delays, args.alphas,
+                                             device, args.n_folds)
     return dict(test_r=test_r, val_r_by_layer=val_r.astype(np.float32), best_layer=np.int64(best),
                 alphas=alphas, weights=W)
 

@@ -186,7 +186,8 @@ def run(args, subj, seed, study, device, baseline):
         shutil.rmtree(ckpt)
     from tqdm import tqdm
     for epoch in range(start, args.epochs):
-        if epoch - int(np.argmax(history["val_r"])) > args.patience if history["val_r"] else False:
+        if history["val_r"] and epoch - 1 - int(np.argmax(history["val_r"])) >= args.patience:
+            print(f"  early stop: no better validation r for {args.patience} epochs")
             break
         model.train()
         order = np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))  # seeded, resumable
@@ -225,17 +226,13 @@ def run(args, subj, seed, study, device, baseline):
     model.eval()
     direct = np.full(len(mask), np.nan, np.float32)
     direct[mask] = common.pearson_r(d["test_resp"][:, mask], predict_story(model, readout, stories[study["test"]], layer, args))
-    context_s, stride_s = float(baseline["context_s"]), float(baseline["stride_s"])
-    ds = {}
-    for s in stories:
-        st = load(s)
-        f, times = common.extract_features(model, st["audio"], layers=[layer], context_s=context_s, stride_s=stride_s)
-        ds[s] = common.downsample_to_trs(f[0], times, st["tr_times"])
-    delays = tuple(int(x) for x in baseline["delays"])
-    fit = study["train"] + study["val"]
-    W, _, _ = common.ridge_cv(np.vstack([common.design_matrix(ds[s], delays) for s in fit]),
-                              np.vstack([d[f"resp_{s}"] for s in fit]), np.logspace(0, 6, 13), device=device)
-    tuned = common.pearson_r(d["test_resp"], common.ridge_predict(common.design_matrix(ds[study["test"]], delays), W, device))
+    # linearized: the tuned model's features through stage 02's recipe; cached for stage 04
+    cache = os.path.join(args.data, "features", name)
+    fingerprint = common.model_fingerprint(model)
+    ds = {s: common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
+                                   float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True)[layer]
+          for s in stories}
+    tuned, _, _ = common.score_on_test(ds, d, study, tuple(int(x) for x in baseline["delays"]), device=device)
     out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, test_r_direct=direct,
                val_r_by_epoch=np.array(history["val_r"], np.float32), loss_by_epoch=np.array(history["loss"], np.float32),
                best_epoch=np.int64(int(np.argmax(history["val_r"])) + 1), layer=np.int64(layer), roi_mask=mask,

@@ -7,21 +7,45 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= data
 RESULTS ?= results
+CHECKPOINTS ?= checkpoints
+SUBJ ?= sim01
+# The demo's fine-tuning settings for the tiny random WavLM of the simulated study (README, "Stage 03
+# on the simulated study"): LoRA also on out_proj and the feed-forward, rank 8, larger learning rates.
+# The script's own defaults are the paper's (q/k/v, rank 4, alpha 4, lr 1e-4) for a pretrained WavLM.
+LORA := --lora-rank 8 --lora-alpha 8 --lora-targets q_proj k_proj v_proj out_proj intermediate_dense output_dense \
+	--lr-adapter 3e-3 --lr-readout 1e-3 --epochs 10 --patience 3
+FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 10 --patience 3
+STAGE_ARGS := --data $(DATA) --results $(RESULTS)
 
-.PHONY: demo test 01 02 clean
+.PHONY: demo test 01 02 03 04 05 clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-demo: 01 02
+demo: 01 02 03 04 05
 
 01: $(VENV)/.installed
 	$(PY) 01_prepare_data.py --data $(DATA)
 
 02: $(VENV)/.installed
-	$(PY) 02_baseline_ridge.py --data $(DATA) --results $(RESULTS)
+	$(PY) 02_baseline_ridge.py $(STAGE_ARGS)
+
+# whole-cortex LoRA for every subject (3 seeds for $(SUBJ)), AC LoRA for $(SUBJ), and 3 seeds of
+# full fine-tuning for $(SUBJ): the stability claim is the two "std across seeds" lines
+03: $(VENV)/.installed
+	$(PY) 03_finetune_lora.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ) --seeds 0 1 2 $(LORA)
+	$(PY) 03_finetune_lora.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) \
+		--subject $$($(PY) -c "import common; print(' '.join(s for s in common.load_study('$(DATA)')['subjects'] if s != '$(SUBJ)'))") $(LORA)
+	$(PY) 03_finetune_lora.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ) --roi AC $(LORA)
+	$(PY) 03_finetune_lora.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ) --seeds 0 1 2 $(FULL)
+
+04: $(VENV)/.installed
+	$(PY) 04_cross_subject.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS)
+
+05: $(VENV)/.installed
+	$(PY) 05_linear_probes.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -114,6 +114,27 @@ def lanczos_interp_torch(data, old_times, new_times, window=3, cutoff_mult=1.0):
     return k @ data
 
 
+def log_mel(audio, n_bands=8, hop=160, win=400):
+    """Log-mel band energies of 16 kHz audio at 100 Hz (frames x bands, frame-centre times): what
+    drives the simulated auditory voxels (stage 01) and the acoustic probe targets (stage 05)."""
+    n = 1 + (len(audio) - win) // hop
+    sr = 16000
+    frames = np.lib.stride_tricks.sliding_window_view(audio, win)[::hop][:n] * np.hanning(win)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(win, 1 / sr)
+    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+    edges = 700 * (10 ** (np.linspace(mel(100), mel(7000), n_bands + 2) / 2595) - 1)
+    fb = np.zeros((n_bands, len(freqs)))
+    for b in range(n_bands):
+        lo, mid, hi = edges[b:b + 3]
+        fb[b] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
+    times = (np.arange(n) * hop + win / 2) / sr
+    energy = power @ fb.T
+    # a 40 dB floor, as a hearing threshold: digital silence between words would otherwise send
+    # the log to -inf-ish and dominate the drive with the gap pattern alone
+    return np.log(energy + 1e-4 * energy.mean(0)), times
+
+
 # ---------------------------------------------------------------------------------------------
 # Delays, z-scoring, correlation, noise ceiling
 # ---------------------------------------------------------------------------------------------
@@ -558,6 +579,18 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
     ds = np.stack([downsample_to_trs(f, times, st["tr_times"]) for f in feats])
     save_npz(path, ds=ds, key=np.array(key))
     return ds
+
+
+def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=np.logspace(0, 6, 13), device="cpu", n_folds=5):
+    """The final step of the stage 02 recipe for one layer: ridge (per-voxel alpha) fit on train +
+    validation stories, Pearson r per voxel on the test story. ds[story]: downsampled features of
+    that layer (tr_grid rows x hidden). Returns (test_r, weights, alphas)."""
+    fit = study["train"] + study["val"]
+    X = np.vstack([design_matrix(ds[s], delays) for s in fit])
+    Y = np.vstack([d[f"resp_{s}"] for s in fit])
+    W, best_alphas, _ = ridge_cv(X, Y, alphas, n_folds=n_folds, device=device)
+    pred = ridge_predict(design_matrix(ds[study["test"]], delays), W, device)
+    return pearson_r(d["test_resp"], pred), W, best_alphas
 
 
 def load_study(data):

@@ -1,0 +1,116 @@
+"""Where a stage 03 training step spends its time, from one run.
+
+Issue #4 target: >= 85% of a step in the WavLM forward + backward (the readout, Lanczos, loss and
+data feeding must be cheap). Measured as 1 - (time of the same steps with WavLM's output replaced
+by a precomputed tensor) / (time of the full steps). Also prints steps per second and peak memory.
+
+    .venv/bin/python bench/finetune.py [--data data] [--steps 10] [--device cpu]
+"""
+import argparse
+import importlib.util
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("stage03", os.path.join(ROOT, "03_finetune_lora.py"))
+stage03 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stage03)
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--data", default="data")
+p.add_argument("--steps", type=int, default=10)
+p.add_argument("--model", default="tiny")
+p.add_argument("--layer", type=int, default=None, help="default: the top layer")
+p.add_argument("--device", default=None)
+args, rest = p.parse_known_args()
+# the demo's training settings (Makefile LORA), overridable with stage 03 flags
+targs = stage03.get_args(["--lora-rank", "8", "--lora-alpha", "8", "--lora-targets", "q_proj", "k_proj", "v_proj",
+                          "out_proj", "intermediate_dense", "output_dense"] + rest)
+common.set_threads()
+device = common.pick_device(args.device)
+study = common.load_study(args.data)
+d = common.load_subject(args.data, study["subjects"][0], study)
+model = common.add_lora(common.load_wavlm(args.model, 0, device), targs.lora_rank, targs.lora_alpha,
+                        targs.lora_dropout, targs.lora_targets).train()
+layer = args.layer if args.layer is not None else model.config.num_hidden_layers
+readout = stage03.make_readout(model.config.hidden_size * 4, d["test_resp"].shape[1], targs.bottleneck).to(device)
+opt = torch.optim.Adam([{"params": [q for q in model.parameters() if q.requires_grad], "lr": 1e-3},
+                        {"params": readout.parameters(), "lr": 1e-3}])
+stories = {}
+for s in study["train"]:
+    st = common.load_npz(os.path.join(args.data, "stories", f"{s}.npz"))
+    stories[s] = dict(audio=torch.as_tensor(st["audio"], device=device), tr_times=st["tr_times"])
+blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), targs.block_trs)]
+order = np.random.default_rng(0).permutation(len(blocks))
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(k, frozen=None):
+    """One optimizer step over batch_blocks blocks; with `frozen`, WavLM is replaced by cached output."""
+    opt.zero_grad()
+    for j in order[k * targs.batch_blocks:(k + 1) * targs.batch_blocks]:
+        s, i0 = blocks[j]
+        i1 = min(len(stories[s]["tr_times"]), i0 + targs.block_trs)
+        with common.autocast(device):
+            if frozen is None:
+                pred = stage03.predict_block(model, readout, stories[s], i0, i1, layer, targs).float()
+            else:
+                x, times, grid = frozen[j]
+                x = common.lanczos_interp_torch(x, times, grid)
+                x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+                pred = readout(common.make_delayed(x, (1, 2, 3, 4))[4:]).float()
+        y = torch.as_tensor(d[f"resp_{s}"][i0:i1], device=device)
+        (stage03.spatial_corr_loss(pred, y) / targs.batch_blocks).backward()
+    torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], targs.grad_clip)
+    opt.step()
+
+
+n = min(args.steps, len(blocks) // targs.batch_blocks)
+step(0)  # warm-up
+sync()
+t0 = time.perf_counter()
+for k in range(n):
+    step(k)
+sync()
+t_full = (time.perf_counter() - t0) / n
+
+# the same blocks with WavLM's output precomputed (a leaf tensor that still takes a gradient)
+frozen = {}
+for k in range(n):
+    for j in order[k * targs.batch_blocks:(k + 1) * targs.batch_blocks]:
+        s, i0 = blocks[j]
+        st = stories[s]
+        tr = 2.0
+        grid = st["tr_times"][0] + tr * np.arange(i0 - 4, min(len(st["tr_times"]), i0 + targs.block_trs))
+        with torch.no_grad():
+            f, t = common.extract_features(model, st["audio"][:int((grid[-1] + 6) * 16000) + 400],
+                                           layers=[layer], context_s=targs.train_context_s,
+                                           stride_s=targs.train_stride_s)
+        sel = (t > grid[0] - 6.5) & (t < grid[-1] + 6.5)
+        frozen[j] = (torch.as_tensor(f[sel], device=device).requires_grad_(), t[sel], grid)
+sync()
+t0 = time.perf_counter()
+for k in range(n):
+    step(k, frozen)
+sync()
+t_rest = (time.perf_counter() - t0) / n
+
+peak = (torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+print(f"model {args.model}, layer {layer}, device {device}, {targs.batch_blocks} blocks of {targs.block_trs} TRs"
+      f" per step, torch threads {torch.get_num_threads()}")
+print(f"step: {t_full:.3f} s ({1 / t_full:.2f} steps/s); without the WavLM forward+backward: {t_rest:.4f} s")
+print(f"fraction of a step in WavLM forward + backward: {(t_full - t_rest) / t_full * 100:.1f}%  (target >= 85%)")
+print(f"peak memory: {peak:.2f} GB ({'GPU allocated' if device.type == 'cuda' else 'process max RSS'})")
