@@ -230,7 +230,8 @@ def run(args, subj, seed, study, device, baseline):
     cache = os.path.join(args.data, "features", name)
     fingerprint = common.model_fingerprint(model)
     ds = {s: common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
-                                   float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True)[layer]
+                                   float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True,
+                                   top_layer=layer)[layer]
           for s in stories}
     tuned, _, _ = common.score_on_test(ds, d, study, tuple(int(x) for x in baseline["delays"]), device=device)
     out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, test_r_direct=direct,

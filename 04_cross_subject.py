@@ -97,7 +97,8 @@ def main(argv=None):
             stories = study["train"] + study["val"] + [study["test"]]
             ds = {s: common.story_features(model, fp, os.path.join(args.data, "features", name),
                                            os.path.join(args.data, "stories", f"{s}.npz"),
-                                           float(base["context_s"]), float(base["stride_s"]))[layer] for s in stories}
+                                           float(base["context_s"]), float(base["stride_s"]),
+                                           top_layer=layer)[layer] for s in stories}
             for j, b in enumerate(evaluated_on):
                 r, _, _ = common.score_on_test(ds, subj_data[b], study, tuple(int(x) for x in base["delays"]),
                                                device=device)

@@ -13,8 +13,8 @@ SUBJ ?= sim01
 # on the simulated study"): LoRA also on out_proj and the feed-forward, rank 8, larger learning rates.
 # The script's own defaults are the paper's (q/k/v, rank 4, alpha 4, lr 1e-4) for a pretrained WavLM.
 LORA := --lora-rank 8 --lora-alpha 8 --lora-targets q_proj k_proj v_proj out_proj intermediate_dense output_dense \
-	--lr-adapter 3e-3 --lr-readout 1e-3 --epochs 10 --patience 3
-FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 10 --patience 3
+	--lr-adapter 3e-3 --lr-readout 1e-3 --epochs 7 --patience 3
+FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 7 --patience 3
 STAGE_ARGS := --data $(DATA) --results $(RESULTS)
 
 .PHONY: demo test 01 02 03 04 05 clean

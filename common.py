@@ -553,18 +553,21 @@ def model_fingerprint(model):
     return h.hexdigest()
 
 
-def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False, progress=False):
+def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False, progress=False,
+                   top_layer=None):
     """Hidden states of every layer of one story, Lanczos-downsampled onto tr_grid: an array
     (layers x (PAD_TRS + TRs) x hidden), cached as <cache_dir>/<story>.npz.
 
     The cache stores a key (model weights, window settings, audio, TR times); a cache built from
     anything else is refused with a StudyError rather than silently reused (refresh=True rebuilds it).
+    top_layer: compute hidden states 0..top_layer only (the layers above are never run).
     """
     import hashlib
     import json
     name = os.path.basename(story_npz)[:-4]
     st = load_npz(story_npz, "story file")
-    key = json.dumps(dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS,
+    n_states = base_wavlm(model).config.num_hidden_layers + 1 if top_layer is None else top_layer + 1
+    key = json.dumps(dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS, layers=n_states,
                           audio=hashlib.sha1(st["audio"].tobytes()).hexdigest(),
                           tr_times=hashlib.sha1(st["tr_times"].tobytes()).hexdigest()), sort_keys=True)
     path = os.path.join(cache_dir, f"{name}.npz")
@@ -574,8 +577,8 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
             return cached["ds"]
         raise StudyError(f"{path} was computed from a different model, window setting or story audio; "
                          "rerun with --refresh-features to recompute it (or delete that folder)")
-    feats, times = extract_features(model, st["audio"], int(st["sr"]), context_s=context_s, stride_s=stride_s,
-                                    progress=progress)
+    feats, times = extract_features(model, st["audio"], int(st["sr"]), layers=range(n_states), context_s=context_s,
+                                    stride_s=stride_s, progress=progress)
     ds = np.stack([downsample_to_trs(f, times, st["tr_times"]) for f in feats])
     save_npz(path, ds=ds, key=np.array(key))
     return ds

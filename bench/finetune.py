@@ -99,7 +99,7 @@ for k in range(n):
                                            layers=[layer], context_s=targs.train_context_s,
                                            stride_s=targs.train_stride_s)
         sel = (t > grid[0] - 6.5) & (t < grid[-1] + 6.5)
-        frozen[j] = (torch.as_tensor(f[sel], device=device).requires_grad_(), t[sel], grid)
+        frozen[j] = (torch.as_tensor(f[0][sel], device=device).requires_grad_(), t[sel], grid)
 sync()
 t0 = time.perf_counter()
 for k in range(n):
