@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 
 import numpy as np

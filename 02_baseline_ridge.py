@@ -21,9 +21,6 @@ import numpy as np
 import common
 from common import StudyError
 
-# The lab's bootstrap_ridge grid logspace(1, 3) is logspace(2, 6) in this (himalaya) convention;
-# the grid reaches lower so small studies (a few hundred TRs) find their optimum too.
-DEFAULT_ALPHAS = np.logspace(0, 6, 13)
 DEFAULT_STRIDE_S = 4.0  # chosen from bench/features.py (README): 32x cheaper than the lab's 0.1 s
 
 
@@ -38,7 +35,8 @@ def get_args(argv=None):
     p.add_argument("--context-s", type=float, default=16.0, help="seconds of past audio per window (lab: 16)")
     p.add_argument("--stride-s", type=float, default=DEFAULT_STRIDE_S, help="window step (lab: 0.1)")
     p.add_argument("--delays", type=int, nargs="+", default=[1, 2, 3, 4], help="delays in TRs")
-    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
+    p.add_argument("--alphas", type=float, nargs="+", default=list(common.ALPHAS),
+                   help="ridge penalties to search (default: logspace(0, 6, 13), see common.ALPHAS)")
     p.add_argument("--n-folds", type=int, default=5)
     p.add_argument("--refresh-features", action="store_true", help="recompute the feature cache")
     return p.parse_args(argv)

@@ -18,7 +18,6 @@ epoch. Checkpoints: checkpoints/03_<subject>_<roi>_<lora|full>_seed<N>/.
 """
 import argparse
 import os
-import random
 import shutil
 import time
 
@@ -73,11 +72,11 @@ def make_readout(n_in, n_vox, bottleneck):
     return torch.nn.Linear(n_in, n_vox)
 
 
-def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
-    """Predicted responses of rows i0..i1 of one story, differentiable through WavLM."""
+def block_features(model, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
+    """WavLM frames (frames x hidden, on the story's clock) covering rows i0..i1 of one story, plus
+    the TR grid the readout needs (rows i0 - max(delays) .. i1). Differentiable through WavLM."""
     tr = np.mean(np.diff(story["tr_times"]))
-    d = max(delays)
-    grid = story["tr_times"][0] + tr * np.arange(i0 - d, i1)  # rows feeding the delays, too
+    grid = story["tr_times"][0] + tr * np.arange(i0 - max(delays), i1)  # rows feeding the delays, too
     half = 3 * tr  # the Lanczos window reaches 3 TRs each side
     sr = 16000
     # segment edges on the story's own window grid (multiples of the stride), plus whole windows of
@@ -88,10 +87,19 @@ def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4
     b = min(len(story["audio"]), -(-int((grid[-1] + half) * sr + common.FRAME_WIN) // step) * step + common.FRAME_WIN)
     feats, times = common.extract_features(model, story["audio"][a:b], layers=[layer], grad=grad,
                                            context_s=args.train_context_s, stride_s=args.train_stride_s)
-    f = torch.as_tensor(feats[0], device=story["audio"].device)
-    x = common.lanczos_interp_torch(f, times + a / sr, grid)
+    return torch.as_tensor(feats[0], device=story["audio"].device), times + a / sr, grid
+
+
+def readout_head(readout, frames, times, grid, delays=(1, 2, 3, 4)):
+    """Frames -> differentiable Lanczos to the grid -> per-feature norm -> delays -> readout."""
+    x = common.lanczos_interp_torch(frames, times, grid)
     x = (x - x.mean(0)) / (x.std(0) + 1e-5)  # per-feature normalisation over the block
-    return readout(common.make_delayed(x, delays)[d:])
+    return readout(common.make_delayed(x, delays)[max(delays):])
+
+
+def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
+    """Predicted responses of rows i0..i1 of one story, differentiable through WavLM."""
+    return readout_head(readout, *block_features(model, story, i0, i1, layer, args, delays, grad), delays)
 
 
 def spatial_corr_loss(pred, y):
@@ -124,13 +132,12 @@ def save_checkpoint(folder, model, readout, opt, epoch, history):
 
 
 def load_weights(folder, model, readout, full):
+    """Load a checkpoint into the run's own model and readout (the optimizer keeps pointing at them)."""
+    from safetensors.torch import load_file
     if full:
-        from safetensors.torch import load_file
-        sd = load_file(os.path.join(folder, "model", "model.safetensors"))
-        common.base_wavlm(model).load_state_dict(sd)
+        common.base_wavlm(model).load_state_dict(load_file(os.path.join(folder, "model", "model.safetensors")))
     else:
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
         set_peft_model_state_dict(model, load_file(os.path.join(folder, "model", "adapter_model.safetensors")))
     state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
     readout.load_state_dict(state["readout"])
@@ -157,7 +164,6 @@ def run(args, subj, seed, study, device, baseline):
             raise StudyError(f"the {args.roi} mask of {subj} is empty")
     layer = args.layer if args.layer is not None else int(baseline["best_layer"])
     torch.manual_seed(seed)
-    random.seed(seed)
     model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
     if not 0 <= layer <= model.config.num_hidden_layers:
         raise StudyError(f"--layer {layer}: the model has hidden states 0..{model.config.num_hidden_layers}")
@@ -166,13 +172,14 @@ def run(args, subj, seed, study, device, baseline):
             p_.requires_grad = not n.startswith("feature_extractor")
     else:
         model = common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the readout starts the same whether LoRA or full fine-tuning came before
     readout = make_readout(model.config.hidden_size * 4, int(mask.sum()), args.bottleneck).to(device)
     opt = torch.optim.Adam([{"params": [p_ for p_ in model.parameters() if p_.requires_grad], "lr": args.lr_adapter},
                             {"params": readout.parameters(), "lr": args.lr_readout}])
-    load = lambda s: common.load_npz(os.path.join(args.data, "stories", f"{s}.npz"))  # noqa: E731
-    stories = {s: dict(audio=torch.as_tensor(load(s)["audio"], device=device), tr_times=load(s)["tr_times"])
-               for s in study["train"] + study["val"] + [study["test"]]}
+    stories = {}
+    for s in study["train"] + study["val"] + [study["test"]]:
+        st = common.load_npz(os.path.join(args.data, "stories", f"{s}.npz"))
+        stories[s] = dict(audio=torch.as_tensor(st["audio"], device=device), tr_times=st["tr_times"])
     resp = {s: torch.as_tensor(d[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
     blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
     history, start = dict(val_r=[], loss=[]), 0

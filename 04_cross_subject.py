@@ -45,13 +45,7 @@ def load_tuned(args, subj, device):
                          f"{' --full-finetune' if args.full_finetune else ''}` first")
     run = common.load_npz(res_path)
     base = common.load_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), "stage 02 result")
-    model = common.load_wavlm(str(base["model"]), int(base["model_seed"]), device)
-    if args.full_finetune:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(os.path.join(best, "model.safetensors")))
-    else:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, best).to(device)
+    model = common.load_tuned_wavlm(base, best, args.full_finetune, device)
     return model.eval(), int(run["layer"]), name, base
 
 

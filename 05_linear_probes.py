@@ -57,16 +57,13 @@ def read_word_vectors(path, vocab):
 
 
 def load_model(args, which, subj, base, device):
-    model = common.load_wavlm(str(base["model"]), int(base["model_seed"]), device)
     if which == "baseline":
-        return model
-    name = f"03_{subj}_{which}_lora_seed{args.seed}"
-    best = os.path.join(args.checkpoints, name, "best", "model")
+        return common.load_wavlm(str(base["model"]), int(base["model_seed"]), device)
+    best = os.path.join(args.checkpoints, f"03_{subj}_{which}_lora_seed{args.seed}", "best", "model")
     if not os.path.isdir(best):
         raise StudyError(f"no tuned model {best}: run `python 03_finetune_lora.py --subject {subj} "
                          f"--roi {which} --seed {args.seed}` first")
-    from peft import PeftModel
-    return PeftModel.from_pretrained(model, best).to(device).eval()
+    return common.load_tuned_wavlm(base, best, full=False, device=device)
 
 
 def word_representations(model, story, context_s, stride_s):

@@ -242,6 +242,11 @@ def design_matrix(ds, delays=(1, 2, 3, 4)):
 # ---------------------------------------------------------------------------------------------
 
 
+# The lab's bootstrap_ridge grid logspace(1, 3) is logspace(2, 6) in this (himalaya) convention; the
+# grid reaches lower so small studies (a few hundred TRs) find their optimum too.
+ALPHAS = np.logspace(0, 6, 13)
+
+
 def contiguous_folds(n_samples, n_folds=5):
     """K folds of contiguous TR blocks (fMRI is autocorrelated: shuffling single TRs leaks)."""
     edges = np.linspace(0, n_samples, n_folds + 1).astype(int)
@@ -249,7 +254,7 @@ def contiguous_folds(n_samples, n_folds=5):
     return [(np.concatenate([idx[:a], idx[b:]]), idx[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def ridge_cv(X, Y, alphas=np.logspace(0, 6, 13), n_folds=5, folds=None, device="cpu",
+def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu",
              voxel_batch=10000, progress=False):
     """Ridge X -> Y with one alpha per voxel (column of Y), picked by K-fold CV on contiguous blocks.
 
@@ -584,7 +589,7 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
     return ds
 
 
-def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=np.logspace(0, 6, 13), device="cpu", n_folds=5):
+def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5):
     """The final step of the stage 02 recipe for one layer: ridge (per-voxel alpha) fit on train +
     validation stories, Pearson r per voxel on the test story. ds[story]: downsampled features of
     that layer (tr_grid rows x hidden). Returns (test_r, weights, alphas)."""
@@ -594,6 +599,18 @@ def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=np.logspace(0, 6, 13
     W, best_alphas, _ = ridge_cv(X, Y, alphas, n_folds=n_folds, device=device)
     pred = ridge_predict(design_matrix(ds[study["test"]], delays), W, device)
     return pearson_r(d["test_resp"], pred), W, best_alphas
+
+
+def load_tuned_wavlm(baseline, folder, full, device=None):
+    """A stage 03 checkpoint as a model: the base WavLM stage 02 used (`baseline`: its results npz)
+    with the saved peft adapter, or with the fully fine-tuned weights when `full`."""
+    model = load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
+    if full:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        return model
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, folder).to(pick_device(device)).eval()
 
 
 def load_study(data):
@@ -637,10 +654,9 @@ def model_tag(name, seed):
     return f"tiny_seed{seed}" if name == "tiny" else name.strip("/").replace("/", "--")
 
 
-def add_common_args(p, results=True):
+def add_common_args(p):
     """The flags every stage 02-05 shares."""
     p.add_argument("--data", default="data", help="folder written by 01_prepare_data.py (default: data/)")
-    if results:
-        p.add_argument("--results", default="results", help="output folder (default: results/)")
+    p.add_argument("--results", default="results", help="output folder (default: results/)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")

@@ -55,7 +55,7 @@ for stride in args.stride_s + [args.lab_stride_s]:
     Y = np.vstack([d[f"resp_{s}"] for s in study["train"] + study["val"]])
     for layer in range(ds[stories[0]].shape[0]):
         X = np.vstack([common.design_matrix(ds[s][layer]) for s in study["train"] + study["val"]])
-        W, _, _ = common.ridge_cv(X, Y, np.logspace(0, 6, 13))
+        W, _, _ = common.ridge_cv(X, Y, common.ALPHAS)
         r_by_layer.append(common.pearson_r(d["test_resp"], common.design_matrix(ds[study["test"]][layer]) @ W).mean())
     rows[stride] = (ms / audio_s, wall, np.array(r_by_layer))
     print(f"stride {stride:4.1f} s: {ms / audio_s:6.1f} model-s per audio-s, wall {wall:7.1f} s, "

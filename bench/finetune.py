@@ -67,10 +67,7 @@ def step(k, frozen=None):
             if frozen is None:
                 pred = stage03.predict_block(model, readout, stories[s], i0, i1, layer, targs).float()
             else:
-                x, times, grid = frozen[j]
-                x = common.lanczos_interp_torch(x, times, grid)
-                x = (x - x.mean(0)) / (x.std(0) + 1e-5)
-                pred = readout(common.make_delayed(x, (1, 2, 3, 4))[4:]).float()
+                pred = stage03.readout_head(readout, *frozen[j]).float()
         y = torch.as_tensor(d[f"resp_{s}"][i0:i1], device=device)
         (stage03.spatial_corr_loss(pred, y) / targs.batch_blocks).backward()
     torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], targs.grad_clip)
@@ -91,15 +88,10 @@ frozen = {}
 for k in range(n):
     for j in order[k * targs.batch_blocks:(k + 1) * targs.batch_blocks]:
         s, i0 = blocks[j]
-        st = stories[s]
-        tr = 2.0
-        grid = st["tr_times"][0] + tr * np.arange(i0 - 4, min(len(st["tr_times"]), i0 + targs.block_trs))
+        i1 = min(len(stories[s]["tr_times"]), i0 + targs.block_trs)
         with torch.no_grad():
-            f, t = common.extract_features(model, st["audio"][:int((grid[-1] + 6) * 16000) + 400],
-                                           layers=[layer], context_s=targs.train_context_s,
-                                           stride_s=targs.train_stride_s)
-        sel = (t > grid[0] - 6.5) & (t < grid[-1] + 6.5)
-        frozen[j] = (torch.as_tensor(f[0][sel], device=device).requires_grad_(), t[sel], grid)
+            frames, times, grid = stage03.block_features(model, stories[s], i0, i1, layer, targs, grad=False)
+        frozen[j] = (frames.requires_grad_(), times, grid)
 sync()
 t0 = time.perf_counter()
 for k in range(n):
