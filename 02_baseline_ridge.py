@@ -138,11 +138,15 @@ def main(argv=None):
     except StudyError as e:
         common.fail(e)
     plot(results, layers, os.path.join(args.results, "02_baseline.png"))
-    print("\n  subject  best layer  mean r all    AC  non-AC  fraction of ceiling")
+    print("\n  subject  best layer  mean r all    AC  non-AC  fraction of ceiling: all    AC  non-AC")
     for subj, (res, d) in results.items():
         m = roi_means(res["test_r"], d)
+        r, nc = res["test_r"], d["noise_ceiling"]
+        ac = d.get("roi_AC", np.zeros(len(r), bool))
+        fracs = [frac_ceiling(r, nc), frac_ceiling(r[ac], nc[ac]) if ac.any() else np.nan,
+                 frac_ceiling(r[~ac], nc[~ac]) if (~ac).any() else np.nan]
         print(f"  {subj:8s} {int(res['best_layer']):10d}  {m['all']:10.3f} {m.get('AC', np.nan):5.3f}"
-              f"  {m.get('non-AC', np.nan):6.3f}  {frac_ceiling(res['test_r'], d['noise_ceiling']):8.2f}")
+              f"  {m.get('non-AC', np.nan):6.3f}  {fracs[0]:24.2f} {fracs[1]:5.2f}  {fracs[2]:6.2f}")
     print(f"\nwrote {args.results}/02_baseline_<subject>.npz and 02_baseline.png in {time.time() - t0:.0f} s")
 
 

@@ -85,7 +85,10 @@ def block_features(model, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=
     ctx = int(np.ceil(args.train_context_s / args.train_stride_s)) * step
     a = max(0, int((grid[0] - half) * sr) // step * step - ctx)
     b = min(len(story["audio"]), -(-int((grid[-1] + half) * sr + common.FRAME_WIN) // step) * step + common.FRAME_WIN)
-    feats, times = common.extract_features(model, story["audio"][a:b], layers=[layer], grad=grad,
+    cnn = story.get("cnn")  # the frozen CNN's output, computed once per story (local CNNs)
+    if cnn is not None:
+        cnn = cnn[a // common.FRAME_HOP:a // common.FRAME_HOP + common.n_frames(b - a)]
+    feats, times = common.extract_features(model, story["audio"][a:b], layers=[layer], grad=grad, cnn=cnn,
                                            context_s=args.train_context_s, stride_s=args.train_stride_s)
     return torch.as_tensor(feats[0], device=story["audio"].device), times + a / sr, grid
 
@@ -100,6 +103,18 @@ def readout_head(readout, frames, times, grid, delays=(1, 2, 3, 4)):
 def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
     """Predicted responses of rows i0..i1 of one story, differentiable through WavLM."""
     return readout_head(readout, *block_features(model, story, i0, i1, layer, args, delays, grad), delays)
+
+
+def load_stories(model, data, names, device):
+    """Audio and TR times of each story on `device`; plus the frozen CNN's output when it is
+    frame-local (layer norm), computed once here rather than in every block of every epoch."""
+    stories = {}
+    for s in names:
+        st = common.load_npz(os.path.join(data, "stories", f"{s}.npz"))
+        stories[s] = dict(audio=torch.as_tensor(st["audio"], device=device), tr_times=st["tr_times"])
+        if model.config.feat_extract_norm == "layer":
+            stories[s]["cnn"] = common.story_cnn(model, stories[s]["audio"])
+    return stories
 
 
 def spatial_corr_loss(pred, y):
@@ -176,10 +191,7 @@ def run(args, subj, seed, study, device, baseline):
     readout = make_readout(model.config.hidden_size * 4, int(mask.sum()), args.bottleneck).to(device)
     opt = torch.optim.Adam([{"params": [p_ for p_ in model.parameters() if p_.requires_grad], "lr": args.lr_adapter},
                             {"params": readout.parameters(), "lr": args.lr_readout}])
-    stories = {}
-    for s in study["train"] + study["val"] + [study["test"]]:
-        st = common.load_npz(os.path.join(args.data, "stories", f"{s}.npz"))
-        stories[s] = dict(audio=torch.as_tensor(st["audio"], device=device), tr_times=st["tr_times"])
+    stories = load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device)
     resp = {s: torch.as_tensor(d[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
     blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
     history, start = dict(val_r=[], loss=[]), 0

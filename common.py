@@ -344,16 +344,19 @@ FRAME_HOP = 320  # WavLM's CNN strides multiply to 320 samples: one frame per 20
 FRAME_WIN = 400  # receptive field of one frame, in samples
 
 
-def tiny_config(hidden=96, layers=3, heads=4):
-    """A small WavLM (~0.4M parameters) for the simulated study and the tests.
+def tiny_config(hidden=96, layers=3, heads=4, conv=128):
+    """A small WavLM (~0.6M parameters) for the simulated study and the tests.
 
     Same frame rate and architecture as wavlm-base-plus, just narrower and shallower. The CNN uses
-    per-frame layer norm ("layer"), so each frame depends only on its own 25 ms of audio.
+    per-frame layer norm ("layer"), so each frame depends only on its own 25 ms of audio. No conv
+    biases, as in wavlm-base-plus, and 128 CNN channels: of the settings bench/tiny_model.py
+    compares, those two decide how much of the auditory voxels' noise ceiling the random model's
+    features reach (README, "The tiny model"); hidden size and depth matter little.
     """
     from transformers import WavLMConfig
     return WavLMConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                       intermediate_size=2 * hidden, conv_dim=(64,) * 7, feat_extract_norm="layer",
-                       conv_bias=True, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
+                       intermediate_size=2 * hidden, conv_dim=(conv,) * 7, feat_extract_norm="layer",
+                       conv_bias=False, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
                        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                        feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0,
                        apply_spec_augment=False, num_buckets=64, max_bucket_distance=200)
@@ -481,8 +484,18 @@ def frame_times(n, sr=16000):
     return (np.arange(n) * FRAME_HOP + FRAME_WIN / 2) / sr
 
 
+def story_cnn(model, audio):
+    """Output of a local (layer-norm) CNN for a whole story, (frames x channels), in 60 s chunks to
+    bound memory. Each frame depends on its own 25 ms only, so any slice of it starting at a
+    multiple of 320 samples is what the CNN would compute from that slice of the audio."""
+    x = torch.as_tensor(audio, dtype=torch.float32, device=next(base_wavlm(model).parameters()).device).reshape(-1)
+    F, chunk = n_frames(len(x)), 3000
+    return torch.cat([cnn_features(model, x[None, f0 * FRAME_HOP:(min(F, f0 + chunk) - 1) * FRAME_HOP + FRAME_WIN])[0]
+                      for f0 in range(0, F, chunk)])
+
+
 def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, batch_size=8,
-                     device=None, grad=False, progress=False):
+                     device=None, grad=False, progress=False, cnn=None):
     """Causal WavLM features of one story, from sliding windows.
 
     WavLM's attention is bidirectional, so causality comes from the windows: each window spans
@@ -493,6 +506,8 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     stride_s. The frozen CNN is run once per story when its output is local (layer-norm CNNs, e.g.
     the tiny model); group-norm CNNs (wavlm-base-plus) normalise over the whole input, so there it
     runs per window to keep each window exactly what a model fed that window would compute.
+
+    cnn: story_cnn(model, audio), when the caller already has it (stage 03 reuses it every epoch).
 
     Returns (feats, times): feats[i] is a (frames x hidden) float32 array (torch tensor when grad=True)
     for hidden state layers[i] (0 = input to the first transformer layer), and times the frame
@@ -515,10 +530,10 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     if F < 1:
         raise StudyError(f"audio of {len(x)} samples is shorter than one WavLM frame ({FRAME_WIN} samples)")
     local_cnn = m.config.feat_extract_norm == "layer"
-    if local_cnn:  # frames are independent: run the CNN once, in 60 s chunks to bound memory
-        chunk = 3000
-        cnn = torch.cat([cnn_features(m, x[None, f0 * FRAME_HOP:(min(F, f0 + chunk) - 1) * FRAME_HOP + FRAME_WIN])[0]
-                         for f0 in range(0, F, chunk)])
+    if local_cnn and cnn is None:
+        cnn = story_cnn(m, x)
+    elif local_cnn and len(cnn) != F:
+        raise StudyError(f"precomputed CNN output has {len(cnn)} frames, the audio {F}")
     # windows: keep frames [k0, k1), feed frames [k0 - context, k1); group equal lengths into batches
     wins = [(max(0, k0 - c_f), k0, min(F, k0 + s_f)) for k0 in range(0, F, s_f)]
     groups = {}

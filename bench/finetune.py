@@ -44,10 +44,7 @@ layer = args.layer if args.layer is not None else model.config.num_hidden_layers
 readout = stage03.make_readout(model.config.hidden_size * 4, d["test_resp"].shape[1], targs.bottleneck).to(device)
 opt = torch.optim.Adam([{"params": [q for q in model.parameters() if q.requires_grad], "lr": 1e-3},
                         {"params": readout.parameters(), "lr": 1e-3}])
-stories = {}
-for s in study["train"]:
-    st = common.load_npz(os.path.join(args.data, "stories", f"{s}.npz"))
-    stories[s] = dict(audio=torch.as_tensor(st["audio"], device=device), tr_times=st["tr_times"])
+stories = stage03.load_stories(model, args.data, study["train"], device)
 blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), targs.block_trs)]
 order = np.random.default_rng(0).permutation(len(blocks))
 

@@ -66,6 +66,25 @@ def test_predict_block_matches_whole_story_features(tiny_study):
     np.testing.assert_allclose(block, ref[:-1], atol=2e-3)
 
 
+def test_block_features_from_the_story_cnn_equal_running_the_cnn_on_the_block(tiny_study):
+    """Stage 03 runs the frozen CNN once per story and slices it for each block; that must be
+    exactly what the CNN gives for the block's own audio (blocks with past context, mid-story)."""
+    m = load_stage(STAGE)
+    args = m.get_args(FAST + ["--train-context-s", "4", "--train-stride-s", "2"])
+    model = common.load_wavlm("tiny")
+    story = m.load_stories(model, tiny_study, ["story01"], "cpu")["story01"]
+    assert story["cnn"].shape == (common.n_frames(len(story["audio"])), model.config.conv_dim[-1])
+    plain = dict(audio=story["audio"], tr_times=story["tr_times"])
+    with torch.no_grad():
+        for i0, i1 in [(0, 8), (9, 17), (len(story["tr_times"]) - 6, len(story["tr_times"]))]:
+            fast, t_fast, _ = m.block_features(model, story, i0, i1, 2, args, grad=False)
+            ref, t_ref, _ = m.block_features(model, plain, i0, i1, 2, args, grad=False)
+            np.testing.assert_array_equal(t_fast, t_ref)
+            np.testing.assert_allclose(fast.numpy(), ref.numpy(), atol=1e-5)
+    with pytest.raises(common.StudyError, match="precomputed CNN"):
+        common.extract_features(model, story["audio"][:32000], cnn=story["cnn"][:10])
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_study, tmp_path_factory):
     base = tmp_path_factory.mktemp("ft")
