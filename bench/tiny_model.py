@@ -1,0 +1,102 @@
+"""How much of the auditory voxels' noise ceiling a random tiny WavLM reaches, by config and seed.
+
+The simulated study's auditory voxels are driven by 8-band log-mel energy (stage 01). A random model
+is a stand-in for a pretrained one, so the baseline (stage 02's recipe, unchanged) should get a
+good share of their ceiling: issue #3 asks for >= 70%. This prints, from one run, the fraction of
+the ceiling reached on the test story by the AC voxels (and the non-AC ones) of every subject, for
+common.tiny_config() and the variants that differ from it in one setting, over several model
+seeds; the first line is the true log-mel drive put through the same pipeline (what a perfect
+acoustic model would get).
+
+    .venv/bin/python bench/tiny_model.py [--data data] [--seeds 0 1 2] [--variants default conv-bias ...]
+"""
+import argparse
+import contextlib
+import importlib.util
+import io
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("stage02", os.path.join(ROOT, "02_baseline_ridge.py"))
+stage02 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stage02)
+
+VARIANTS = {  # name: changes to common.tiny_config()
+    "default": {},
+    "conv-bias": dict(conv_bias=True),
+    "conv-64": dict(conv_dim=(64,) * 7),
+    "old-default": dict(conv_bias=True, conv_dim=(64,) * 7),  # the tiny model before issue #3's fix
+    "hidden-128": dict(hidden_size=128, intermediate_size=256),
+    "group-norm": dict(feat_extract_norm="group"),  # as wavlm-base-plus; CNN per window: ~2x slower
+}
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--data", default="data")
+p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+p.add_argument("--variants", nargs="+", default=["default", "conv-bias", "conv-64", "old-default"],
+               choices=list(VARIANTS))
+p.add_argument("--threads", type=int, default=None)
+args = p.parse_args()
+common.set_threads(args.threads)
+study = common.load_study(args.data)
+subjects = study["subjects"]
+data = {s: common.load_subject(args.data, s, study) for s in subjects}
+names = study["train"] + study["val"] + [study["test"]]
+stories = {s: common.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in names}
+rargs = stage02.get_args([])
+
+
+def score(ds, layers):
+    """Stage 02's recipe: layer chosen on the validation stories, refit, scored on the test story."""
+    fracs = []
+    for subj in subjects:
+        d = data[subj]
+        with contextlib.redirect_stdout(io.StringIO()):
+            res = stage02.fit_and_score(ds, d, study, layers, rargs, "cpu")
+        ac, nc = d["roi_AC"], d["noise_ceiling"]
+        fracs.append((stage02.frac_ceiling(res["test_r"][ac], nc[ac]),
+                      stage02.frac_ceiling(res["test_r"][~ac], nc[~ac])))
+    return np.array(fracs)
+
+
+def row(name, seed, fr, secs):
+    per = " ".join(f"{a:.3f}" for a in fr[:, 0])
+    w = 6 * len(subjects)
+    print(f"{name:12s} {seed:>4} {per:>{w}s} {fr[:, 0].mean():9.3f} {fr[:, 1].mean():11.3f} {secs:6.0f}", flush=True)
+
+
+print(f"fraction of the noise ceiling on the test story ({', '.join(subjects)}), stage 02's recipe\n")
+print(f"{'model':12s} {'seed':>4} {'AC by subject':>{6 * len(subjects)}s} {'AC mean':>9s} {'non-AC mean':>11s}"
+      f" {'secs':>6s}")
+t0 = time.time()
+ds = {}
+for s, st in stories.items():
+    mel, times = common.log_mel(st["audio"])
+    ds[s] = common.downsample_to_trs(mel, times, st["tr_times"])[None]
+row("true log-mel", "-", score(ds, [0]), time.time() - t0)
+
+from transformers import WavLMModel  # noqa: E402
+
+for name in args.variants:
+    for seed in args.seeds:
+        t0 = time.time()
+        cfg = common.tiny_config()
+        for k, v in VARIANTS[name].items():
+            setattr(cfg, k, v)
+        torch.manual_seed(seed)  # as common.load_wavlm("tiny", seed) does
+        model = WavLMModel(cfg)
+        common.make_lora_able(model)
+        model.eval()
+        ds = {}
+        for s, st in stories.items():
+            feats, times = common.extract_features(model, st["audio"], stride_s=stage02.DEFAULT_STRIDE_S)
+            ds[s] = np.stack([common.downsample_to_trs(f, times, st["tr_times"]) for f in feats])
+        row(name, seed, score(ds, list(range(cfg.num_hidden_layers + 1))), time.time() - t0)
