@@ -48,7 +48,9 @@ def get_args(argv=None):
     g.add_argument("--lora-rank", type=int, default=4)
     g.add_argument("--lora-alpha", type=float, default=4)
     g.add_argument("--lora-dropout", type=float, default=0.1)
-    g.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj"])
+    g.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj"],
+                   help="linear layers to adapt (paper: q_proj k_proj v_proj); others: out_proj, "
+                   "intermediate_dense, output_dense, projection (the CNN -> transformer feature projection)")
     g.add_argument("--bottleneck", type=int, default=100, help="readout width; 0 = one linear map")
     g.add_argument("--lr-adapter", type=float, default=1e-4, help="learning rate of LoRA (or all) weights")
     g.add_argument("--lr-readout", type=float, default=1e-4)

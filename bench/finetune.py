@@ -32,8 +32,8 @@ p.add_argument("--layer", type=int, default=None, help="default: the top layer")
 p.add_argument("--device", default=None)
 args, rest = p.parse_known_args()
 # the demo's training settings (Makefile LORA), overridable with stage 03 flags
-targs = stage03.get_args(["--lora-rank", "8", "--lora-alpha", "8", "--lora-targets", "q_proj", "k_proj", "v_proj",
-                          "out_proj", "intermediate_dense", "output_dense"] + rest)
+targs = stage03.get_args(["--lora-rank", "8", "--lora-alpha", "8", "--lora-targets", "projection", "q_proj", "k_proj",
+                          "v_proj", "out_proj", "intermediate_dense", "output_dense"] + rest)
 common.set_threads()
 device = common.pick_device(args.device)
 study = common.load_study(args.data)

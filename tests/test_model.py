@@ -95,6 +95,17 @@ def test_every_lora_tensor_gets_a_gradient():
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def test_the_demo_lora_targets_all_get_a_gradient():
+    """The demo's wider target set (Makefile LORA), the feature projection included."""
+    targets = ("projection", "q_proj", "k_proj", "v_proj", "out_proj", "intermediate_dense", "output_dense")
+    model = common.add_lora(common.load_wavlm("tiny", seed=0).train(), rank=4, alpha=4, dropout=0.0, targets=targets)
+    lora = _lora_grads(model)
+    assert len(lora) == 2 * (1 + 6 * model.config.num_hidden_layers)
+    assert any("feature_projection.projection.lora_A" in n for n in lora)
+    for n, p in lora.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
 def test_the_trap_stock_attention_gives_lora_no_gradient():
     """Documents why make_lora_able exists: on stock transformers LoRA on q/k/v is a silent no-op."""
     torch.manual_seed(0)
