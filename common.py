@@ -349,9 +349,9 @@ def tiny_config(hidden=96, layers=3, heads=4, conv=128):
 
     Same frame rate and architecture as wavlm-base-plus, just narrower and shallower. The CNN uses
     per-frame layer norm ("layer"), so each frame depends only on its own 25 ms of audio. No conv
-    biases, as in wavlm-base-plus, and 128 CNN channels: of the settings bench/tiny_model.py
-    compares, those two decide how much of the auditory voxels' noise ceiling the random model's
-    features reach (README, "The tiny model"); hidden size and depth matter little.
+    biases, as in wavlm-base-plus, and 128 CNN channels: measured with bench/tiny_model.py, those
+    two decide how much of the auditory voxels' noise ceiling the random model's features reach
+    (README, "The tiny model"); a wider hidden size moved it less than the model seed does.
     """
     from transformers import WavLMConfig
     return WavLMConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
