@@ -98,7 +98,6 @@ def plot(results, layers, path):
     ax[2].plot([0, 1], [0, 1], "k--", lw=1)
     ax[2].set(xlabel="noise ceiling", ylabel="test r", title="Test r against the noise ceiling")
     common.save_figure(fig, path)
-    plt.close(fig)
 
 
 def main(argv=None):

@@ -284,7 +284,6 @@ def plot(out, d, path):
     ax[1].axhline(0, color="k", lw=1)
     ax[1].set(ylabel="mean delta r (tuned - baseline)", title=f"{out['roi']} {out['mode']} seed {int(out['seed'])}")
     common.save_figure(fig, path)
-    plt.close(fig)
 
 
 def main(argv=None):

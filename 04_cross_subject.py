@@ -67,7 +67,6 @@ def plot(mean_delta, tuned_on, evaluated_on, path):
     ax.set(xlabel="evaluated on", ylabel="tuned on", title="mean delta r over the baseline (test story)")
     fig.colorbar(im, ax=ax)
     common.save_figure(fig, path)
-    plt.close(fig)
 
 
 def main(argv=None):

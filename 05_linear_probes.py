@@ -118,7 +118,6 @@ def plot(scores, models, layers, probes, path):
         ax[k].set(xlabel="hidden state", ylabel="accuracy" if name == "category" else "mean r", title=f"{name} probe")
         ax[k].legend()
     common.save_figure(fig, path)
-    plt.close(fig)
 
 
 def main(argv=None):

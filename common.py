@@ -71,12 +71,15 @@ def load_npz(path, what="file"):
 
 
 def save_figure(fig, path):
-    """Save a matplotlib figure atomically (same reason as save_npz)."""
+    """Save a matplotlib figure atomically (same reason as save_npz), then close it: stages that
+    plot once per run (03 over seeds and subjects) would otherwise keep every figure open."""
+    import matplotlib.pyplot as plt
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, ".tmp_" + os.path.basename(path))
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
