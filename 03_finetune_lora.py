@@ -108,14 +108,13 @@ def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4
 
 
 def load_stories(model, data, names, device):
-    """Audio and TR times of each story on `device`; plus the frozen CNN's output when it is
-    frame-local (layer norm), computed once here rather than in every block of every epoch."""
+    """Audio and TR times of each story on `device`, plus the frozen CNN's output when it is
+    frame-local (common.story_cnn), computed once here rather than in every block of every epoch."""
     stories = {}
     for s in names:
         st = common.load_npz(os.path.join(data, "stories", f"{s}.npz"))
-        stories[s] = dict(audio=torch.as_tensor(st["audio"], device=device), tr_times=st["tr_times"])
-        if model.config.feat_extract_norm == "layer":
-            stories[s]["cnn"] = common.story_cnn(model, stories[s]["audio"])
+        audio = torch.as_tensor(st["audio"], device=device)
+        stories[s] = dict(audio=audio, tr_times=st["tr_times"], cnn=common.story_cnn(model, audio))
     return stories
 
 
@@ -252,7 +251,7 @@ def run(args, subj, seed, study, device, baseline):
     fingerprint = common.model_fingerprint(model)
     ds = {s: common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
                                    float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True,
-                                   top_layer=layer)[layer]
+                                   top_layer=layer, cnn=stories[s]["cnn"])[layer]
           for s in stories}
     tuned, _, _ = common.score_on_test(ds, d, study, tuple(int(x) for x in baseline["delays"]), device=device)
     out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, test_r_direct=direct,

@@ -66,9 +66,10 @@ def load_model(args, which, subj, base, device):
     return common.load_tuned_wavlm(base, best, full=False, device=device)
 
 
-def word_representations(model, story, context_s, stride_s):
-    """(layers x words x hidden): each layer's frames averaged within each word's span."""
-    feats, times = common.extract_features(model, story["audio"], context_s=context_s, stride_s=stride_s)
+def word_representations(model, story, cnn, context_s, stride_s):
+    """(layers x words x hidden): each layer's frames averaged within each word's span. cnn: the
+    story's frozen CNN output (common.story_cnn), the same for every model compared."""
+    feats, times = common.extract_features(model, story["audio"], context_s=context_s, stride_s=stride_s, cnn=cnn)
     out = np.zeros((len(feats), len(story["words"]), feats[0].shape[1]), np.float32)
     for w, (a, b) in enumerate(zip(story["word_onsets"], story["word_offsets"])):
         sel = (times >= a) & (times <= b)
@@ -159,10 +160,12 @@ def main(argv=None):
             print("  note: real data without --word-vectors: the semantic probe is skipped")
         probes = [p_ for p_ in ("semantic", "acoustic", "category") if p_ in targets]
         print(f"stage 05: probes {', '.join(probes)} on {len(words)} words, models {', '.join(args.models)}")
-        scores, layers = [], None
+        scores, layers, cnn = [], None, None
         for which in args.models:
             model = load_model(args, which, subj, base, device)
-            reps = np.concatenate([word_representations(model, stories[s], float(base["context_s"]),
+            if cnn is None:  # the CNN is frozen in stage 03, so one pass serves every model
+                cnn = {s: common.story_cnn(model, stories[s]["audio"]) for s in names}
+            reps = np.concatenate([word_representations(model, stories[s], cnn[s], float(base["context_s"]),
                                                         float(base["stride_s"])) for s in names], axis=1)
             layers = list(range(reps.shape[0]))
             per_layer = []

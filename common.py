@@ -490,7 +490,11 @@ def frame_times(n, sr=16000):
 def story_cnn(model, audio):
     """Output of a local (layer-norm) CNN for a whole story, (frames x channels), in 60 s chunks to
     bound memory. Each frame depends on its own 25 ms only, so any slice of it starting at a
-    multiple of 320 samples is what the CNN would compute from that slice of the audio."""
+    multiple of 320 samples is what the CNN would compute from that slice of the audio. The CNN is
+    frozen in every stage, so callers compute this once per story and pass it to extract_features.
+    None for group-norm CNNs (wavlm-base-plus): they normalise over their input, so run per window."""
+    if base_wavlm(model).config.feat_extract_norm != "layer":
+        return None
     x = torch.as_tensor(audio, dtype=torch.float32, device=next(base_wavlm(model).parameters()).device).reshape(-1)
     F, chunk = n_frames(len(x)), 3000
     return torch.cat([cnn_features(model, x[None, f0 * FRAME_HOP:(min(F, f0 + chunk) - 1) * FRAME_HOP + FRAME_WIN])[0]
@@ -510,7 +514,8 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     the tiny model); group-norm CNNs (wavlm-base-plus) normalise over the whole input, so there it
     runs per window to keep each window exactly what a model fed that window would compute.
 
-    cnn: story_cnn(model, audio), when the caller already has it (stage 03 reuses it every epoch).
+    cnn: story_cnn(model, audio), when the caller already has it (the CNN is frozen: stage 03 reuses
+    it every epoch, stage 05 for every model).
 
     Returns (feats, times): feats[i] is a (frames x hidden) float32 array (torch tensor when grad=True)
     for hidden state layers[i] (0 = input to the first transformer layer), and times the frame
@@ -577,13 +582,14 @@ def model_fingerprint(model):
 
 
 def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False, progress=False,
-                   top_layer=None):
+                   top_layer=None, cnn=None):
     """Hidden states of every layer of one story, Lanczos-downsampled onto tr_grid: an array
     (layers x (PAD_TRS + TRs) x hidden), cached as <cache_dir>/<story>.npz.
 
     The cache stores a key (model weights, window settings, audio, TR times); a cache built from
     anything else is refused with a StudyError rather than silently reused (refresh=True rebuilds it).
     top_layer: compute hidden states 0..top_layer only (the layers above are never run).
+    cnn: the story's story_cnn output, if the caller has it.
     """
     import hashlib
     import json
@@ -601,7 +607,7 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
         raise StudyError(f"{path} was computed from a different model, window setting or story audio; "
                          "rerun with --refresh-features to recompute it (or delete that folder)")
     feats, times = extract_features(model, st["audio"], int(st["sr"]), layers=range(n_states), context_s=context_s,
-                                    stride_s=stride_s, progress=progress)
+                                    stride_s=stride_s, progress=progress, cnn=cnn)
     ds = np.stack([downsample_to_trs(f, times, st["tr_times"]) for f in feats])
     save_npz(path, ds=ds, key=np.array(key))
     return ds

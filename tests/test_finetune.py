@@ -83,6 +83,11 @@ def test_block_features_from_the_story_cnn_equal_running_the_cnn_on_the_block(ti
             np.testing.assert_allclose(fast.numpy(), ref.numpy(), atol=1e-5)
     with pytest.raises(common.StudyError, match="precomputed CNN"):
         common.extract_features(model, story["audio"][:32000], cnn=story["cnn"][:10])
+    # a group-norm CNN (wavlm-base-plus) normalises over its input: no story-wide output to reuse
+    from transformers import WavLMModel
+    cfg = common.tiny_config()
+    cfg.feat_extract_norm = "group"
+    assert common.story_cnn(WavLMModel(cfg), story["audio"]) is None
 
 
 @pytest.fixture(scope="module")
