@@ -405,15 +405,16 @@ def make_lora_able(model):
     return model
 
 
-def load_wavlm(name="tiny", seed=0, device=None):
-    """`tiny`: a seeded, randomly initialised tiny WavLM (same seed, same weights). Anything else: a
+def load_wavlm(name="tiny", seed=0, device=None, config=None):
+    """`tiny`: a seeded, randomly initialised tiny WavLM (same seed, same weights), built from
+    `config` (default tiny_config(); bench/tiny_model.py passes variants). Anything else: a
     Hugging Face id or local folder loaded with from_pretrained (e.g. microsoft/wavlm-base-plus).
     LayerDrop and SpecAugment masking are switched off, the CNN front end is frozen, the attention
     is made LoRA-able, and the model is returned in eval mode on `device`."""
     from transformers import WavLMModel
     if name == "tiny":
         torch.manual_seed(seed)
-        model = WavLMModel(tiny_config())
+        model = WavLMModel(config if config is not None else tiny_config())
     else:
         kw = dict(layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)
         try:  # a local folder or the local cache first: no network wait when the weights are here

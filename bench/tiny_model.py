@@ -19,7 +19,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -83,18 +82,13 @@ for s, st in stories.items():
     ds[s] = common.downsample_to_trs(mel, times, st["tr_times"])[None]
 row("true log-mel", "-", score(ds, [0]), time.time() - t0)
 
-from transformers import WavLMModel  # noqa: E402
-
 for name in args.variants:
     for seed in args.seeds:
         t0 = time.time()
         cfg = common.tiny_config()
         for k, v in VARIANTS[name].items():
             setattr(cfg, k, v)
-        torch.manual_seed(seed)  # as common.load_wavlm("tiny", seed) does
-        model = WavLMModel(cfg)
-        common.make_lora_able(model)
-        model.eval()
+        model = common.load_wavlm("tiny", seed, "cpu", config=cfg)
         ds = {}
         for s, st in stories.items():
             feats, times = common.extract_features(model, st["audio"], stride_s=stage02.DEFAULT_STRIDE_S)
