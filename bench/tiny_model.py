@@ -5,8 +5,9 @@ is a stand-in for a pretrained one, so the baseline (stage 02's recipe, unchange
 good share of their ceiling: issue #3 asks for >= 70%. This prints, from one run, the fraction of
 the ceiling reached on the test story by the AC voxels (and the non-AC ones) of every subject, for
 common.tiny_config() and the variants that differ from it in one setting, over several model
-seeds; the first line is the true log-mel drive put through the same pipeline (what a perfect
-acoustic model would get).
+seeds. The first lines put the truth through the same pipeline: the log-mel drive (what a perfect
+acoustic model would get), and its two parts, spectral shape and loudness (the mean over bands):
+a model whose per-frame layer norms make it blind to loudness is bounded by the shape line.
 
     .venv/bin/python bench/tiny_model.py [--data data] [--seeds 0 1 2] [--variants default conv-bias ...]
 """
@@ -69,18 +70,20 @@ def score(ds, layers):
 def row(name, seed, fr, secs):
     per = " ".join(f"{a:.3f}" for a in fr[:, 0])
     w = 6 * len(subjects)
-    print(f"{name:12s} {seed:>4} {per:>{w}s} {fr[:, 0].mean():9.3f} {fr[:, 1].mean():11.3f} {secs:6.0f}", flush=True)
+    print(f"{name:13s} {seed:>4} {per:>{w}s} {fr[:, 0].mean():9.3f} {fr[:, 1].mean():11.3f} {secs:6.0f}", flush=True)
 
 
 print(f"fraction of the noise ceiling on the test story ({', '.join(subjects)}), stage 02's recipe\n")
-print(f"{'model':12s} {'seed':>4} {'AC by subject':>{6 * len(subjects)}s} {'AC mean':>9s} {'non-AC mean':>11s}"
+print(f"{'model':13s} {'seed':>4} {'AC by subject':>{6 * len(subjects)}s} {'AC mean':>9s} {'non-AC mean':>11s}"
       f" {'secs':>6s}")
-t0 = time.time()
-ds = {}
-for s, st in stories.items():
-    mel, times = common.log_mel(st["audio"])
-    ds[s] = common.downsample_to_trs(mel, times, st["tr_times"])[None]
-row("true log-mel", "-", score(ds, [0]), time.time() - t0)
+# Bounds from the truth itself: the whole log-mel drive; its spectral shape alone (each frame minus
+# its mean over bands: what a model blind to loudness could at best see); its loudness alone (that mean)
+mels = {s: common.log_mel(st["audio"]) for s, st in stories.items()}
+for name, part in [("true log-mel", lambda m: m), ("shape only", lambda m: m - m.mean(1, keepdims=True)),
+                   ("loudness only", lambda m: m.mean(1, keepdims=True))]:
+    t0 = time.time()
+    ds = {s: common.downsample_to_trs(part(m), t, stories[s]["tr_times"])[None] for s, (m, t) in mels.items()}
+    row(name, "-", score(ds, [0]), time.time() - t0)
 
 for name in args.variants:
     for seed in args.seeds:
