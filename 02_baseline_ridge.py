@@ -132,7 +132,8 @@ def main(argv=None):
             common.save_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), **res,
                             layers=np.array(layers), noise_ceiling=d["noise_ceiling"], model=np.array(args.model),
                             model_seed=np.int64(args.model_seed), context_s=np.float64(args.context_s),
-                            stride_s=np.float64(args.stride_s), delays=np.array(args.delays))
+                            stride_s=np.float64(args.stride_s), delays=np.array(args.delays),
+                            alpha_grid=np.array(args.alphas, np.float64), n_folds=np.int64(args.n_folds))
             results[subj] = (res, d)
     except StudyError as e:
         common.fail(e)

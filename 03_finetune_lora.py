@@ -253,8 +253,8 @@ def run(args, subj, seed, study, device, baseline):
                                    float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True,
                                    top_layer=layer, cnn=stories[s]["cnn"])[layer]
           for s in stories}
-    tuned, _, _ = common.score_on_test(ds, d, study, tuple(int(x) for x in baseline["delays"]), device=device)
-    out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, test_r_direct=direct,
+    tuned, _, tuned_alphas = common.score_on_test(ds, d, study, device=device, **common.ridge_recipe(baseline))
+    out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, alphas_tuned=tuned_alphas, test_r_direct=direct,
                val_r_by_epoch=np.array(history["val_r"], np.float32), loss_by_epoch=np.array(history["loss"], np.float32),
                best_epoch=np.int64(int(np.argmax(history["val_r"])) + 1), layer=np.int64(layer), roi_mask=mask,
                roi=np.array(args.roi), mode=np.array(mode), seed=np.int64(seed), subject=np.array(subj),

@@ -93,8 +93,8 @@ def main(argv=None):
                                            float(base["context_s"]), float(base["stride_s"]),
                                            top_layer=layer)[layer] for s in stories}
             for j, b in enumerate(evaluated_on):
-                r, _, _ = common.score_on_test(ds, subj_data[b], study, tuple(int(x) for x in base["delays"]),
-                                               device=device)
+                r, _, _ = common.score_on_test(ds, subj_data[b], study, device=device,
+                                               **common.ridge_recipe(baselines[b]))
                 delta = r - baselines[b]["test_r"]
                 mean_delta[i, j] = delta.mean()
                 out[f"test_r_{a}_on_{b}"] = r

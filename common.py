@@ -626,6 +626,15 @@ def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu"
     return pearson_r(d["test_resp"], pred), W, best_alphas
 
 
+def ridge_recipe(baseline):
+    """Stage 02's ridge settings from its results npz (delays, alpha grid, folds), so stages 03-04
+    score tuned features exactly as the baseline was scored. Results from before the grid and folds
+    were saved used the defaults."""
+    return dict(delays=tuple(int(x) for x in baseline["delays"]),
+                alphas=np.asarray(baseline["alpha_grid"], np.float64) if "alpha_grid" in baseline else ALPHAS,
+                n_folds=int(baseline["n_folds"]) if "n_folds" in baseline else 5)
+
+
 def load_tuned_wavlm(baseline, folder, full, device=None):
     """A stage 03 checkpoint as a model: the base WavLM stage 02 used (`baseline`: its results npz)
     with the saved peft adapter, or with the fully fine-tuned weights when `full`."""

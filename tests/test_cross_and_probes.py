@@ -20,7 +20,9 @@ def tuned(tiny_study, tmp_path_factory):
     shutil.copytree(tiny_study, data, ignore=shutil.ignore_patterns("features"))
     results, ckpt = str(base / "results"), str(base / "ckpt")
     common_args = ["--data", data, "--results", results]
-    assert run_stage("02_baseline_ridge.py", common_args + ["--layers", "1", "--context-s", "4", "--stride-s", "2"]) == 0
+    # a ridge search other than the default: stage 04's diagonal only equals stage 03's if both use it
+    assert run_stage("02_baseline_ridge.py", common_args + ["--layers", "1", "--context-s", "4", "--stride-s", "2",
+                                                            "--alphas", "3", "3000", "--n-folds", "4"]) == 0
     for subj, roi in [("sim01", "whole"), ("sim02", "whole"), ("sim01", "AC")]:
         assert run_stage("03_finetune_lora.py", common_args + ["--checkpoints", ckpt, "--subject", subj,
                                                                "--roi", roi] + FAST) == 0

@@ -11,6 +11,7 @@ from conftest import load_stage, run_stage
 STAGE = "03_finetune_lora.py"
 FAST = ["--epochs", "2", "--block-trs", "16", "--lora-rank", "4", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
         "--lora-targets", "q_proj", "k_proj", "v_proj", "out_proj"]
+GRID = ["--alphas", "3", "3000", "--n-folds", "4"]  # not the defaults: stage 03 must score with these
 
 
 def test_spatial_corr_loss_is_minus_one_for_perfect_and_scale_blind():
@@ -96,7 +97,7 @@ def trained(tiny_study, tmp_path_factory):
     results, ckpt = str(base / "results"), str(base / "ckpt")
     assert run_stage("02_baseline_ridge.py", ["--data", tiny_study, "--results", results, "--layers", "1",
                                               "--subjects", "sim01", "--context-s", "4", "--stride-s", "2",
-                                              "--refresh-features"]) == 0
+                                              "--refresh-features"] + GRID) == 0
     assert run_stage(STAGE, ["--data", tiny_study, "--results", results, "--checkpoints", ckpt,
                              "--subject", "sim01"] + FAST) == 0
     return tiny_study, results, ckpt
@@ -110,6 +111,10 @@ def test_run_writes_results_and_peft_checkpoints(trained):
         assert out[k].shape == (n_vox,) and np.all(np.isfinite(out[k]))
     assert out["val_r_by_epoch"].shape == (2,) and 1 <= int(out["best_epoch"]) <= 2
     assert int(out["layer"]) == 1
+    # the tuned features are scored with stage 02's own ridge search, not the default grid
+    base = common.load_npz(f"{results}/02_baseline_sim01.npz")
+    assert list(base["alpha_grid"]) == [3.0, 3000.0] and int(base["n_folds"]) == 4
+    assert set(np.unique(out["alphas_tuned"])) <= {3.0, 3000.0}
     run = f"{ckpt}/03_sim01_whole_lora_seed0"
     assert os.path.exists(f"{run}/best/model/adapter_config.json")
     assert os.path.exists(f"{run}/best/model/adapter_model.safetensors")
