@@ -122,7 +122,8 @@ def main(argv=None):
         for i, s in enumerate(stories):
             print(f"  features {i + 1}/{len(stories)}: {s}", flush=True)
             ds[s] = common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
-                                          args.context_s, args.stride_s, args.refresh_features, progress=True)
+                                          args.context_s, args.stride_s, args.refresh_features, progress=True,
+                                          data=args.data)
         results = {}
         for subj in subjects:
             d = subject_data[subj]

@@ -109,12 +109,13 @@ def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4
 
 def load_stories(model, data, names, device):
     """Audio and TR times of each story on `device`, plus the frozen CNN's output when it is
-    frame-local (common.story_cnn), computed once here rather than in every block of every epoch."""
+    frame-local (common.story_cnn), computed once (and cached on disk for the next run) rather than
+    in every block of every epoch."""
     stories = {}
     for s in names:
         st = common.load_npz(os.path.join(data, "stories", f"{s}.npz"))
         audio = torch.as_tensor(st["audio"], device=device)
-        stories[s] = dict(audio=audio, tr_times=st["tr_times"], cnn=common.story_cnn(model, audio))
+        stories[s] = dict(audio=audio, tr_times=st["tr_times"], cnn=common.story_cnn(model, audio, data, s))
     return stories
 
 

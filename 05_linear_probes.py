@@ -164,7 +164,7 @@ def main(argv=None):
         for which in args.models:
             model = load_model(args, which, subj, base, device)
             if cnn is None:  # the CNN is frozen in stage 03, so one pass serves every model
-                cnn = {s: common.story_cnn(model, stories[s]["audio"]) for s in names}
+                cnn = {s: common.story_cnn(model, stories[s]["audio"], args.data, s) for s in names}
             reps = np.concatenate([word_representations(model, stories[s], cnn[s], float(base["context_s"]),
                                                         float(base["stride_s"])) for s in names], axis=1)
             layers = list(range(reps.shape[0]))

@@ -53,4 +53,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(DATA) $(RESULTS) checkpoints
+	rm -rf $(DATA) $(RESULTS) $(CHECKPOINTS)

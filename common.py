@@ -488,18 +488,40 @@ def frame_times(n, sr=16000):
     return (np.arange(n) * FRAME_HOP + FRAME_WIN / 2) / sr
 
 
-def story_cnn(model, audio):
+def story_cnn(model, audio, data=None, story=None):
     """Output of a local (layer-norm) CNN for a whole story, (frames x channels), in 60 s chunks to
     bound memory. Each frame depends on its own 25 ms only, so any slice of it starting at a
     multiple of 320 samples is what the CNN would compute from that slice of the audio. The CNN is
     frozen in every stage, so callers compute this once per story and pass it to extract_features.
-    None for group-norm CNNs (wavlm-base-plus): they normalise over their input, so run per window."""
-    if base_wavlm(model).config.feat_extract_norm != "layer":
+    None for group-norm CNNs (wavlm-base-plus): they normalise over their input, so run per window.
+
+    With `data` and `story`, it is also cached as <data>/features/cnn-<hash of the CNN weights>/
+    <story>.npz (with the audio's hash) and read back, bit for bit, by every later call: stage 02,
+    each stage 03 run and stage 05 then share one pass over the audio.
+    """
+    import hashlib
+    m = base_wavlm(model)
+    if m.config.feat_extract_norm != "layer":
         return None
-    x = torch.as_tensor(audio, dtype=torch.float32, device=next(base_wavlm(model).parameters()).device).reshape(-1)
+    x = torch.as_tensor(audio, dtype=torch.float32, device=next(m.parameters()).device).reshape(-1)
+    path = None
+    if data is not None:
+        w = hashlib.sha1()
+        for name, t in sorted(m.feature_extractor.state_dict().items()):
+            w.update(name.encode())
+            w.update(t.detach().float().cpu().numpy().tobytes())
+        audio_hash = hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest()
+        path = os.path.join(data, "features", f"cnn-{w.hexdigest()[:16]}", f"{story}.npz")
+        if os.path.exists(path):
+            cached = load_npz(path)
+            if str(cached.get("audio")) == audio_hash:
+                return torch.as_tensor(cached["cnn"], device=x.device)
     F, chunk = n_frames(len(x)), 3000
-    return torch.cat([cnn_features(model, x[None, f0 * FRAME_HOP:(min(F, f0 + chunk) - 1) * FRAME_HOP + FRAME_WIN])[0]
-                      for f0 in range(0, F, chunk)])
+    out = torch.cat([cnn_features(model, x[None, f0 * FRAME_HOP:(min(F, f0 + chunk) - 1) * FRAME_HOP + FRAME_WIN])[0]
+                     for f0 in range(0, F, chunk)])
+    if path is not None:  # the audio changed (study rebuilt) or first use: (re)write it
+        save_npz(path, cnn=out.cpu().numpy(), audio=np.array(audio_hash))
+    return out
 
 
 def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, batch_size=8,
@@ -583,14 +605,15 @@ def model_fingerprint(model):
 
 
 def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False, progress=False,
-                   top_layer=None, cnn=None):
+                   top_layer=None, cnn=None, data=None):
     """Hidden states of every layer of one story, Lanczos-downsampled onto tr_grid: an array
     (layers x (PAD_TRS + TRs) x hidden), cached as <cache_dir>/<story>.npz.
 
     The cache stores a key (model weights, window settings, audio, TR times); a cache built from
     anything else is refused with a StudyError rather than silently reused (refresh=True rebuilds it).
     top_layer: compute hidden states 0..top_layer only (the layers above are never run).
-    cnn: the story's story_cnn output, if the caller has it.
+    cnn: the story's story_cnn output, if the caller has it; otherwise it is computed, and cached
+    under `data` when given (story_cnn).
     """
     import hashlib
     import json
@@ -607,6 +630,8 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
             return cached["ds"]
         raise StudyError(f"{path} was computed from a different model, window setting or story audio; "
                          "rerun with --refresh-features to recompute it (or delete that folder)")
+    if cnn is None and data is not None:
+        cnn = story_cnn(model, st["audio"], data, name)
     feats, times = extract_features(model, st["audio"], int(st["sr"]), layers=range(n_states), context_s=context_s,
                                     stride_s=stride_s, progress=progress, cnn=cnn)
     ds = np.stack([downsample_to_trs(f, times, st["tr_times"]) for f in feats])

@@ -91,6 +91,25 @@ def test_block_features_from_the_story_cnn_equal_running_the_cnn_on_the_block(ti
     assert common.story_cnn(WavLMModel(cfg), story["audio"]) is None
 
 
+def test_story_cnn_cache_reads_back_exactly_and_is_keyed_by_weights_and_audio(tiny_study, tmp_path, monkeypatch):
+    """The CNN cache every stage shares: a hit returns the very numbers a fresh pass gives, without
+    running the CNN; other audio under the same story name, or another model's CNN, is not served."""
+    import glob
+    model = common.load_wavlm("tiny")
+    audio = common.load_npz(f"{tiny_study}/stories/story01.npz")["audio"]
+    fresh = common.story_cnn(model, audio)
+    assert torch.equal(common.story_cnn(model, audio, str(tmp_path), "story01"), fresh)
+    assert len(glob.glob(f"{tmp_path}/features/cnn-*/story01.npz")) == 1
+    calls, real = [], common.cnn_features
+    monkeypatch.setattr(common, "cnn_features", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(common.story_cnn(model, audio, str(tmp_path), "story01"), fresh) and calls == []
+    shifted = np.roll(audio, 1000)
+    assert torch.equal(common.story_cnn(model, shifted, str(tmp_path), "story01"), common.story_cnn(model, shifted))
+    assert len(calls) == 2  # one pass per call (a 60 s story is one chunk): the file of the other audio was not served
+    common.story_cnn(common.load_wavlm("tiny", seed=1), audio, str(tmp_path), "story01")
+    assert len(glob.glob(f"{tmp_path}/features/cnn-*/story01.npz")) == 2
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_study, tmp_path_factory):
     base = tmp_path_factory.mktemp("ft")
