@@ -316,7 +316,8 @@ def main(argv=None):
         print(f"  {name:38s} {int(out['best_epoch']):5d}  {delta.mean():+11.4f}  {ac:+.4f}  {np.nanmean(out['test_r_direct']):8.4f}")
     if len(rows) > 1:
         gains = [np.mean(o["test_r_tuned"] - o["test_r_baseline"]) for _, o, _ in rows]
-        print(f"  gain over {len(rows)} runs: mean {np.mean(gains):+.4f}, std across seeds {np.std(gains):.4f}")
+        across = "seeds" if len({str(o["subject"]) for _, o, _ in rows}) == 1 else "runs"  # not seeds if subjects differ
+        print(f"  gain over {len(rows)} runs: mean {np.mean(gains):+.4f}, std across {across} {np.std(gains):.4f}")
     print(f"\nstage 03 done in {time.time() - t0:.0f} s")
 
 
