@@ -65,12 +65,16 @@ def fit_and_score(ds, d, study, layers, args, device):
                 alphas=alphas, weights=W)
 
 
-def roi_means(r, d):
-    out = {"all": float(np.mean(r))}
+def roi_masks(d, n_voxels):
+    """All voxels, plus AC and non-AC where the study has an AC mask."""
+    masks = {"all": np.ones(n_voxels, bool)}
     if "roi_AC" in d:
-        out["AC"] = float(np.mean(r[d["roi_AC"]])) if d["roi_AC"].any() else np.nan
-        out["non-AC"] = float(np.mean(r[~d["roi_AC"]])) if (~d["roi_AC"]).any() else np.nan
-    return out
+        masks["AC"], masks["non-AC"] = d["roi_AC"], ~d["roi_AC"]
+    return masks
+
+
+def roi_means(r, d):
+    return {k: float(np.mean(r[m])) if m.any() else np.nan for k, m in roi_masks(d, len(r)).items()}
 
 
 def frac_ceiling(r, ceiling):
@@ -142,12 +146,11 @@ def main(argv=None):
     print("\n  subject  best layer  mean r all    AC  non-AC  fraction of ceiling: all    AC  non-AC")
     for subj, (res, d) in results.items():
         m = roi_means(res["test_r"], d)
-        r, nc = res["test_r"], d["noise_ceiling"]
-        ac = d.get("roi_AC", np.zeros(len(r), bool))
-        fracs = [frac_ceiling(r, nc), frac_ceiling(r[ac], nc[ac]) if ac.any() else np.nan,
-                 frac_ceiling(r[~ac], nc[~ac]) if (~ac).any() else np.nan]
+        frac = {k: frac_ceiling(res["test_r"][v], d["noise_ceiling"][v])
+                for k, v in roi_masks(d, len(res["test_r"])).items()}
         print(f"  {subj:8s} {int(res['best_layer']):10d}  {m['all']:10.3f} {m.get('AC', np.nan):5.3f}"
-              f"  {m.get('non-AC', np.nan):6.3f}  {fracs[0]:24.2f} {fracs[1]:5.2f}  {fracs[2]:6.2f}")
+              f"  {m.get('non-AC', np.nan):6.3f}  {frac['all']:24.2f} {frac.get('AC', np.nan):5.2f}"
+              f"  {frac.get('non-AC', np.nan):6.2f}")
     print(f"\nwrote {args.results}/02_baseline_<subject>.npz and 02_baseline.png in {time.time() - t0:.0f} s")
 
 

@@ -506,12 +506,8 @@ def story_cnn(model, audio, data=None, story=None):
     x = torch.as_tensor(audio, dtype=torch.float32, device=next(m.parameters()).device).reshape(-1)
     path = None
     if data is not None:
-        w = hashlib.sha1()
-        for name, t in sorted(m.feature_extractor.state_dict().items()):
-            w.update(name.encode())
-            w.update(t.detach().float().cpu().numpy().tobytes())
         audio_hash = hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest()
-        path = os.path.join(data, "features", f"cnn-{w.hexdigest()[:16]}", f"{story}.npz")
+        path = os.path.join(data, "features", f"cnn-{model_fingerprint(m.feature_extractor)[:16]}", f"{story}.npz")
         if os.path.exists(path):
             cached = load_npz(path)
             if str(cached.get("audio")) == audio_hash:

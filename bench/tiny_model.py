@@ -61,9 +61,9 @@ def score(ds, layers):
         d = data[subj]
         with contextlib.redirect_stdout(io.StringIO()):
             res = stage02.fit_and_score(ds, d, study, layers, rargs, "cpu")
-        ac, nc = d["roi_AC"], d["noise_ceiling"]
-        fracs.append((stage02.frac_ceiling(res["test_r"][ac], nc[ac]),
-                      stage02.frac_ceiling(res["test_r"][~ac], nc[~ac])))
+        masks = stage02.roi_masks(d, len(res["test_r"]))
+        fracs.append([stage02.frac_ceiling(res["test_r"][masks[k]], d["noise_ceiling"][masks[k]])
+                      for k in ("AC", "non-AC")])
     return np.array(fracs)
 
 
