@@ -10,10 +10,11 @@ Two sources, one layout (README, "Data layout"):
 
     python 01_prepare_data.py                                   # simulated study -> data/
     python 01_prepare_data.py --source ds003020 --ds-root PATH --subjects UTS01 UTS02 UTS03 \\
-        [--roi-file masks.npz]
+        [--roi-file masks.npz | --rois-from-pycortex]
 """
 import argparse
 import ctypes
+import difflib
 import json
 import multiprocessing
 import os
@@ -25,7 +26,7 @@ from scipy.io import wavfile
 from scipy.signal import fftconvolve, resample_poly
 from scipy.stats import gamma
 
-from common import StudyError, fail, log_mel, noise_ceiling, save_npz, zscore
+from common import StudyError, fail, log_mel, noise_ceiling, pearson_r, save_npz, zscore
 
 SR = 16000
 TR = 2.0
@@ -34,7 +35,13 @@ TR = 2.0
 # 2.0 * i + 11.0 s after the start of the story's wav, and the hf5 holds respdict[story] - 20 rows.
 FIRST_TR_TIME = 11.0
 TRIM_TRS = 20
-DROP_WORDS = {"sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", ""}
+# the lab's filler tokens of the TextGrid word tier (HuthLab/deep-fMRI-dataset), compared after
+# lower-casing, stripping braces, then spaces: "{ LG }", "{lg}", " sp " and "" are all fillers
+FILLERS = {"sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", ""}
+# The paper's validation stories are fromboyhoodtofatherhood and onapproachtopluto, but the second
+# is not in ds003020 (only in the lab's larger release). We keep the first and add waitingtogo, the
+# published story closest to it in length (369 TRs against 368), so the two weigh the same.
+DS_VAL_STORIES = ["fromboyhoodtofatherhood", "waitingtogo"]
 
 # Real English words so espeak pronounces them; a category's words share a semantic centroid.
 CATEGORIES = {
@@ -88,19 +95,41 @@ def get_args(argv=None):
     g = p.add_argument_group("ds003020")
     g.add_argument("--ds-root", help="root of the downloaded OpenNeuro ds003020 dataset")
     g.add_argument("--subjects", nargs="+", default=["UTS01", "UTS02", "UTS03"])
-    g.add_argument("--val-stories", nargs="+", default=["fromboyhoodtofatherhood", "onapproachtopluto"])
+    g.add_argument("--val-stories", nargs="+", default=DS_VAL_STORIES,
+                   help=f"stories that pick the best layer / epoch (default: {' '.join(DS_VAL_STORIES)})")
     g.add_argument("--test-story", default="wheretheressmoke")
+    g = g.add_mutually_exclusive_group()
     g.add_argument("--roi-file", help="npz with boolean masks <subject>_AC, <subject>_LH, <subject>_RH")
-    args = p.parse_args(argv)
-    if not 1 <= args.n_categories <= len(CATEGORIES):
-        p.error(f"--n-categories must be 1..{len(CATEGORIES)}")
-    if not 1 <= args.words_per_category <= 20:
-        p.error("--words-per-category must be 1..20")
-    if not 1 <= args.n_voices <= len(VOICES):
-        p.error(f"--n-voices must be 1..{len(VOICES)}")
-    if args.test_repeats < 2:
-        p.error("--test-repeats must be >= 2 (the noise ceiling needs repeats)")
-    return args
+    g.add_argument("--rois-from-pycortex", action="store_true",
+                   help="AC/LH/RH masks from the dataset's derivative/pycortex-db (needs pycortex installed)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Ranges of the simulated study's flags, as one clear error each (a study nobody can fit is
+    refused here rather than by a traceback in a later stage)."""
+    min_s = FIRST_TR_TIME + 10 * TR  # at least 10 TRs after the first response row
+    checks = [
+        ("--n-subjects", args.n_subjects, 1, None, ""),
+        ("--n-voxels", args.n_voxels, 2, None, " (the LH/RH halves need two)"),
+        ("--n-train-stories", args.n_train_stories, 1, None, ""),
+        ("--n-val-stories", args.n_val_stories, 1, None, " (stages 02 and 03 choose on them)"),
+        ("--story-seconds", args.story_seconds, min_s, None, f" (10 TRs after the first at {FIRST_TR_TIME:g} s)"),
+        ("--test-seconds", args.test_seconds, min_s, None, f" (10 TRs after the first at {FIRST_TR_TIME:g} s)"),
+        ("--test-repeats", args.test_repeats, 2, None, " (the noise ceiling needs repeats)"),
+        ("--n-categories", args.n_categories, 1, len(CATEGORIES), ""),
+        ("--words-per-category", args.words_per_category, 1, 20, ""),
+        ("--n-voices", args.n_voices, 1, len(VOICES), ""),
+        ("--rate", args.rate, 80, 450, " words per minute (espeak-ng's range)"),
+        ("--semantic-dim", args.semantic_dim, 1, None, ""),
+    ]
+    for flag, value, lo, hi, why in checks:
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"{lo:g}..{hi:g}" if hi is not None else f">= {lo:g}"
+            raise StudyError(f"{flag} {value:g} is out of range: it must be {bounds}{why}")
+    lo, hi = args.noise_sd
+    if not 0 < lo <= hi:
+        raise StudyError(f"--noise-sd {lo:g} {hi:g}: need 0 < LO <= HI")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +325,7 @@ def build_simulated(args):
         save_npz(os.path.join(tmp_out, "subjects", f"{subj}.npz"),
                  **{f"resp_{n}": r for n, r in resp.items()}, test_resp=zscore(repeats.mean(0)),
                  test_repeats=repeats, noise_ceiling=noise_ceiling(repeats),
-                 constant_voxels=np.zeros(v, bool), **roi)
+                 constant_voxels=np.zeros(v, bool), nan_voxels=np.zeros(v, bool), **roi)
         # the ceiling from the truth: expected r between the signal and the mean of N noisy repeats
         var_s = test_signal.var(0)
         true_ceiling = np.sqrt(var_s / (var_s + noise_sd ** 2 / args.test_repeats))
@@ -318,6 +347,11 @@ def build_simulated(args):
 # The real dataset: OpenNeuro ds003020
 # ---------------------------------------------------------------------------------------------
 
+def is_filler(text):
+    """The lab's rule for the word tier: lower-case, strip braces, then spaces; fillers are dropped."""
+    return text.lower().strip("{}").strip() in FILLERS
+
+
 def read_textgrid_words(path):
     """Words of a Praat TextGrid's word tier (the second tier), with the lab's filler tokens dropped."""
     try:
@@ -335,10 +369,10 @@ def read_textgrid_words(path):
             if "=" in line:
                 k, v = line.split("=", 1)
                 fields[k.strip()] = v.strip()
-        w = fields.get("text", "").strip('"').strip()
-        if w.lower().strip("{}") in DROP_WORDS:
+        w = fields.get("text", "").strip('"')
+        if is_filler(w):
             continue
-        words.append(w.lower())
+        words.append(w.strip().lower())
         on.append(float(fields["xmin"]))
         off.append(float(fields["xmax"]))
     return np.array(words), np.array(on), np.array(off)
@@ -353,6 +387,8 @@ def read_wav(path):
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / np.iinfo(x.dtype).max
     x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise StudyError(f"{path} holds NaN or infinite samples; replace the file with a clean copy of the dataset's")
     if x.ndim == 2:
         x = x.mean(1)
     if rate != SR:
@@ -362,26 +398,107 @@ def read_wav(path):
 
 
 def read_hf5(path):
+    """A response file -> (response: TRs x voxels or None, repeats: repeats x TRs x voxels or None).
+
+    ds003020's files hold `data` (some versions: `resp`); the test story's file also holds
+    `individual_repeats`. A 3-D `data` is taken as the repeats themselves (older exports)."""
     import h5py
     try:
         with h5py.File(path, "r") as f:
-            for key in ("data", "resp"):
-                if key in f:
-                    return np.asarray(f[key], dtype=np.float32)
+            resp = next((np.asarray(f[k], dtype=np.float32) for k in ("data", "resp") if k in f), None)
+            repeats = np.asarray(f["individual_repeats"], np.float32) if "individual_repeats" in f else None
             keys = list(f.keys())
     except OSError as e:
         raise StudyError(f"cannot read {path}: {e}")
-    raise StudyError(f"{path} has no 'data' or 'resp' dataset (found {keys}); it is not a ds003020 "
-                     "response file")
+    if resp is not None and resp.ndim == 3 and repeats is None:
+        resp, repeats = None, resp
+    if resp is None and repeats is None:
+        raise StudyError(f"{path} has no 'data' or 'resp' dataset (found {keys}); it is not a ds003020 "
+                         "response file")
+    return resp, repeats
 
 
-def check_voxels(resp, path):
-    """NaN voxels are rejected; constant voxels are flagged and kept as zeros."""
-    nan = np.isnan(resp).any(axis=tuple(range(resp.ndim - 1)))
-    if nan.any():
-        raise StudyError(f"{path}: {nan.sum()} voxels contain NaN; mask them out (or re-run the "
-                         "preprocessing) before preparing the data")
-    return resp.reshape(-1, resp.shape[-1]).std(0) == 0
+def bad_voxels(resp):
+    """(non-finite, constant) voxel masks of a (..., TRs, voxels) response."""
+    flat = resp.reshape(-1, resp.shape[-1])
+    finite = np.isfinite(flat)
+    nonfinite = ~finite.all(0)
+    constant = ~nonfinite & (np.nanstd(np.where(finite, flat, np.nan), 0) == 0)
+    return nonfinite, constant
+
+
+def closest(name, names):
+    near = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
+    return f"closest: {', '.join(near)}" if near else "no close name"
+
+
+def choose_stories(args, respdict, respdict_path, prep):
+    """Stories every requested subject has a response file for, that respdict.json knows; the
+    validation and test stories must be among them. Prints what was left out, for whom."""
+    have = {s: {f[:-4] for f in os.listdir(os.path.join(prep, s)) if f.endswith(".hf5")} for s in args.subjects}
+    for st in args.val_stories + [args.test_story]:
+        flag = "--test-story" if st == args.test_story else "--val-stories"
+        if st not in respdict:
+            raise StudyError(f"{flag} {st!r} is not a story of ds003020 ({respdict_path} does not list it; "
+                             f"{closest(st, respdict)})")
+        lacking = [s for s in args.subjects if st not in have[s]]
+        if lacking:
+            raise StudyError(f"{flag} {st!r} has no response file for {', '.join(lacking)} "
+                             f"({os.path.join(prep, lacking[0], st + '.hf5')} not found; choose a story "
+                             "every subject heard, or leave those subjects out)")
+    shared = set.intersection(*have.values())
+    for s in args.subjects:
+        left_out = sorted(have[s] - shared)
+        if left_out:
+            print(f"  note: {len(left_out)} stor{'y' if len(left_out) == 1 else 'ies'} of {s} left out "
+                  "(not every requested subject has them): "
+                  f"{' '.join(left_out[:8])}{' ...' if len(left_out) > 8 else ''}")
+    unknown = sorted(shared - set(respdict))
+    if unknown:
+        print(f"  note: {len(unknown)} stories left out: not in {respdict_path}: {' '.join(unknown)}")
+    fixed = set(args.val_stories) | {args.test_story}
+    return sorted(shared & set(respdict) - fixed)
+
+
+def pycortex_rois(root, subject):
+    """AC/LH/RH column masks of one subject from the dataset's own pycortex database, with
+    pycortex's functions: the data's columns are the true voxels of the transform's 'thick' mask
+    (in order); AC from the ROI outlines in overlays.svg, as public brain-tuning code reads it."""
+    try:
+        import cortex
+    except ImportError:
+        raise StudyError("--rois-from-pycortex needs pycortex, which is not installed (a source build: "
+                         "`pip install numpy cython setuptools wheel && pip install --no-build-isolation pycortex`), "
+                         "or pass --roi-file masks.npz instead")
+    db = os.path.join(root, "derivative", "pycortex-db")
+    xfms_path = os.path.join(root, "derivative", "subject_xfms.json")
+    if not os.path.isdir(os.path.join(db, subject)):
+        raise StudyError(f"{os.path.join(db, subject)} not found: download derivative/pycortex-db/{subject} of ds003020")
+    xfm = json.load(open(xfms_path)).get(subject, f"{subject}_auto") if os.path.exists(xfms_path) else f"{subject}_auto"
+    cortex.db.filestore, cortex.db._subjects = db, None  # the dataset's own filestore
+    thick = np.asarray(cortex.db.get_mask(subject, xfm, "thick"), bool)
+    ac = cortex.utils.get_roi_masks(subject, xfm, roi_list=["AC"], gm_sampler="cortical-conservative",
+                                    threshold=0.9)["AC"]
+    lh, rh = cortex.utils.get_hemi_masks(subject, xfm)
+    return masks_from_volumes(thick, {"AC": ac}, lh, rh)
+
+
+def masks_from_volumes(thick, roi_volumes, lh, rh):
+    """Volume masks (z, y, x) -> boolean masks over the data's columns, the true voxels of `thick`
+    in C order. LH/RH: each voxel goes to the hemisphere of its nearest hemisphere-surface voxel
+    (pycortex's hemisphere masks cover only voxels the surface passes through)."""
+    from scipy.spatial import cKDTree
+    thick = np.asarray(thick, bool)
+    out = {name: np.asarray(v)[thick] > 0 for name, v in roi_volumes.items()}
+    pts = np.argwhere(thick)
+    lh_pts, rh_pts = np.argwhere(np.asarray(lh, bool)), np.argwhere(np.asarray(rh, bool))
+    if not len(lh_pts) or not len(rh_pts):
+        raise StudyError("the hemisphere masks are empty: the pycortex database or transform is incomplete")
+    d_lh, _ = cKDTree(lh_pts).query(pts)
+    d_rh, _ = cKDTree(rh_pts).query(pts)
+    out["LH"] = d_lh < d_rh
+    out["RH"] = ~out["LH"]
+    return out
 
 
 def build_ds003020(args):
@@ -398,30 +515,25 @@ def build_ds003020(args):
         if not os.path.isdir(os.path.join(prep, s)):
             have = sorted(os.listdir(prep)) if os.path.isdir(prep) else []
             raise StudyError(f"unknown subject {s}: no folder {os.path.join(prep, s)} (found {have})")
-    # stories every chosen subject heard
-    per_subj = [{f[:-4] for f in os.listdir(os.path.join(prep, s)) if f.endswith(".hf5")}
-                for s in args.subjects]
-    common_stories = sorted(set.intersection(*per_subj))
-    for st in args.val_stories + [args.test_story]:
-        if st not in common_stories:
-            raise StudyError(f"story {st!r} (validation/test) has no .hf5 for every subject in {prep}; "
-                             "choose others with --val-stories / --test-story")
-    train = [s for s in common_stories if s not in args.val_stories and s != args.test_story]
-    rois = load_npz_rois(args.roi_file, args.subjects)
+    train = choose_stories(args, respdict, respdict_path, prep)
+    names = train + args.val_stories + [args.test_story]
+    for st in names:  # every file there before minutes of reading
+        for f in (os.path.join(root, "stimuli", f"{st}.wav"), os.path.join(root, "derivative", "TextGrids", f"{st}.TextGrid")):
+            if not os.path.exists(f):
+                raise StudyError(f"story {st}: {f} not found (every story needs its wav and TextGrid)")
+    if args.rois_from_pycortex:
+        rois = {s: pycortex_rois(root, s) for s in args.subjects}
+    else:
+        rois = load_npz_rois(args.roi_file, args.subjects)
+    print(f"  {len(train)} training stories, validation {' '.join(args.val_stories)}, test {args.test_story}")
 
     tmp_out = args.data.rstrip("/") + ".tmp_build"
     shutil.rmtree(tmp_out, ignore_errors=True)
     stories = {}
-    for st in train + args.val_stories + [args.test_story]:
+    for st in names:
         wav = os.path.join(root, "stimuli", f"{st}.wav")
-        tg = os.path.join(root, "derivative", "TextGrids", f"{st}.TextGrid")
-        for f in (wav, tg):
-            if not os.path.exists(f):
-                raise StudyError(f"story {st}: {f} not found (every story needs its wav and TextGrid)")
-        if st not in respdict:
-            raise StudyError(f"story {st} is missing from {respdict_path}")
         audio = read_wav(wav)
-        words, on, off = read_textgrid_words(tg)
+        words, on, off = read_textgrid_words(os.path.join(root, "derivative", "TextGrids", f"{st}.TextGrid"))
         tr_times = FIRST_TR_TIME + TR * np.arange(respdict[st] - TRIM_TRS)
         if tr_times[-1] > len(audio) / SR + 30:
             raise StudyError(f"story {st}: respdict says {respdict[st]} TRs (last row at {tr_times[-1]:.0f} s)"
@@ -431,50 +543,78 @@ def build_ds003020(args):
                  tr_times=tr_times, words=words, word_onsets=on, word_offsets=off)
         print(f"  story {st}: {len(audio) / SR:.0f} s, {len(words)} words, {len(tr_times)} TRs")
     for s in args.subjects:
-        out = {}
-        constant = None
-        for st, tr_times in stories.items():
-            path = os.path.join(prep, s, f"{st}.hf5")
-            resp = read_hf5(path)
-            if resp.shape[-2] != len(tr_times):
-                raise StudyError(f"{path} has {resp.shape[-2]} rows but respdict says {respdict[st]} TRs, "
-                                 f"i.e. {len(tr_times)} rows after the lab's trimming of {TRIM_TRS}; "
-                                 "the file or derivative/respdict.json is from another version")
-            const = check_voxels(resp, path)
-            constant = const if constant is None else constant | const
-            if st == args.test_story:
-                if resp.ndim == 3:
-                    out["test_repeats"] = resp
-                    out["noise_ceiling"] = noise_ceiling(resp)
-                    resp = resp.mean(0)
-                else:
-                    print(f"  note: {path} holds one (averaged) response, no repeats: "
-                          "noise_ceiling is NaN for {s}")
-                    out["noise_ceiling"] = np.full(resp.shape[-1], np.nan, np.float32)
-                out["test_resp"] = zscore(resp)
-            else:
-                out[f"resp_{st}"] = zscore(resp)
-        n_vox = {v.shape[-1] for v in out.values()}
-        if len(n_vox) != 1:
-            raise StudyError(f"subject {s}: stories disagree on the voxel count {sorted(n_vox)}")
-        n_vox = n_vox.pop()
-        if constant.any():
-            print(f"  note: {s}: {constant.sum()} constant voxels kept as zeros (flagged in constant_voxels)")
-        for name, mask in rois.get(s, {}).items():
-            if len(mask) != n_vox:
-                raise StudyError(f"{args.roi_file}: {s}_{name} has {len(mask)} entries but {s} has "
-                                 f"{n_vox} voxels")
-            out[f"roi_{name}"] = mask
-        missing = [r for r in ("AC", "LH", "RH") if r not in rois.get(s, {})]
-        if missing:
-            print(f"  note: {s}: no {', '.join(missing)} mask" + (" (no --roi-file)" if not args.roi_file else
-                  f" in {args.roi_file}") + "; stages that need them will say so")
-        save_npz(os.path.join(tmp_out, "subjects", f"{s}.npz"), constant_voxels=constant, **out)
-        print(f"  subject {s}: {n_vox} voxels")
+        write_subject(args, s, prep, stories, respdict, rois.get(s, {}), tmp_out)
+    if args.rois_from_pycortex:  # reusable as --roi-file without pycortex
+        save_npz(os.path.join(tmp_out, "roi_masks.npz"),
+                 **{f"{s}_{name}": m for s, masks in rois.items() for name, m in masks.items()})
     save_npz(os.path.join(tmp_out, "study.npz"), source=np.array("ds003020"), subjects=np.array(args.subjects),
              train_stories=np.array(train), val_stories=np.array(args.val_stories),
              test_story=np.array(args.test_story), tr=np.float64(TR), seed=np.int64(args.seed))
     return tmp_out, args.subjects, stories
+
+
+def write_subject(args, s, prep, stories, respdict, rois, tmp_out):
+    """One subject's responses, z-scored per story. Voxels with NaN anywhere are set to 0 in every
+    story and flagged (the lab's readers apply np.nan_to_num); the test story's `individual_repeats`
+    give test_repeats and the noise ceiling, its `data` (the published mean) test_resp."""
+    out, nonfinite, constant = {}, False, False
+    for st, tr_times in stories.items():
+        path = os.path.join(prep, s, f"{st}.hf5")
+        resp, repeats = read_hf5(path)
+        for x in (resp, repeats):
+            if x is not None and x.shape[-2] != len(tr_times):
+                raise StudyError(f"{path} has {x.shape[-2]} rows but respdict says {respdict[st]} TRs, "
+                                 f"i.e. {len(tr_times)} rows after the lab's trimming of {TRIM_TRS}; "
+                                 "the file or derivative/respdict.json is from another version")
+        for x in (resp, repeats):
+            if x is not None:
+                bad, const = bad_voxels(x)
+                nonfinite, constant = nonfinite | bad, constant | const
+        if st != args.test_story:
+            if resp is None:
+                raise StudyError(f"{path} holds repeats but no averaged 'data'; only the test story may")
+            out[f"resp_{st}"] = zscore(np.nan_to_num(resp, nan=0.0, posinf=0.0, neginf=0.0))
+            continue
+        if repeats is None:
+            print(f"  note: {path} holds one (averaged) response, no repeats: noise_ceiling is NaN for {s}")
+        else:
+            repeats = np.nan_to_num(repeats, nan=0.0, posinf=0.0, neginf=0.0)
+            out["test_repeats"] = repeats
+            if resp is None:
+                resp = repeats.mean(0)
+            else:
+                diff = np.abs(np.nan_to_num(resp) - repeats.mean(0))
+                r = pearson_r(np.nan_to_num(resp), repeats.mean(0))
+                print(f"  {s} {st}: published mean ('data') vs mean of the {len(repeats)} individual_repeats: "
+                      f"max |difference| {diff.max():.3g}, median voxel r {np.median(r):.4f}")
+        out["test_resp"] = zscore(np.nan_to_num(resp, nan=0.0, posinf=0.0, neginf=0.0))
+    n_vox = {v.shape[-1] for v in out.values()}
+    if len(n_vox) != 1:
+        raise StudyError(f"subject {s}: stories disagree on the voxel count {sorted(n_vox)}")
+    n_vox = n_vox.pop()
+    nonfinite = np.broadcast_to(nonfinite, (n_vox,)).copy()
+    constant = np.broadcast_to(constant, (n_vox,)) & ~nonfinite
+    for x in out.values():
+        x[..., nonfinite] = 0.0
+    out["noise_ceiling"] = (noise_ceiling(out["test_repeats"]) if "test_repeats" in out
+                            else np.full(n_vox, np.nan, np.float32))
+    if nonfinite.any():
+        print(f"  note: {s}: {nonfinite.sum()} voxels with NaN set to 0 in every story (flagged in nan_voxels)")
+    if constant.any():
+        print(f"  note: {s}: {constant.sum()} constant voxels kept as zeros (flagged in constant_voxels)")
+    for name, mask in rois.items():
+        if len(mask) != n_vox:
+            src = "--rois-from-pycortex" if args.rois_from_pycortex else args.roi_file
+            raise StudyError(f"{src}: {s}_{name} has {len(mask)} entries but {s} has {n_vox} voxels")
+        out[f"roi_{name}"] = mask
+    missing = [r for r in ("AC", "LH", "RH") if r not in rois]
+    if missing:
+        print(f"  note: {s}: no {', '.join(missing)} mask" + (" (no --roi-file)" if not args.roi_file else
+              f" in {args.roi_file}") + "; stages that need them will say so")
+    save_npz(os.path.join(tmp_out, "subjects", f"{s}.npz"), constant_voxels=constant, nan_voxels=nonfinite, **out)
+    finite = np.isfinite(out["noise_ceiling"])
+    print(f"  subject {s}: {n_vox} voxels" + (f", mean noise ceiling {out['noise_ceiling'][finite].mean():.3f}"
+                                              if finite.any() else ""))
 
 
 def load_npz_rois(path, subjects):
@@ -498,6 +638,8 @@ def main(argv=None):
     t0 = time.time()
     print(f"stage 01: building the {args.source} study into {args.data}/")
     try:
+        if args.source == "simulated":
+            check_args(args)
         tmp_out, subjects, stories = (build_simulated if args.source == "simulated" else build_ds003020)(args)
     except StudyError as e:
         shutil.rmtree(args.data.rstrip("/") + ".tmp_build", ignore_errors=True)

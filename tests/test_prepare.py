@@ -1,6 +1,7 @@
 """Stage 01: the simulated study and the ds003020 reader, including every bad-input path."""
 import json
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -84,7 +85,7 @@ def test_simulated_same_seed_same_files(tiny_study, tmp_path):
 # --------------------------------------------------------------------------- ds003020 fixture
 
 TRAIN = ["alpha", "beta"]
-VAL = ["fromboyhoodtofatherhood", "onapproachtopluto"]
+VAL = ["fromboyhoodtofatherhood", "waitingtogo"]  # stage 01's default validation stories
 TEST = "wheretheressmoke"
 R = 40  # respdict TRs -> 20 response rows, at 11, 13, ..., 49 s
 
@@ -218,21 +219,21 @@ def _break(ds, what):
         with h5py.File(f"{sub}/alpha.hf5", "w") as f:
             f.create_dataset("data", data=np.ones((R - 19, 30), np.float32))
         return ds, "has 21 rows but respdict says 40 TRs"
-    if what == "nan":
-        with h5py.File(f"{sub}/beta.hf5", "a") as f:
-            d = f["resp"][...]
-            d[3, :4] = np.nan
-            f["resp"][...] = d
-        return ds, "4 voxels contain NaN"
+    if what == "nan_audio":
+        rate, x = wavfile.read(f"{ds}/stimuli/beta.wav")
+        x = x.astype(np.float32) / 32767
+        x[1000] = np.nan
+        wavfile.write(f"{ds}/stimuli/beta.wav", rate, x)
+        return ds, "beta.wav holds NaN or infinite samples"
     if what == "no_respdict":
         os.remove(f"{ds}/derivative/respdict.json")
         return ds, "respdict.json not found"
     if what == "missing_val":
-        os.remove(f"{sub}/onapproachtopluto.hf5")
-        return ds, "onapproachtopluto"
+        os.remove(f"{sub}/waitingtogo.hf5")
+        return ds, "--val-stories 'waitingtogo' has no response file for UTS01"
 
 
-@pytest.mark.parametrize("what", ["no_root", "no_textgrid", "no_wav", "bad_key", "rows", "nan",
+@pytest.mark.parametrize("what", ["no_root", "no_textgrid", "no_wav", "bad_key", "rows", "nan_audio",
                                   "no_respdict", "missing_val"])
 def test_ds003020_bad_input_is_one_clear_error_and_nothing_written(ds, tmp_path, capsys, what):
     out = str(tmp_path / "data")
@@ -256,8 +257,157 @@ def test_ds003020_unknown_subject(ds, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def test_simulated_bad_flags(capsys):
+@pytest.mark.parametrize("flags, msg", [
+    (["--n-voxels", "-3"], "--n-voxels -3 is out of range: it must be >= 2"),
+    (["--story-seconds", "1"], "--story-seconds 1 is out of range: it must be >= 31"),
+    (["--test-seconds", "5"], "--test-seconds 5 is out of range: it must be >= 31"),
+    (["--n-subjects", "0"], "--n-subjects 0 is out of range: it must be >= 1"),
+    (["--n-train-stories", "0"], "--n-train-stories 0 is out of range: it must be >= 1"),
+    (["--rate", "0"], "--rate 0 is out of range: it must be 80..450 words per minute"),
+    (["--n-categories", "99"], "--n-categories 99 is out of range: it must be 1..10"),
+    (["--test-repeats", "1"], "--test-repeats 1 is out of range: it must be >= 2"),
+])
+def test_simulated_bad_flags_are_one_line_and_write_nothing(tiny_study, tmp_path, capsys, flags, msg):
+    out = str(tmp_path / "data")
+    shutil.copytree(tiny_study, out)
+    before = common.load_npz(f"{out}/subjects/sim01.npz")["test_resp"]
+    capsys.readouterr()
+    assert run_stage(STAGE, ["--data", out] + flags) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and msg in err, err
+    np.testing.assert_array_equal(common.load_npz(f"{out}/subjects/sim01.npz")["test_resp"], before)
+
+
+@pytest.mark.parametrize("text, filler", [("{ LG }", True), ("{lg}", True), (" sp ", True), ("SP", True),
+                                          ("", True), ("{BR}", True), ("lg2", False), ("Hello", False),
+                                          ("sport", False)])
+def test_filler_rule_is_the_labs(text, filler):
     from conftest import load_stage
-    with pytest.raises(SystemExit):
-        load_stage(STAGE).get_args(["--n-categories", "99"])
-    assert "--n-categories" in capsys.readouterr().err
+    assert load_stage(STAGE).is_filler(text) is filler
+
+
+def test_val_story_not_in_ds003020_names_the_closest(ds, tmp_path, capsys):
+    out = str(tmp_path / "data")
+    assert run_ds(ds, out, "--val-stories", "fromboyhoodtofatherhod") == 1
+    err = capsys.readouterr().err
+    assert "fromboyhoodtofatherhod" in err and "closest: fromboyhoodtofatherhood" in err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(out)
+
+
+def test_masks_from_volumes_follow_the_thick_mask_order_and_split_hemispheres():
+    """The pycortex-free half of --rois-from-pycortex: volume masks -> masks over the data's columns."""
+    from conftest import load_stage
+    m = load_stage(STAGE)
+    rng = np.random.default_rng(0)
+    thick = rng.random((4, 6, 10)) < 0.5  # (z, y, x); the data's columns are its true voxels in C order
+    ac = np.zeros(thick.shape, bool)
+    ac[:, :, 2] = True
+    lh, rh = np.zeros(thick.shape, bool), np.zeros(thick.shape, bool)
+    lh[:, :, 0], rh[:, :, 9] = True, True  # hemisphere-surface voxels at either side
+    masks = m.masks_from_volumes(thick, {"AC": ac}, lh, rh)
+    cols = np.argwhere(thick)
+    assert all(len(v) == thick.sum() for v in masks.values())
+    np.testing.assert_array_equal(masks["AC"], cols[:, 2] == 2)
+    np.testing.assert_array_equal(masks["LH"], cols[:, 2] < 4.5)  # nearer x = 0 than x = 9
+    np.testing.assert_array_equal(masks["RH"], ~masks["LH"])
+
+
+def test_rois_from_pycortex_without_pycortex_is_one_line(ds, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "cortex", None)  # as if not installed
+    out = str(tmp_path / "data")
+    assert run_ds(ds, out, "--rois-from-pycortex") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert "pip install" in err and "--roi-file" in err and not os.path.exists(out)
+
+
+# --------------------------------------------------------------------------- the published layout
+
+REAL_RESPDICT = os.path.join(os.path.dirname(__file__), "fixtures", "ds003020_respdict.json")
+PUB_TRAIN = ["sweetaspie", "againstthewind", "myfathershands"]  # the three shortest stories
+
+
+def make_published_ds(root, seed=0):
+    """ds003020 as published, in miniature: the real 84-story respdict.json, six stories with files
+    at their real lengths (rows = respdict - 20), a test file with `data` (the published mean, not
+    exactly the mean of the repeats) and 10 `individual_repeats`, UTS02 without one story and with
+    another voxel count, a NaN voxel in UTS01, and "{ LG }" in a TextGrid."""
+    rng = np.random.default_rng(seed)
+    respdict = json.load(open(REAL_RESPDICT))
+    os.makedirs(f"{root}/stimuli")
+    os.makedirs(f"{root}/derivative/TextGrids")
+    shutil.copy(REAL_RESPDICT, f"{root}/derivative/respdict.json")
+    stories = PUB_TRAIN + VAL + [TEST]
+    for s in stories:
+        dur = 2 * respdict[s] - 20
+        wavfile.write(f"{root}/stimuli/{s}.wav", 8000, (rng.standard_normal(dur * 8000) * 3000).astype(np.int16))
+        write_textgrid(f"{root}/derivative/TextGrids/{s}.TextGrid", ["{ LG }", "so", " sp ", "it", "{lg}"] * 4, dur)
+    n_vox = {"UTS01": 30, "UTS02": 25}
+    for subj, v in n_vox.items():
+        os.makedirs(f"{root}/derivative/preprocessed_data/{subj}")
+        for s in stories:
+            if subj == "UTS02" and s == "myfathershands":
+                continue
+            rows = respdict[s] - 20
+            signal = rng.standard_normal((rows, v)).astype(np.float32)
+            with h5py.File(f"{root}/derivative/preprocessed_data/{subj}/{s}.hf5", "w") as f:
+                if s == TEST:
+                    noise = rng.standard_normal((10, rows, v)) * np.linspace(0.3, 3, v)
+                    reps = (signal + noise).astype(np.float32)
+                    f.create_dataset("data", data=(reps.mean(0) + 0.05 * rng.standard_normal((rows, v))).astype(np.float32))
+                    f.create_dataset("individual_repeats", data=reps)
+                else:
+                    if subj == "UTS01" and s == "sweetaspie":
+                        signal[3:9, 7] = np.nan
+                    f.create_dataset("data", data=signal)
+    return root, respdict, n_vox
+
+
+def test_published_layout_builds_with_the_default_flags(tmp_path, capsys):
+    root, respdict, n_vox = make_published_ds(str(tmp_path / "ds003020"))
+    out = str(tmp_path / "data")
+    assert run_stage(STAGE, ["--source", "ds003020", "--ds-root", root, "--data", out,
+                             "--subjects", "UTS01", "UTS02"]) == 0
+    printed = capsys.readouterr().out
+    study = common.load_npz(f"{out}/study.npz")
+    assert list(study["val_stories"]) == VAL and str(study["test_story"]) == TEST
+    assert sorted(study["train_stories"]) == ["againstthewind", "sweetaspie"]  # UTS02 lacks myfathershands
+    assert "1 story of UTS01 left out" in printed and "myfathershands" in printed
+    for s in ["againstthewind", "sweetaspie"] + VAL + [TEST]:
+        st = common.load_npz(f"{out}/stories/{s}.npz")
+        assert len(st["tr_times"]) == respdict[s] - 20
+        assert list(st["words"]) == ["so", "it"] * 4  # "{ LG }", " sp ", "{lg}" dropped
+    with h5py.File(f"{root}/derivative/preprocessed_data/UTS01/{TEST}.hf5", "r") as f:
+        published, reps = f["data"][...], f["individual_repeats"][...]
+    d = common.load_npz(f"{out}/subjects/UTS01.npz")
+    # the test story: repeats from individual_repeats, test_resp from the published mean
+    np.testing.assert_array_equal(d["test_repeats"][..., :7], reps[..., :7])
+    np.testing.assert_allclose(d["test_resp"][:, :7], common.zscore(published)[:, :7], atol=1e-6)
+    assert np.all(np.isfinite(d["noise_ceiling"]))
+    np.testing.assert_allclose(d["noise_ceiling"], common.noise_ceiling(d["test_repeats"]), atol=1e-6)
+    ok = np.arange(30) != 7
+    np.testing.assert_allclose(d["noise_ceiling"][ok], common.noise_ceiling(reps)[ok], atol=1e-6)
+    assert d["noise_ceiling"][ok].mean() > 0.3
+    assert "individual_repeats: max |difference|" in printed
+    # the NaN voxel: zero in every story, flagged, counted
+    assert d["nan_voxels"].sum() == 1 and d["nan_voxels"][7] and not d["constant_voxels"].any()
+    for k in ("resp_againstthewind", "resp_sweetaspie", "test_resp"):
+        assert np.all(d[k][:, 7] == 0) and np.all(np.isfinite(d[k]))
+    assert np.all(d["test_repeats"][..., 7] == 0) and d["noise_ceiling"][7] == 0
+    assert "UTS01: 1 voxels with NaN set to 0" in printed
+    e = common.load_npz(f"{out}/subjects/UTS02.npz")
+    assert e["test_resp"].shape == (respdict[TEST] - 20, n_vox["UTS02"]) and not e["nan_voxels"].any()
+
+
+def test_published_test_file_without_repeats_gives_a_nan_ceiling(tmp_path, capsys):
+    root, respdict, _ = make_published_ds(str(tmp_path / "ds003020"))
+    path = f"{root}/derivative/preprocessed_data/UTS02/{TEST}.hf5"
+    with h5py.File(path, "a") as f:
+        del f["individual_repeats"]
+    out = str(tmp_path / "data")
+    assert run_stage(STAGE, ["--source", "ds003020", "--ds-root", root, "--data", out,
+                             "--subjects", "UTS01", "UTS02"]) == 0
+    assert f"noise_ceiling is NaN for UTS02" in capsys.readouterr().out
+    e = common.load_npz(f"{out}/subjects/UTS02.npz")
+    assert np.all(np.isnan(e["noise_ceiling"])) and "test_repeats" not in e
