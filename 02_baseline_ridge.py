@@ -10,7 +10,7 @@ story (Pearson r per voxel, also as a fraction of the noise ceiling).
     python 02_baseline_ridge.py                                      # simulated study, tiny WavLM
     python 02_baseline_ridge.py --model microsoft/wavlm-base-plus    # real data, on a GPU
 
-Features are cached under data/features/<model>/ and reused by stages 03-05.
+Features are cached under data/features/<model>/context<C>s_stride<S>s/, one folder per window setting.
 """
 import argparse
 import os
@@ -109,6 +109,7 @@ def main(argv=None):
     common.set_threads(args.threads)
     t0 = time.time()
     try:
+        common.check_window(args.context_s, args.stride_s)
         device = common.pick_device(args.device)
         study = common.load_study(args.data)
         subjects = common.subject_list(args.subjects, study)
@@ -119,7 +120,7 @@ def main(argv=None):
         layers = args.layers if args.layers else list(range(n_states))
         if any(not 0 <= layer < n_states for layer in layers):
             raise StudyError(f"--layers {layers}: {args.model} has hidden states 0..{n_states - 1}")
-        cache = os.path.join(args.data, "features", common.model_tag(args.model, args.model_seed))
+        cache = common.feature_cache_dir(args.data, args.model, args.model_seed, args.context_s, args.stride_s)
         fingerprint = common.model_fingerprint(model)
         ds = {}
         stories = study["train"] + study["val"] + [study["test"]]

@@ -68,6 +68,33 @@ def get_args(argv=None):
 # The end-to-end model: WavLM layer -> norm -> Lanczos -> delays -> bottleneck readout
 # ---------------------------------------------------------------------------------------------
 
+def check_args(args):
+    """Flags whose range argparse cannot know, as one clear error each."""
+    if args.roi not in ROIS:
+        raise StudyError(f"unknown ROI {args.roi!r}: choose one of {', '.join(ROIS)}")
+    for flag, value, lo in (("--block-trs", args.block_trs, 1), ("--batch-blocks", args.batch_blocks, 1),
+                            ("--epochs", args.epochs, 1), ("--patience", args.patience, 1),
+                            ("--lora-rank", args.lora_rank, 1), ("--bottleneck", args.bottleneck, 0)):
+        if value < lo:
+            raise StudyError(f"{flag} {value} is out of range: it must be >= {lo}")
+    for flag, value in (("--lr-adapter", args.lr_adapter), ("--lr-readout", args.lr_readout)):
+        if not value > 0:
+            raise StudyError(f"{flag} {value:g} is out of range: it must be > 0")
+    if not 0 <= args.lora_dropout < 1:
+        raise StudyError(f"--lora-dropout {args.lora_dropout:g} is out of range: it must be in [0, 1)")
+    common.check_window(args.train_context_s, args.train_stride_s, ("--train-context-s", "--train-stride-s"))
+
+
+def check_lora_targets(model, targets):
+    """peft answers an unknown target with a traceback: name the model's adaptable layers instead."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and not n.startswith("feature_extractor")})
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        raise StudyError(f"--lora-targets {' '.join(unknown)}: not a linear layer of this model; "
+                         f"choose from {' '.join(linear)}")
+
+
 def make_readout(n_in, n_vox, bottleneck):
     if bottleneck:
         return torch.nn.Sequential(torch.nn.Linear(n_in, bottleneck), torch.nn.Linear(bottleneck, n_vox))
@@ -188,6 +215,7 @@ def run(args, subj, seed, study, device, baseline):
         for n, p_ in model.named_parameters():
             p_.requires_grad = not n.startswith("feature_extractor")
     else:
+        check_lora_targets(model, args.lora_targets)
         model = common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     torch.manual_seed(seed)  # the readout starts the same whether LoRA or full fine-tuning came before
     readout = make_readout(model.config.hidden_size * 4, int(mask.sum()), args.bottleneck).to(device)
@@ -292,8 +320,7 @@ def main(argv=None):
     t0 = time.time()
     rows = []
     try:
-        if args.roi not in ROIS:
-            raise StudyError(f"unknown ROI {args.roi!r}: choose one of {', '.join(ROIS)}")
+        check_args(args)
         device = common.pick_device(args.device)
         study = common.load_study(args.data)
         subjects = common.subject_list(args.subject, study)

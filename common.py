@@ -234,10 +234,14 @@ def downsample_to_trs(feats, feat_times, tr_times):
 
 def design_matrix(ds, delays=(1, 2, 3, 4)):
     """Downsampled features on the padded grid -> z-scored per story -> delayed copies, one row per
-    response TR. The delays read the padded rows, so the first responses see real earlier audio."""
+    response TR. As in the lab's recipe, the mean and std come from the response rows only (the pad
+    rows lie before the story's first response, partly before the sound); the pad rows get the same
+    scaling, and the delays read them, so the first responses see real earlier audio."""
     if max(delays) > PAD_TRS:
         raise StudyError(f"delays up to {PAD_TRS} TRs are supported (got {max(delays)})")
-    return make_delayed(zscore(ds), delays)[PAD_TRS:]
+    x = np.asarray(ds, dtype=np.float32)
+    mean, std = x[PAD_TRS:].mean(0), x[PAD_TRS:].std(0)
+    return make_delayed((x - mean) / np.where(std > 0, std, 1.0), delays)[PAD_TRS:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,8 +609,8 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
     """Hidden states of every layer of one story, Lanczos-downsampled onto tr_grid: an array
     (layers x (PAD_TRS + TRs) x hidden), cached as <cache_dir>/<story>.npz.
 
-    The cache stores a key (model weights, window settings, audio, TR times); a cache built from
-    anything else is refused with a StudyError rather than silently reused (refresh=True rebuilds it).
+    The cache stores a key (model weights, window settings, audio, TR times); a file built from
+    anything else is recomputed and overwritten, never reused (refresh=True always recomputes).
     top_layer: compute hidden states 0..top_layer only (the layers above are never run).
     cnn: the story's story_cnn output, if the caller has it; otherwise it is computed, and cached
     under `data` when given (story_cnn).
@@ -624,8 +628,7 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
         cached = load_npz(path)
         if str(cached.get("key")) == key:
             return cached["ds"]
-        raise StudyError(f"{path} was computed from a different model, window setting or story audio; "
-                         "rerun with --refresh-features to recompute it (or delete that folder)")
+        print(f"    {path} was computed from other weights or audio: recomputing it", flush=True)
     if cnn is None and data is not None:
         cnn = story_cnn(model, st["audio"], data, name)
     feats, times = extract_features(model, st["audio"], int(st["sr"]), layers=range(n_states), context_s=context_s,
@@ -707,6 +710,21 @@ def subject_list(requested, study):
 def model_tag(name, seed):
     """Folder-safe name of a base model, e.g. tiny_seed0 or microsoft--wavlm-base-plus."""
     return f"tiny_seed{seed}" if name == "tiny" else name.strip("/").replace("/", "--")
+
+
+def feature_cache_dir(data, name, seed, context_s, stride_s):
+    """Stage 02's feature cache of one model at one window setting, e.g.
+    data/features/tiny_seed0/context16s_stride4s/: each setting keeps its own."""
+    return os.path.join(data, "features", model_tag(name, seed), f"context{context_s:g}s_stride{stride_s:g}s")
+
+
+def check_window(context_s, stride_s, flags=("--context-s", "--stride-s")):
+    """Window context and stride must be whole numbers of WavLM's 20 ms frames (stride > 0)."""
+    hop_s = FRAME_HOP / 16000
+    for flag, value, lo in ((flags[1], stride_s, hop_s), (flags[0], context_s, 0.0)):
+        if value < lo or abs(value / hop_s - round(value / hop_s)) > 1e-6:
+            raise StudyError(f"{flag} {value:g} must be a {'positive' if lo else 'non-negative'} multiple of "
+                             f"WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
 
 
 def add_common_args(p):

@@ -33,20 +33,33 @@ def test_baseline_outputs(baseline):
         assert r["test_r"][kind == 0].mean() > 0.3
         assert r["test_r"][kind == 0].mean() > r["test_r"][kind == 3].mean() + 0.2
     assert os.path.exists(f"{results}/02_baseline.png")
-    assert len(os.listdir(f"{data}/features/tiny_seed0")) == 5
+    assert len(os.listdir(f"{data}/features/tiny_seed0/context16s_stride4s")) == 5
 
 
-def test_feature_cache_from_another_setting_is_refused(baseline, tmp_path, capsys):
+def test_each_window_setting_keeps_its_own_feature_cache(baseline, tmp_path, capsys):
     data, _ = baseline
+    default = f"{data}/features/tiny_seed0/context16s_stride4s"
+    first = {f: os.path.getmtime(f"{default}/{f}") for f in os.listdir(default)}
     results = str(tmp_path / "r")
-    code = run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--context-s", "8"])
-    err = capsys.readouterr().err
-    assert code == 1 and "--refresh-features" in err and "features/tiny_seed0" in err
-    assert not os.path.exists(results)  # nothing half-written
     assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--context-s", "8",
-                             "--refresh-features", "--subjects", "sim01"]) == 0
-    assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--refresh-features",
-                             "--subjects", "sim01"]) == 0  # back to the default for the other tests
+                             "--subjects", "sim01"]) == 0
+    assert len(os.listdir(f"{data}/features/tiny_seed0/context8s_stride4s")) == 5
+    assert {f: os.path.getmtime(f"{default}/{f}") for f in os.listdir(default)} == first  # untouched
+    r = common.load_npz(f"{results}/02_baseline_sim01.npz")
+    assert float(r["context_s"]) == 8.0
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--stride-s", "0.03"], "--stride-s 0.03 must be a positive multiple of WavLM's 20 ms frame"),
+    (["--stride-s", "0"], "--stride-s 0 must be a positive multiple"),
+    (["--context-s", "1.01"], "--context-s 1.01 must be a non-negative multiple"),
+])
+def test_window_flags_are_checked_before_any_work(tiny_study, tmp_path, capsys, flags, msg):
+    results = str(tmp_path / "r")
+    assert run_stage(STAGE, ["--data", tiny_study, "--results", results] + flags) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and msg in err
+    assert not os.path.exists(results)
 
 
 def test_bad_inputs(tiny_study, tmp_path, capsys):

@@ -189,3 +189,24 @@ def test_bad_flags(trained, tmp_path, capsys):
     assert run_stage(STAGE, ["--data", str(empty), "--results", results, "--checkpoints", str(tmp_path),
                              "--subject", "sim01", "--roi", "AC"]) == 1
     assert "mask of sim01 is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--block-trs", "0"], "--block-trs 0 is out of range: it must be >= 1"),
+    (["--epochs", "0"], "--epochs 0 is out of range"),
+    (["--lora-targets", "q_proj", "nonexistent"], "--lora-targets nonexistent: not a linear layer"),
+    (["--train-stride-s", "0.03"], "--train-stride-s 0.03 must be a positive multiple of WavLM's 20 ms frame"),
+])
+def test_bad_ranges_are_one_line_and_write_nothing(trained, tmp_path, capsys, flags, msg):
+    data, results, _ = trained
+    out, ckpt = str(tmp_path / "r"), str(tmp_path / "c")
+    import shutil
+    shutil.copytree(results, out)
+    before = sorted(os.listdir(out))
+    capsys.readouterr()
+    assert run_stage(STAGE, ["--data", data, "--results", out, "--checkpoints", ckpt, "--subject", "sim01"] + flags) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and msg in err, err
+    assert sorted(os.listdir(out)) == before and not os.path.exists(ckpt)
+    if "nonexistent" in flags:  # the message lists what can be adapted
+        assert all(name in err for name in ("q_proj", "out_proj", "intermediate_dense", "projection"))

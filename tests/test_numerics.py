@@ -146,3 +146,23 @@ def test_ridge_cv_closed_form_and_predict():
     np.testing.assert_allclose(common.ridge_predict(X, W, voxel_batch=3), X @ W, atol=1e-4)
     with pytest.raises(ValueError):
         common.ridge_cv(X, Y[:-1], alphas)
+
+
+def test_design_matrix_zscores_on_the_response_rows_like_the_lab():
+    """The lab z-scores the downsampled features over the response rows, then delays. Here the
+    delays also read PAD_TRS earlier rows: those must be scaled with the response rows' mean and
+    std, not enter them (a DC offset there once gave 0.97 SD errors and a 1.4x std inflation)."""
+    rng = np.random.default_rng(0)
+    pad, n = common.PAD_TRS, 60
+    ds = 10.0 + 10.0 * rng.standard_normal((pad + n, 5))  # large offset, as a TR-level feature mean
+    ds[:pad] = 0.0  # before the sound: the features sit far from the story's mean
+    delays = (1, 2, 3, 4)
+    X = common.design_matrix(ds, delays)
+    lab = common.make_delayed(common.zscore(ds[pad:]), delays)  # z-score the response rows, then delay
+    k = max(delays)
+    np.testing.assert_allclose(X[k:], lab[k:], atol=1e-5)  # rows whose delays stay inside the story
+    mu, sd = ds[pad:].mean(0), ds[pad:].std(0)
+    for j, d in enumerate(delays):  # earlier rows read the pad with the same scaling
+        block = X[:, j * 5:(j + 1) * 5]
+        np.testing.assert_allclose(block[:d], (ds[pad - d:pad] - mu) / sd, atol=1e-5)
+    np.testing.assert_allclose(X[:, :5].std(0), 1.0, atol=0.1)  # no hidden column-wise penalty
