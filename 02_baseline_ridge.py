@@ -7,7 +7,8 @@ chosen by cross-validation over contiguous TR blocks. Layers are compared on the
 stories; the best layer is refit on train + validation stories and scored on the held-out test
 story (Pearson r per voxel, also as a fraction of the noise ceiling).
 
-    python 02_baseline_ridge.py                                      # simulated study, tiny WavLM
+    python 02_baseline_ridge.py                                      # simulated study, pretrained tiny WavLM
+    python 02_baseline_ridge.py --model tiny                         # the same with a random tiny WavLM
     python 02_baseline_ridge.py --model microsoft/wavlm-base-plus    # real data, on a GPU
 
 Features are cached under data/features/<model>/context<C>s_stride<S>s/, one folder per window setting.
@@ -27,7 +28,8 @@ DEFAULT_STRIDE_S = 4.0  # chosen from bench/features.py (README): 32x cheaper th
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p)
-    p.add_argument("--model", default="tiny", help="'tiny' (random init) or a WavLM id/folder, "
+    p.add_argument("--model", default="tiny-pretrained", help="'tiny-pretrained' (this repository's "
+                   "self-supervised tiny WavLM, models/), 'tiny' (random init) or a WavLM id/folder, "
                    "e.g. microsoft/wavlm-base-plus")
     p.add_argument("--model-seed", type=int, default=0, help="seed of the tiny model's random weights")
     p.add_argument("--subjects", nargs="+", help="default: every subject in the study")

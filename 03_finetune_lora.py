@@ -1,7 +1,7 @@
 """Stage 03: BrainWavLM. Fine-tune WavLM end to end on brain responses, with LoRA.
 
 The paper's method (Section 2.3): LoRA adapters on the attention's query/key/value projections of
-WavLM, one hidden layer -> per-feature normalisation -> differentiable Lanczos to the TR times ->
+WavLM, one hidden layer -> differentiable Lanczos to the TR times -> per-feature normalisation ->
 delays of 1-4 TRs -> a bottleneck readout to the voxels, trained with the negative correlation
 across voxels at each TR (the "spatial" correlation loss). The best epoch (validation stories) is
 then scored "linearized" (Section 3.1): its features go through stage 02's exact ridge recipe, so
@@ -10,11 +10,13 @@ the tuned r is directly comparable with the baseline.
     python 03_finetune_lora.py                          # every subject, whole cortex, LoRA, seed 0
     python 03_finetune_lora.py --subject sim01 --roi AC
     python 03_finetune_lora.py --subject sim01 --seeds 0 1 2 --full-finetune   # the unstable comparison
+    python 03_finetune_lora.py --subject sim01 --roi AC --init-from checkpoints/03_sim01_whole_lora_seed0
     python 03_finetune_lora.py --resume                 # continue a killed run
 
 A training example is a block of consecutive TRs of one story with the audio that covers them (plus
 the Lanczos window, the delays and a little left context); blocks are shuffled across stories each
-epoch. Checkpoints: checkpoints/03_<subject>_<roi>_<lora|full>_seed<N>/.
+epoch. Checkpoints: checkpoints/03_<subject>_<roi>_<lora|full>_seed<N>[_from_<run>]/ (the suffix
+names the run an --init-from run started from).
 """
 import argparse
 import os
@@ -44,6 +46,8 @@ def get_args(argv=None):
     p.add_argument("--loss", choices=["corr", "mse"], default="corr")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--layer", type=int, help="hidden state to tune and read out (default: stage 02's best)")
+    p.add_argument("--init-from", help="start from another stage 03 run's best epoch (its checkpoint folder, "
+                   "e.g. checkpoints/03_sim01_whole_lora_seed0) with a fresh readout")
     g = p.add_argument_group("model (paper defaults)")
     g.add_argument("--lora-rank", type=int, default=4)
     g.add_argument("--lora-alpha", type=float, default=4)
@@ -165,64 +169,109 @@ def predict_story(model, readout, story, layer, args):
 # Checkpoints: peft adapter (or full model) + readout, optimizer, RNG state, history
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(folder, model, readout, opt, epoch, history):
+def save_checkpoint(folder, model, readout, opt, epoch, history, origin):
+    """origin: what the weights grew from (base model, its fingerprint, mode, LoRA shape), so a later
+    --init-from can refuse a checkpoint that does not fit its run."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(os.path.join(tmp, "model"))  # peft: adapter_config.json + adapter_model.safetensors
     torch.save(dict(readout=readout.state_dict(), opt=opt.state_dict(), epoch=epoch, history=history,
-                    torch_rng=torch.get_rng_state()), os.path.join(tmp, "state.pt"))
+                    torch_rng=torch.get_rng_state(), origin=origin), os.path.join(tmp, "state.pt"))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
 
-def load_weights(folder, model, readout, full):
-    """Load a checkpoint into the run's own model and readout (the optimizer keeps pointing at them)."""
+def load_model_weights(folder, model, full):
+    """A checkpoint's WavLM weights (full) or LoRA adapters into the run's own model."""
     from safetensors.torch import load_file
     if full:
         common.base_wavlm(model).load_state_dict(load_file(os.path.join(folder, "model", "model.safetensors")))
     else:
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, load_file(os.path.join(folder, "model", "adapter_model.safetensors")))
+
+
+def load_weights(folder, model, readout, full):
+    """Load a checkpoint into the run's own model and readout (the optimizer keeps pointing at them)."""
+    load_model_weights(folder, model, full)
     state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
     readout.load_state_dict(state["readout"])
     return state
+
+
+def init_checkpoint(path, origin):
+    """The best epoch of the stage 03 run at `path` (its folder, or its best/ or last/), checked to
+    fit this run: same base model weights, same mode, same LoRA shape. Returns (folder, tag)."""
+    path = path.rstrip("/")
+    folder = os.path.join(path, "best") if os.path.isdir(os.path.join(path, "best")) else path
+    state_path = os.path.join(folder, "state.pt")
+    if not os.path.exists(state_path):
+        raise StudyError(f"--init-from {path}: no stage 03 checkpoint there ({state_path} not found); "
+                         "pass a folder like checkpoints/03_<subject>_whole_lora_seed0")
+    theirs = torch.load(state_path, weights_only=True).get("origin")
+    if theirs is None:
+        raise StudyError(f"--init-from {path}: the checkpoint predates --init-from (no record of its base "
+                         "model); rerun that stage 03 run")
+    if theirs["fingerprint"] != origin["fingerprint"]:
+        raise StudyError(f"--init-from {path} was tuned from another base model ({theirs['model']}, seed "
+                         f"{theirs['model_seed']}) than stage 02's ({origin['model']}, seed {origin['model_seed']})")
+    if theirs["mode"] != origin["mode"]:
+        raise StudyError(f"--init-from {path} is a {theirs['mode']} checkpoint; this run is {origin['mode']}"
+                         f" ({'drop' if origin['mode'] == 'full' else 'add'} --full-finetune)")
+    if origin["mode"] == "lora" and theirs["lora"] != origin["lora"]:
+        raise StudyError(f"--init-from {path} has another LoRA shape {theirs['lora']} than this run's "
+                         f"{origin['lora']}; pass the same --lora-rank, --lora-alpha and --lora-targets")
+    run_dir = os.path.dirname(folder) if os.path.basename(folder) in ("best", "last") else folder
+    return folder, os.path.basename(run_dir).removeprefix("03_")
 
 
 # ---------------------------------------------------------------------------------------------
 # One run: train, keep the best epoch, evaluate linearized and end to end
 # ---------------------------------------------------------------------------------------------
 
-def run(args, subj, seed, study, device, baseline):
-    mode = "full" if args.full_finetune else "lora"
-    name = f"03_{subj}_{args.roi}_{mode}_seed{seed}"
-    ckpt = os.path.join(args.checkpoints, name)
-    d = common.load_subject(args.data, subj, study)
+def roi_mask(args, d, subj):
+    """The voxels the loss sees (Section 3.2: whole cortex, AC, LH or RH)."""
     if args.roi == "whole":
-        mask = np.ones(d["test_resp"].shape[1], bool)
-    else:
-        if f"roi_{args.roi}" not in d:
-            raise StudyError(f"{args.data}/subjects/{subj}.npz has no {args.roi} mask; for ds003020 pass "
-                             "--roi-file to 01_prepare_data.py")
-        mask = d[f"roi_{args.roi}"]
-        if not mask.any():
-            raise StudyError(f"the {args.roi} mask of {subj} is empty")
-    layer = args.layer if args.layer is not None else int(baseline["best_layer"])
+        return np.ones(d["test_resp"].shape[1], bool)
+    if f"roi_{args.roi}" not in d:
+        raise StudyError(f"{args.data}/subjects/{subj}.npz has no {args.roi} mask; for ds003020 pass "
+                         "--roi-file or --rois-from-pycortex to 01_prepare_data.py")
+    mask = d[f"roi_{args.roi}"]
+    if not mask.any():
+        raise StudyError(f"the {args.roi} mask of {subj} is empty")
+    return mask
+
+
+def setup_model(args, baseline, seed, n_vox, device):
+    """Section 2.3's model: stage 02's WavLM with LoRA on the chosen projections (or every
+    transformer weight trainable), a fresh bottleneck readout, Adam with one learning rate for each.
+    With --init-from, the adapters (or weights) start from that run's best epoch; the readout is new,
+    since the new ROI has other voxels. Returns (model, readout, optimizer, origin, init)."""
     torch.manual_seed(seed)
     model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
-    if not 0 <= layer <= model.config.num_hidden_layers:
-        raise StudyError(f"--layer {layer}: the model has hidden states 0..{model.config.num_hidden_layers}")
+    mode = "full" if args.full_finetune else "lora"
+    origin = dict(model=str(baseline["model"]), model_seed=int(baseline["model_seed"]), mode=mode,
+                  fingerprint=common.model_fingerprint(model),
+                  lora=dict(rank=args.lora_rank, alpha=float(args.lora_alpha), targets=sorted(args.lora_targets)))
+    init = init_checkpoint(args.init_from, origin) if args.init_from else None
     if args.full_finetune:
         for n, p_ in model.named_parameters():
             p_.requires_grad = not n.startswith("feature_extractor")
     else:
         check_lora_targets(model, args.lora_targets)
         model = common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    if init:
+        load_model_weights(init[0], model, args.full_finetune)
     torch.manual_seed(seed)  # the readout starts the same whether LoRA or full fine-tuning came before
-    readout = make_readout(model.config.hidden_size * 4, int(mask.sum()), args.bottleneck).to(device)
+    readout = make_readout(model.config.hidden_size * 4, n_vox, args.bottleneck).to(device)
     opt = torch.optim.Adam([{"params": [p_ for p_ in model.parameters() if p_.requires_grad], "lr": args.lr_adapter},
                             {"params": readout.parameters(), "lr": args.lr_readout}])
-    stories = load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device)
-    resp = {s: torch.as_tensor(d[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
+    return model, readout, opt, origin, init
+
+
+def train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp, layer, seed, device, study):
+    """Epochs of shuffled blocks with the spatial-correlation loss; after each, the validation
+    stories' mean r picks the best epoch (early stopping with --patience). Resumable from last/."""
     blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
     history, start = dict(val_r=[], loss=[]), 0
     if args.resume and os.path.exists(os.path.join(ckpt, "last", "state.pt")):
@@ -233,7 +282,6 @@ def run(args, subj, seed, study, device, baseline):
         print(f"  resuming {name} after epoch {start}")
     elif os.path.exists(ckpt) and not args.resume:
         shutil.rmtree(ckpt)
-    from tqdm import tqdm
     for epoch in range(start, args.epochs):
         if history["val_r"] and epoch - 1 - int(np.argmax(history["val_r"])) >= args.patience:
             print(f"  early stop: no better validation r for {args.patience} epochs")
@@ -241,7 +289,8 @@ def run(args, subj, seed, study, device, baseline):
         model.train()
         order = np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))  # seeded, resumable
         losses = []
-        bar = tqdm(range(0, len(order), args.batch_blocks), desc=f"  {name} epoch {epoch + 1}", leave=False)
+        steps = range(0, len(order), args.batch_blocks)
+        bar = progress(steps, f"  {name} epoch {epoch + 1}")
         for k in bar:
             opt.zero_grad()
             for j in order[k:k + args.batch_blocks]:
@@ -255,20 +304,47 @@ def run(args, subj, seed, study, device, baseline):
                 losses.append(loss.item())
             torch.nn.utils.clip_grad_norm_([p_ for g in opt.param_groups for p_ in g["params"]], args.grad_clip)
             opt.step()
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         model.eval()
-        val_r = np.mean([common.pearson_r(d[f"resp_{s}"][:, mask], predict_story(model, readout, stories[s], layer, args)).mean()
+        val_r = np.mean([common.pearson_r(val_resp[s], predict_story(model, readout, stories[s], layer, args)).mean()
                          for s in study["val"]])
         history["val_r"].append(float(val_r))
         history["loss"].append(float(np.mean(losses)))
         best = int(np.argmax(history["val_r"]))
         print(f"  {name} epoch {epoch + 1}: loss {np.mean(losses):.4f}, val r {val_r:.4f}"
               f"{'  (best)' if best == epoch else ''}", flush=True)
-        save_checkpoint(os.path.join(ckpt, "last"), model, readout, opt, epoch, history)
+        save_checkpoint(os.path.join(ckpt, "last"), model, readout, opt, epoch, history, origin)
         if best == epoch:
-            save_checkpoint(os.path.join(ckpt, "best"), model, readout, opt, epoch, history)
+            save_checkpoint(os.path.join(ckpt, "best"), model, readout, opt, epoch, history, origin)
     if not history["val_r"]:
         raise StudyError(f"{name}: no epoch ran (--epochs {args.epochs})")
+    return history
+
+
+def progress(steps, desc):
+    """A tqdm bar on a terminal; the plain steps when the output goes to a file (one line per epoch)."""
+    import sys
+    if not sys.stderr.isatty():
+        return steps
+    from tqdm import tqdm
+    return tqdm(steps, desc=desc, leave=False)
+
+
+def run(args, subj, seed, study, device, baseline):
+    """One run: set up, train, then evaluate the best epoch linearized (Section 3.1) and end to end."""
+    d = common.load_subject(args.data, subj, study)
+    mask = roi_mask(args, d, subj)
+    layer = args.layer if args.layer is not None else int(baseline["best_layer"])
+    model, readout, opt, origin, init = setup_model(args, baseline, seed, int(mask.sum()), device)
+    if not 0 <= layer <= model.config.num_hidden_layers:
+        raise StudyError(f"--layer {layer}: the model has hidden states 0..{model.config.num_hidden_layers}")
+    name = common.run_name(subj, args.roi, origin["mode"], seed, init[1] if init else None)
+    ckpt = os.path.join(args.checkpoints, name)
+    stories = load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device)
+    resp = {s: torch.as_tensor(d[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
+    val_resp = {s: d[f"resp_{s}"][:, mask] for s in study["val"]}
+    history = train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp, layer, seed, device, study)
 
     # evaluation of the best epoch
     load_weights(os.path.join(ckpt, "best"), model, readout, args.full_finetune)
@@ -286,7 +362,8 @@ def run(args, subj, seed, study, device, baseline):
     out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, alphas_tuned=tuned_alphas, test_r_direct=direct,
                val_r_by_epoch=np.array(history["val_r"], np.float32), loss_by_epoch=np.array(history["loss"], np.float32),
                best_epoch=np.int64(int(np.argmax(history["val_r"])) + 1), layer=np.int64(layer), roi_mask=mask,
-               roi=np.array(args.roi), mode=np.array(mode), seed=np.int64(seed), subject=np.array(subj),
+               roi=np.array(args.roi), mode=np.array(origin["mode"]), seed=np.int64(seed), subject=np.array(subj),
+               init_from=np.array(init[0] if init else ""),
                settings=np.array(str({k: v for k, v in vars(args).items() if k not in ("seeds", "subject")})))
     common.save_npz(os.path.join(args.results, f"{name}.npz"), **out)
     plot(out, d, os.path.join(args.results, f"{name}.png"))

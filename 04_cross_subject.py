@@ -30,19 +30,22 @@ def get_args(argv=None):
     p.add_argument("--roi", default="whole", help="which stage 03 runs: whole|AC|LH|RH")
     p.add_argument("--full-finetune", action="store_true", help="use the full fine-tuning runs")
     p.add_argument("--seed", type=int, default=0, help="which stage 03 seed")
+    p.add_argument("--init-from", help="use the runs stage 03 started from this run (its name without "
+                   "'03_', e.g. sim01_whole_lora_seed0)")
     return p.parse_args(argv)
 
 
 def load_tuned(args, subj, device):
     """The best epoch of a stage 03 run: (model, layer, run name, the 02 baseline it started from)."""
     mode = "full" if args.full_finetune else "lora"
-    name = f"03_{subj}_{args.roi}_{mode}_seed{args.seed}"
+    name = common.run_name(subj, args.roi, mode, args.seed, args.init_from)
     res_path = os.path.join(args.results, f"{name}.npz")
     best = os.path.join(args.checkpoints, name, "best", "model")
     if not os.path.exists(res_path) or not os.path.isdir(best):
         raise StudyError(f"no tuned model {name} ({res_path} or {best} missing): run "
                          f"`python 03_finetune_lora.py --subject {subj} --roi {args.roi} --seed {args.seed}"
-                         f"{' --full-finetune' if args.full_finetune else ''}` first")
+                         f"{' --full-finetune' if args.full_finetune else ''}"
+                         f"{f' --init-from {args.checkpoints}/03_{args.init_from}' if args.init_from else ''}` first")
     run = common.load_npz(res_path)
     base = common.load_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), "stage 02 result")
     model = common.load_tuned_wavlm(base, best, args.full_finetune, device)

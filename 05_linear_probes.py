@@ -32,6 +32,8 @@ def get_args(argv=None):
     p.add_argument("--subject", help="whose tuned models to probe (default: the study's first subject)")
     p.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {', '.join(MODELS)}")
     p.add_argument("--seed", type=int, default=0, help="which stage 03 seed")
+    p.add_argument("--init-from", help="probe the AC run stage 03 started from this run (its name without "
+                   "'03_', e.g. sim01_whole_lora_seed0)")
     p.add_argument("--word-vectors", help="GloVe-format text file (word then numbers per line), real data")
     p.add_argument("--n-folds", type=int, default=5, help="folds of whole stories")
     return p.parse_args(argv)
@@ -59,10 +61,11 @@ def read_word_vectors(path, vocab):
 def load_model(args, which, subj, base, device):
     if which == "baseline":
         return common.load_wavlm(str(base["model"]), int(base["model_seed"]), device)
-    best = os.path.join(args.checkpoints, f"03_{subj}_{which}_lora_seed{args.seed}", "best", "model")
+    init = args.init_from if which == "AC" else None
+    best = os.path.join(args.checkpoints, common.run_name(subj, which, "lora", args.seed, init), "best", "model")
     if not os.path.isdir(best):
         raise StudyError(f"no tuned model {best}: run `python 03_finetune_lora.py --subject {subj} "
-                         f"--roi {which} --seed {args.seed}` first")
+                         f"--roi {which} --seed {args.seed}{f' --init-from {args.checkpoints}/03_{init}' if init else ''}` first")
     return common.load_tuned_wavlm(base, best, full=False, device=device)
 
 

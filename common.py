@@ -7,9 +7,13 @@ Numpy in, numpy out, float32; torch versions where stage 03 needs gradients.
 import os
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
+
+# peft's save_pretrained calls a transformers method deprecated in v5; nothing a user can act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers: errors, devices, seeds, npz files written atomically
@@ -409,13 +413,21 @@ def make_lora_able(model):
     return model
 
 
+PRETRAINED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "wavlm-tiny-pretrained")
+
+
 def load_wavlm(name="tiny", seed=0, device=None, config=None):
     """`tiny`: a seeded, randomly initialised tiny WavLM (same seed, same weights), built from
     `config` (default tiny_config(); bench/tiny_model.py passes variants). Anything else: a
-    Hugging Face id or local folder loaded with from_pretrained (e.g. microsoft/wavlm-base-plus).
+    Hugging Face id or local folder loaded with from_pretrained (e.g. microsoft/wavlm-base-plus;
+    `tiny-pretrained` is models/wavlm-tiny-pretrained, this repository's self-supervised tiny model).
     LayerDrop and SpecAugment masking are switched off, the CNN front end is frozen, the attention
     is made LoRA-able, and the model is returned in eval mode on `device`."""
     from transformers import WavLMModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr: noise around our one-line errors
+    if name == "tiny-pretrained":  # the repository's own pretrained stand-in (models/pretrain_tiny.py)
+        name = PRETRAINED_TINY
     if name == "tiny":
         torch.manual_seed(seed)
         model = WavLMModel(config if config is not None else tiny_config())
@@ -464,13 +476,17 @@ def cnn_features(model, audio):
         return base_wavlm(model).feature_extractor(audio).transpose(1, 2)
 
 
-def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None):
+def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None, mask=None, mask_embed=None):
     """Run WavLM from CNN output: returns [input to layer 1, output of layer 1, ..., of n_layers],
     i.e. the first n_layers + 1 entries of transformers' hidden_states. Stops early: layers above
-    the one you need are never computed."""
+    the one you need are never computed. mask (batch x frames, bool) and mask_embed (hidden): the
+    masked frames' projected features are replaced by mask_embed, as in masked-prediction pretraining
+    (models/pretrain_tiny.py; transformers ignores mask_time_indices once SpecAugment is off)."""
     m = base_wavlm(model)
     enc = m.encoder
     h, _ = m.feature_projection(cnn)
+    if mask is not None:
+        h = torch.where(mask[..., None], mask_embed.to(h.dtype), h)
     h = h + enc.pos_conv_embed(h)
     if not m.config.do_stable_layer_norm:
         h = enc.layer_norm(h)
@@ -710,6 +726,12 @@ def subject_list(requested, study):
 def model_tag(name, seed):
     """Folder-safe name of a base model, e.g. tiny_seed0 or microsoft--wavlm-base-plus."""
     return f"tiny_seed{seed}" if name == "tiny" else name.strip("/").replace("/", "--")
+
+
+def run_name(subject, roi, mode, seed, init_from=None):
+    """Stage 03's name of a run (its checkpoint folder and results file), read by stages 04 and 05;
+    a run started from another (--init-from) carries that run's name after `_from_`."""
+    return f"03_{subject}_{roi}_{mode}_seed{seed}" + (f"_from_{init_from}" if init_from else "")
 
 
 def feature_cache_dir(data, name, seed, context_s, stride_s):

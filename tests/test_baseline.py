@@ -26,27 +26,32 @@ def test_baseline_outputs(baseline):
         n_vox = len(truth[f"{subj}_kind"])
         assert r["test_r"].shape == (n_vox,) and r["val_r_by_layer"].shape == (2, n_vox)
         assert int(r["best_layer"]) in (0, 2) and r["alphas"].shape == (n_vox,)
-        assert r["weights"].shape == (96 * 4, n_vox) and str(r["model"]) == "tiny"
+        assert r["weights"].shape == (96 * 4, n_vox) and str(r["model"]) == "tiny-pretrained"
         assert int(r["best_layer"]) == [0, 2][int(np.argmax(r["val_r_by_layer"].mean(1)))]
         kind = truth[f"{subj}_kind"]
-        # sound-driven voxels are predicted from a random WavLM; pure-noise voxels are not
+        # sound-driven voxels are predicted from the tiny WavLM; pure-noise voxels are not
         assert r["test_r"][kind == 0].mean() > 0.3
         assert r["test_r"][kind == 0].mean() > r["test_r"][kind == 3].mean() + 0.2
     assert os.path.exists(f"{results}/02_baseline.png")
-    assert len(os.listdir(f"{data}/features/tiny_seed0/context16s_stride4s")) == 5
+    assert len(os.listdir(f"{data}/features/tiny-pretrained/context16s_stride4s")) == 5
 
 
 def test_each_window_setting_keeps_its_own_feature_cache(baseline, tmp_path, capsys):
     data, _ = baseline
-    default = f"{data}/features/tiny_seed0/context16s_stride4s"
+    default = f"{data}/features/tiny-pretrained/context16s_stride4s"
     first = {f: os.path.getmtime(f"{default}/{f}") for f in os.listdir(default)}
     results = str(tmp_path / "r")
     assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--context-s", "8",
                              "--subjects", "sim01"]) == 0
-    assert len(os.listdir(f"{data}/features/tiny_seed0/context8s_stride4s")) == 5
+    assert len(os.listdir(f"{data}/features/tiny-pretrained/context8s_stride4s")) == 5
     assert {f: os.path.getmtime(f"{default}/{f}") for f in os.listdir(default)} == first  # untouched
     r = common.load_npz(f"{results}/02_baseline_sim01.npz")
     assert float(r["context_s"]) == 8.0
+    # the random tiny model is still one flag away, with its own cache
+    assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--model", "tiny",
+                             "--subjects", "sim01"]) == 0
+    assert str(common.load_npz(f"{results}/02_baseline_sim01.npz")["model"]) == "tiny"
+    assert len(os.listdir(f"{data}/features/tiny_seed0/context16s_stride4s")) == 5
 
 
 @pytest.mark.parametrize("flags, msg", [

@@ -210,3 +210,80 @@ def test_bad_ranges_are_one_line_and_write_nothing(trained, tmp_path, capsys, fl
     assert sorted(os.listdir(out)) == before and not os.path.exists(ckpt)
     if "nonexistent" in flags:  # the message lists what can be adapted
         assert all(name in err for name in ("q_proj", "out_proj", "intermediate_dense", "projection"))
+
+
+# --------------------------------------------------------------------------- --init-from
+
+def _features(model, tiny_study):
+    audio = common.load_npz(f"{tiny_study}/stories/story00.npz")["audio"][:16000 * 20]
+    return common.extract_features(model, audio, layers=[1, 2], context_s=4.0, stride_s=2.0)[0]
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_init_from_starts_exactly_at_the_checkpoint(trained, tmp_path, full):
+    data, results, ckpt = trained
+    m = load_stage(STAGE)
+    mode = ["--full-finetune"] if full else []
+    if full:  # a full fine-tuning checkpoint to start from
+        ckpt = str(tmp_path / "ckpt")
+        import shutil
+        shutil.copytree(results, tmp_path / "r")
+        assert run_stage(STAGE, ["--data", data, "--results", str(tmp_path / "r"), "--checkpoints", ckpt,
+                                 "--subject", "sim01", "--epochs", "1", "--block-trs", "16"] + mode) == 0
+    source = f"{ckpt}/03_sim01_whole_{'full' if full else 'lora'}_seed0"
+    baseline = common.load_npz(f"{results}/02_baseline_sim01.npz")
+    args = m.get_args(["--roi", "AC", "--init-from", source] + FAST + mode)
+    model, readout, _, origin, init = m.setup_model(args, baseline, 1, 7, "cpu")
+    model.eval()  # new LoRA dropout modules start in train mode; compare without dropout
+    assert init == (f"{source}/best", f"sim01_whole_{origin['mode']}_seed0") and readout[1].out_features == 7
+    ref = common.load_tuned_wavlm(baseline, f"{source}/best/model", full=full)
+    plain = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]))
+    ours, theirs, base = _features(model, data), _features(ref, data), _features(plain, data)
+    for a, b, c in zip(ours, theirs, base):
+        np.testing.assert_array_equal(a, b)  # the first forward pass is the checkpoint's
+        assert not np.allclose(a, c, atol=1e-4)  # and not the untuned model's
+
+
+def test_init_from_run_is_named_and_recorded_and_read_by_stages_04_and_05(trained, tmp_path):
+    data, results, ckpt = trained
+    out = str(tmp_path / "r")
+    import shutil
+    shutil.copytree(results, out)
+    source = f"{ckpt}/03_sim01_whole_lora_seed0"
+    assert run_stage(STAGE, ["--data", data, "--results", out, "--checkpoints", ckpt, "--subject", "sim01",
+                             "--roi", "AC", "--init-from", source] + FAST[:1] + ["1"] + FAST[2:]) == 0
+    name = "03_sim01_AC_lora_seed0_from_sim01_whole_lora_seed0"
+    res = common.load_npz(f"{out}/{name}.npz")
+    assert str(res["init_from"]) == f"{source}/best" and str(res["roi"]) == "AC"
+    assert os.path.isdir(f"{ckpt}/{name}/best/model")
+    assert str(common.load_npz(f"{out}/03_sim01_whole_lora_seed0.npz")["init_from"]) == ""
+    assert run_stage("04_cross_subject.py", ["--data", data, "--results", out, "--checkpoints", ckpt, "--roi", "AC",
+                                             "--tuned-on", "sim01", "--evaluate-on", "sim01",
+                                             "--init-from", "sim01_whole_lora_seed0"]) == 0
+    cross = common.load_npz(f"{out}/04_cross_subject.npz")
+    np.testing.assert_allclose(cross["test_r_sim01_on_sim01"], res["test_r_tuned"], atol=1e-5)
+
+
+def test_init_from_refuses_checkpoints_that_do_not_fit(trained, tmp_path):
+    data, results, ckpt = trained
+    m = load_stage(STAGE)
+    source = f"{ckpt}/03_sim01_whole_lora_seed0"
+    baseline = common.load_npz(f"{results}/02_baseline_sim01.npz")
+
+    def refused(flags, base=baseline):
+        with pytest.raises(common.StudyError) as e:
+            m.setup_model(m.get_args(["--roi", "AC"] + FAST + flags), base, 0, 5, "cpu")
+        return str(e.value)
+    assert "is a lora checkpoint; this run is full" in refused(["--init-from", source, "--full-finetune"])
+    assert "another LoRA shape" in refused(["--init-from", source, "--lora-rank", "8"])
+    assert "another LoRA shape" in refused(["--init-from", source, "--lora-targets", "q_proj", "v_proj"])
+    other = dict(baseline, model=np.array("tiny"))  # the random model, not the pretrained one
+    assert "another base model (tiny-pretrained, seed 0) than stage 02's (tiny, seed 0)" in refused(["--init-from", source], other)
+    assert "no stage 03 checkpoint there" in refused(["--init-from", str(tmp_path)])
+    old = tmp_path / "old"  # a checkpoint written before origins were recorded
+    import shutil
+    shutil.copytree(f"{source}/best", old)
+    state = torch.load(old / "state.pt", weights_only=True)
+    del state["origin"]
+    torch.save(state, old / "state.pt")
+    assert "predates --init-from" in refused(["--init-from", str(old)])
