@@ -421,9 +421,10 @@ def read_hf5(path):
 def bad_voxels(resp):
     """(non-finite, constant) voxel masks of a (..., TRs, voxels) response."""
     flat = resp.reshape(-1, resp.shape[-1])
-    finite = np.isfinite(flat)
-    nonfinite = ~finite.all(0)
-    constant = ~nonfinite & (np.nanstd(np.where(finite, flat, np.nan), 0) == 0)
+    nonfinite = ~np.isfinite(flat).all(0)
+    constant = np.zeros(flat.shape[1], bool)
+    ok = ~nonfinite  # std only over finite voxels; no copy of the (GB-sized) array when all are
+    constant[ok] = (flat.std(0) if ok.all() else flat[:, ok].std(0)) == 0
     return nonfinite, constant
 
 
