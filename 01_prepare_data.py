@@ -67,7 +67,8 @@ CATEGORIES = {
                "bored grateful guilty hopeful anxious curious tender",
 }
 FUNCTION_WORDS = "the a and of to in was he she it then with that but for".split()
-VOICES = ["en-us", "en-us+m3", "en-us+f3", "en-us+m7", "en-us+f4", "en-us+m1"]
+# variants whose audio is the same every time: en-us+f2, +f3 and +f5 add noise seeded from the clock
+VOICES = ["en-us", "en-us+m3", "en-us+f1", "en-us+m7", "en-us+f4", "en-us+m1"]
 KIND_NAMES = np.array(["auditory", "semantic", "mixed", "noise"])
 
 

@@ -52,6 +52,19 @@ def test_simulated_layout(tiny_study):
     assert np.all(truth["semantic_vectors"][truth["vocab_category"] < 0] == 0)
 
 
+def test_every_voice_speaks_the_same_audio_at_another_time():
+    """Some espeak-ng variants (en-us+f3 among them) add noise seeded from the clock: same seed,
+    other audio a second later. Every voice the study may use must be free of it."""
+    import time
+    from conftest import load_stage
+    m = load_stage(STAGE)
+    first = m.synthesize_all(["dog", "rainbow"], m.VOICES, 170)
+    time.sleep(1.1)
+    again = m.synthesize_all(["dog", "rainbow"], m.VOICES, 170)
+    for voice, a, b in zip(m.VOICES, first, again):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b)), voice
+
+
 def test_simulated_signals_come_from_their_drives(tiny_study):
     """Auditory voxels follow the acoustic drive, semantic voxels the semantic drive (the truth)."""
     truth = common.load_npz(f"{tiny_study}/truth.npz")
