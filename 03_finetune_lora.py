@@ -290,7 +290,7 @@ def train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp
         order = np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))  # seeded, resumable
         losses = []
         steps = range(0, len(order), args.batch_blocks)
-        bar = progress(steps, f"  {name} epoch {epoch + 1}")
+        bar = common.progress_bar(steps, f"  {name} epoch {epoch + 1}")
         for k in bar:
             opt.zero_grad()
             for j in order[k:k + args.batch_blocks]:
@@ -320,15 +320,6 @@ def train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp
     if not history["val_r"]:
         raise StudyError(f"{name}: no epoch ran (--epochs {args.epochs})")
     return history
-
-
-def progress(steps, desc):
-    """A tqdm bar on a terminal; the plain steps when the output goes to a file (one line per epoch)."""
-    import sys
-    if not sys.stderr.isatty():
-        return steps
-    from tqdm import tqdm
-    return tqdm(steps, desc=desc, leave=False)
 
 
 def run(args, subj, seed, study, device, baseline):

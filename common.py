@@ -46,6 +46,15 @@ def set_threads(n=None):
     torch.set_num_threads(n)
 
 
+def progress_bar(items, desc):
+    """A tqdm bar on a terminal; the plain items when the output goes to a file (a bar there
+    writes thousands of characters per epoch)."""
+    if not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, leave=False)
+
+
 def save_npz(path, **arrays):
     """np.savez to a temp file in the same folder, then rename: a crash never leaves half a file."""
     path = str(path)
@@ -590,8 +599,7 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     out = [[None] * len(wins) for _ in layers]
     index = {w: i for i, w in enumerate(wins)}
     if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc="    windows", leave=False, unit="batch")
+        batches = progress_bar(batches, "    windows")
     with torch.set_grad_enabled(grad), autocast(dev):
         for batch in batches:
             if local_cnn:
