@@ -84,6 +84,9 @@ def get_args(argv=None):
     g.add_argument("--n-val-stories", type=int, default=1)
     g.add_argument("--story-seconds", type=float, default=120.0, help="length of each train/val story")
     g.add_argument("--test-seconds", type=float, default=240.0, help="length of the test story")
+    g.add_argument("--story-trs", type=int, nargs="+", help="TRs of each train then validation story (the "
+                   "last --n-val-stories are validation), e.g. ds003020's counts (bench/scale.py); overrides "
+                   "--n-train-stories and --story-seconds")
     g.add_argument("--test-repeats", type=int, default=10, help="times the test story is heard")
     g.add_argument("--n-categories", type=int, default=10, help=f"semantic categories (<= {len(CATEGORIES)})")
     g.add_argument("--words-per-category", type=int, default=4,
@@ -124,6 +127,11 @@ def check_args(args):
         ("--rate", args.rate, 80, 450, " words per minute (espeak-ng's range)"),
         ("--semantic-dim", args.semantic_dim, 1, None, ""),
     ]
+    if args.story_trs:
+        checks += [("--story-trs", min(args.story_trs), 10, None, " TRs per story")]
+        if len(args.story_trs) <= args.n_val_stories:
+            raise StudyError(f"--story-trs gives {len(args.story_trs)} stories; {args.n_val_stories} are validation "
+                             "stories (--n-val-stories), so at least one more is needed for training")
     for flag, value, lo, hi, why in checks:
         if value < lo or (hi is not None and value > hi):
             bounds = f"{lo:g}..{hi:g}" if hi is not None else f">= {lo:g}"
@@ -261,13 +269,18 @@ def build_simulated(args):
     clips = synthesize_all(list(vocab), voices, args.rate)
     print(f"synthesized {len(vocab)} words x {len(voices)} voice(s) in {time.time() - t0:.1f} s")
 
-    names = ([f"story{i:02d}" for i in range(args.n_train_stories)]
+    n_train = len(args.story_trs) - args.n_val_stories if args.story_trs else args.n_train_stories
+    names = ([f"story{i:02d}" for i in range(n_train)]
              + [f"val{i:02d}" for i in range(args.n_val_stories)] + ["test"])
+    trs = dict(zip(names, args.story_trs or []))  # exact TR counts, when given
     stories = {}
     for name in names:
         secs = args.test_seconds if name == "test" else args.story_seconds
+        if name in trs:  # audio until 1 s past the last TR, then the TR grid cut to the count
+            secs = FIRST_TR_TIME + TR * (trs[name] - 1) + 1.0
         audio, idx, on, off = make_story(secs, vocab, category, clips, rng, len(voices))
-        stories[name] = dict(audio=audio, idx=idx, on=on, off=off, tr_times=story_tr_times(len(audio) / SR))
+        tr_times = story_tr_times(len(audio) / SR)[:trs.get(name)]
+        stories[name] = dict(audio=audio, idx=idx, on=on, off=off, tr_times=tr_times)
 
     # Latent drives at 100 Hz, shared by all subjects: acoustics (log-mel) and meaning (the vector of
     # the word being heard). Each is put through the HRF and averaged within TRs.
@@ -307,8 +320,13 @@ def build_simulated(args):
         # each subject mixes the shared latents into its voxels its own way
         w_aco = (0.5 + rng.standard_normal((n_aco, v))) * np.isin(kind, [0, 2])
         w_sem = rng.standard_normal((args.semantic_dim, v)) * np.isin(kind, [1, 2])
-        signal = {n: d[0] @ w_aco / np.sqrt(n_aco) + d[1] @ w_sem for n, d in drives.items()}
-        sd_sig = np.concatenate(list(signal.values())).std(0)
+
+        def signal(n):  # recomputed when needed: one story's signal in memory at a time
+            return drives[n][0] @ w_aco / np.sqrt(n_aco) + drives[n][1] @ w_sem
+        # the signal's std over every story, in two passes story by story (mean, then deviations)
+        rows = sum(len(d[0]) for d in drives.values())
+        mean = sum(signal(n).sum(0) for n in drives) / rows
+        sd_sig = np.sqrt(sum(((signal(n) - mean) ** 2).sum(0) for n in drives) / rows)
         sd_sig[sd_sig == 0] = 1
         noise_sd = np.exp(rng.uniform(*np.log(args.noise_sd), size=v))
 
@@ -317,16 +335,23 @@ def build_simulated(args):
             for t in range(1, len(e)):
                 e[t] = 0.3 * e[t - 1] + np.sqrt(1 - 0.09) * e[t]
             return x + e * noise_sd
-        resp = {n: zscore(noisy(sig / sd_sig)) for n, sig in signal.items() if n != "test"}
-        test_signal = signal["test"] / sd_sig
-        repeats = np.stack([noisy(test_signal) for _ in range(args.test_repeats)]).astype(np.float32)
-        order = rng.permutation(v)
-        roi = dict(roi_AC=kind == 0, roi_LH=np.isin(np.arange(v), order[:v // 2]),
-                   roi_RH=np.isin(np.arange(v), order[v // 2:]))
-        save_npz(os.path.join(tmp_out, "subjects", f"{subj}.npz"),
-                 **{f"resp_{n}": r for n, r in resp.items()}, test_resp=zscore(repeats.mean(0)),
-                 test_repeats=repeats, noise_ceiling=noise_ceiling(repeats),
-                 constant_voxels=np.zeros(v, bool), nan_voxels=np.zeros(v, bool), **roi)
+        test_signal = signal("test") / sd_sig
+
+        def arrays():  # in the order the noise is drawn: responses, test repeats, then ROIs
+            for n in drives:
+                if n != "test":
+                    yield f"resp_{n}", zscore(noisy(signal(n) / sd_sig))
+            repeats = np.stack([noisy(test_signal) for _ in range(args.test_repeats)]).astype(np.float32)
+            yield "test_resp", zscore(repeats.mean(0))
+            yield "noise_ceiling", noise_ceiling(repeats)
+            yield "test_repeats", repeats
+            del repeats
+            order = rng.permutation(v)
+            yield "roi_AC", kind == 0
+            yield "roi_LH", np.isin(np.arange(v), order[:v // 2])
+            yield "roi_RH", np.isin(np.arange(v), order[v // 2:])
+        save_npz(os.path.join(tmp_out, "subjects", f"{subj}.npz"), arrays(),
+                 constant_voxels=np.zeros(v, bool), nan_voxels=np.zeros(v, bool))
         # the ceiling from the truth: expected r between the signal and the mean of N noisy repeats
         var_s = test_signal.var(0)
         true_ceiling = np.sqrt(var_s / (var_s + noise_sd ** 2 / args.test_repeats))
@@ -338,8 +363,8 @@ def build_simulated(args):
     truth["test_semantic_drive"] = drives["test"][1].astype(np.float32)
     save_npz(os.path.join(tmp_out, "truth.npz"), **truth)
     save_npz(os.path.join(tmp_out, "study.npz"), source=np.array("simulated"), subjects=np.array(subjects),
-             train_stories=np.array(names[:args.n_train_stories]),
-             val_stories=np.array(names[args.n_train_stories:-1]), test_story=np.array("test"),
+             train_stories=np.array(names[:n_train]),
+             val_stories=np.array(names[n_train:-1]), test_story=np.array("test"),
              tr=np.float64(TR), seed=np.int64(args.seed))
     return tmp_out, subjects, stories
 

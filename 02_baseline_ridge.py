@@ -40,6 +40,11 @@ def get_args(argv=None):
     p.add_argument("--alphas", type=float, nargs="+", default=list(common.ALPHAS),
                    help="ridge penalties to search (default: logspace(0, 6, 13), see common.ALPHAS)")
     p.add_argument("--n-folds", type=int, default=5)
+    p.add_argument("--sweep-voxels", type=int, default=0, help="compare layers on this many random voxels "
+                   "(0: all); the best layer is then fit on every voxel. Cheaper for real data (README)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --sweep-voxels draw")
+    p.add_argument("--save-weights", action="store_true", help="also write the ridge weights (features x "
+                   "voxels: ~1 GB per subject for wavlm-base-plus on ds003020) to 02_weights_<subject>.npz")
     p.add_argument("--refresh-features", action="store_true", help="recompute the feature cache")
     return p.parse_args(argv)
 
@@ -49,22 +54,37 @@ def stack(ds, stories, layer, delays):
 
 
 def fit_and_score(ds, d, study, layers, args, device):
-    """Layer sweep on validation stories, best layer refit on train + val, scored on the test story."""
+    """Layer sweep on validation stories, best layer refit on train + val, scored on the test story.
+
+    The responses are read once into one array (train rows, then validation rows): the sweep uses
+    views of it and the final fit all of it, so a subject's responses are in memory once. With
+    --sweep-voxels N, the sweep sees N voxels drawn at random (the layer choice is a mean over
+    voxels, so a subset picks it at a fraction of the cost); the final fit always sees every voxel."""
     train, val = study["train"], study["val"]
-    Y_train = np.vstack([d[f"resp_{s}"] for s in train])
-    Y_val = np.vstack([d[f"resp_{s}"] for s in val])
+    Y_fit = common.stack_responses(d, train + val)
+    n_train = len(Y_fit) - sum(common.array_shape(d, f"resp_{s}")[0] for s in val)
+    n_vox = Y_fit.shape[1]
+    sweep = np.arange(n_vox)
+    if args.sweep_voxels and args.sweep_voxels < n_vox:
+        sweep = np.sort(np.random.default_rng(args.seed).choice(n_vox, args.sweep_voxels, replace=False))
+        print(f"    layer sweep on {len(sweep)} of {n_vox} voxels (--sweep-voxels)", flush=True)
+    Y_train, Y_val = Y_fit[:n_train], Y_fit[n_train:]
+    if len(sweep) < n_vox:
+        Y_train, Y_val = Y_train[:, sweep], Y_val[:, sweep]
     val_r = []
     for layer in layers:
+        t0 = time.time()
         W, _, _ = common.ridge_cv(stack(ds, train, layer, args.delays), Y_train, args.alphas,
                                   n_folds=args.n_folds, device=device)
         val_r.append(common.pearson_r(Y_val, common.ridge_predict(stack(ds, val, layer, args.delays), W, device)))
-        print(f"    layer {layer}: mean validation r {val_r[-1].mean():.4f}", flush=True)
+        print(f"    layer {layer}: mean validation r {val_r[-1].mean():.4f} ({time.time() - t0:.0f} s)", flush=True)
+    del Y_train, Y_val, W
     val_r = np.array(val_r)
     best = layers[int(np.argmax(val_r.mean(1)))]
     test_r, W, alphas = common.score_on_test({s: ds[s][best] for s in ds}, d, study, args.delays, args.alphas,
-                                             device, args.n_folds)
+                                             device, args.n_folds, Y=Y_fit)
     return dict(test_r=test_r, val_r_by_layer=val_r.astype(np.float32), best_layer=np.int64(best),
-                alphas=alphas, weights=W)
+                alphas=alphas, sweep_voxels=sweep), W
 
 
 def roi_masks(d, n_voxels):
@@ -112,6 +132,8 @@ def main(argv=None):
     t0 = time.time()
     try:
         common.check_window(args.context_s, args.stride_s)
+        if args.sweep_voxels < 0:
+            raise StudyError(f"--sweep-voxels {args.sweep_voxels} is out of range: it must be >= 0 (0: all voxels)")
         device = common.pick_device(args.device)
         study = common.load_study(args.data)
         subjects = common.subject_list(args.subjects, study)
@@ -136,7 +158,10 @@ def main(argv=None):
             d = subject_data[subj]
             n_vox = d["test_resp"].shape[1]
             print(f"  subject {subj}: {n_vox} voxels, ridge per layer", flush=True)
-            res = fit_and_score(ds, d, study, layers, args, device)
+            res, W = fit_and_score(ds, d, study, layers, args, device)
+            if args.save_weights:  # apart from the results: stages 03-05 read those whole
+                common.save_npz(os.path.join(args.results, f"02_weights_{subj}.npz"), weights=W)
+            del W
             common.save_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), **res,
                             layers=np.array(layers), noise_ceiling=d["noise_ceiling"], model=np.array(args.model),
                             model_seed=np.int64(args.model_seed), context_s=np.float64(args.context_s),

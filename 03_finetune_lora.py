@@ -336,6 +336,7 @@ def run(args, subj, seed, study, device, baseline):
     resp = {s: torch.as_tensor(d[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
     val_resp = {s: d[f"resp_{s}"][:, mask] for s in study["val"]}
     history = train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp, layer, seed, device, study)
+    del resp  # the ridge below reads the responses again: never hold them twice (UTS01: ~10 GB each)
 
     # evaluation of the best epoch
     load_weights(os.path.join(ckpt, "best"), model, readout, args.full_finetune)

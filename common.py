@@ -4,6 +4,7 @@ Read top to bottom: small helpers and npz I/O, then the encoding-model numerics 
 (Lanczos resampling, delays, z-scoring, Pearson r, noise ceiling, ridge with per-voxel alphas).
 Numpy in, numpy out, float32; torch versions where stage 03 needs gradients.
 """
+import itertools
 import os
 import sys
 import tempfile
@@ -55,15 +56,21 @@ def progress_bar(items, desc):
     return tqdm(items, desc=desc, leave=False)
 
 
-def save_npz(path, **arrays):
-    """np.savez to a temp file in the same folder, then rename: a crash never leaves half a file."""
+def save_npz(path, items=(), **arrays):
+    """Write an npz (uncompressed, as np.savez) to a temp file in the same folder, then rename: a
+    crash never leaves half a file. `items`: (name, array) pairs, e.g. a generator, written one at a
+    time before the keyword arrays, so a subject's responses need never be in memory all at once."""
+    import zipfile
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".npz")
     os.close(fd)
     try:
-        np.savez(tmp, **arrays)
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, value in itertools.chain(items, arrays.items()):  # one array in memory at a time
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
@@ -301,29 +308,43 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu",
     n_vox = Y.shape[1]
     Xt = torch.from_numpy(X).to(dev)
 
-    def eig_basis(gram):
-        # float64 for the decomposition: squaring X squares its condition number
-        lam, V = torch.linalg.eigh(gram)
-        return lam.clamp(min=0), V.float()
-
     X64 = Xt.double()
-    gram = X64.T @ X64
+    wide = X.shape[0] <= X.shape[1]  # fewer rows than features (a small study, a wide model)
+    gram = None if wide else X64.T @ X64
+
+    def eig_basis(rows):
+        """Eigenvalues and eigenvectors of X[rows]^T X[rows], in float64 (squaring X squares its
+        condition number). With fewer rows than features, from the small rows x rows Gram matrix:
+        X^T Y lies in the span of X's rows, so those eigenvectors are all the solution needs."""
+        if not wide:
+            rest = torch.as_tensor(np.setdiff1d(np.arange(X.shape[0]), rows.cpu().numpy()), device=dev)
+            lam, V = torch.linalg.eigh(gram - X64[rest].T @ X64[rest])
+            return lam.clamp(min=0), V.float()
+        Xr = X64[rows]
+        lam, U = torch.linalg.eigh(Xr @ Xr.T)
+        keep = lam > lam.max() * 1e-10
+        return lam[keep], (Xr.T @ U[:, keep] / lam[keep].sqrt()).float()
+
     basis = []  # per fold: eigenvalues, eigenvectors, held-out rows in that basis
     for train, test in folds:
         test = torch.as_tensor(test, device=dev)
-        lam, V = eig_basis(gram - X64[test].T @ X64[test])
-        basis.append((test, lam, V, Xt[test] @ V))
+        lam, V = eig_basis(torch.as_tensor(train, device=dev))
+        P = Xt[test] @ V  # held-out rows in the eigenbasis
+        # the norm of each alpha's centred prediction P E: from the small Gram matrix of P when the
+        # fold has more rows than features (p^2 instead of rows x p per voxel: 5x less at UTS01's shape)
+        Pc = (P - P.mean(0)).double()
+        basis.append((test, lam, V, P, (Pc.T @ Pc).float() if P.shape[0] > P.shape[1] else None))
     cv_r = torch.zeros(len(alphas), n_vox, dtype=torch.float64, device=dev)
     W = np.zeros((X.shape[1], n_vox), dtype=np.float32)
     best_alphas = np.zeros(n_vox, dtype=np.float32)
-    lam_all, V_all = eig_basis(gram)
+    lam_all, V_all = eig_basis(torch.arange(X.shape[0], device=dev))
     for b, v0 in enumerate(range(0, n_vox, voxel_batch)):
         if progress:
             print(f"    ridge voxels {v0}-{min(n_vox, v0 + voxel_batch)} of {n_vox}", flush=True)
         Yb = torch.from_numpy(np.ascontiguousarray(Y[:, v0:v0 + voxel_batch])).to(dev)
         sl = slice(v0, v0 + Yb.shape[1])
         XtY = Xt.T @ Yb
-        for test, lam, V, P in basis:
+        for test, lam, V, P, G in basis:
             Yte = Yb[test]
             Z = V.T @ (XtY - Xt[test].T @ Yte)  # training X^T Y in the eigenbasis
             yz = Yte - Yte.mean(0)
@@ -332,9 +353,11 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu",
             pmean = P.mean(0)
             for a, alpha in enumerate(alphas):
                 EZ = Z / (lam.float() + float(alpha))[:, None]
-                pred = P @ EZ
-                pc = pred - (pmean @ EZ)[None]
-                cv_r[a, sl] += ((cross * EZ).sum(0) / pc.norm(dim=0).clamp(min=1e-12)).double()
+                if G is not None:
+                    norm = ((G @ EZ) * EZ).sum(0).clamp(min=0).sqrt()
+                else:
+                    norm = (P @ EZ - (pmean @ EZ)[None]).norm(dim=0)
+                cv_r[a, sl] += ((cross * EZ).sum(0) / norm.clamp(min=1e-12)).double()
         score = cv_r[:, sl] / len(folds)
         # larger alpha wins ties (himalaya adds the same tiny slope)
         best = torch.argmax(score + 1e-10 * torch.log(torch.as_tensor(alphas, device=dev))[:, None], 0)
@@ -662,14 +685,15 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
     return ds
 
 
-def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5):
+def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5, Y=None):
     """The final step of the stage 02 recipe for one layer: ridge (per-voxel alpha) fit on train +
     validation stories, Pearson r per voxel on the test story. ds[story]: downsampled features of
-    that layer (tr_grid rows x hidden). Returns (test_r, weights, alphas)."""
+    that layer (tr_grid rows x hidden). Y: the train + validation responses, when the caller already
+    holds them (stage 02); otherwise they are read from `d`. Returns (test_r, weights, alphas)."""
     fit = study["train"] + study["val"]
     X = np.vstack([design_matrix(ds[s], delays) for s in fit])
-    Y = np.vstack([d[f"resp_{s}"] for s in fit])
-    W, best_alphas, _ = ridge_cv(X, Y, alphas, n_folds=n_folds, device=device)
+    W, best_alphas, _ = ridge_cv(X, stack_responses(d, fit) if Y is None else Y, alphas, n_folds=n_folds,
+                                 device=device)
     pred = ridge_predict(design_matrix(ds[study["test"]], delays), W, device)
     return pearson_r(d["test_resp"], pred), W, best_alphas
 
@@ -710,17 +734,48 @@ def load_study(data):
 
 
 def load_subject(data, subject, study):
-    """subjects/<subject>.npz checked for every response the stages need."""
+    """subjects/<subject>.npz, checked for every response the stages need, opened lazily: d[key]
+    reads that one array from disk (UTS01's responses are ~10 GB; no stage holds them twice)."""
     path = os.path.join(data, "subjects", f"{subject}.npz")
     if subject not in study["subjects"] or not os.path.exists(path):
         raise StudyError(f"unknown subject {subject!r}: {data} has {', '.join(study['subjects'])}")
-    d = load_npz(path)
+    try:
+        d = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise StudyError(f"{path} is not a plain npz file ({e}); rebuild it with 01_prepare_data.py")
     missing = [f"resp_{s}" for s in study["train"] + study["val"] if f"resp_{s}" not in d]
     missing += [] if "test_resp" in d else ["test_resp"]
     if missing:
         raise StudyError(f"{path} has no responses {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
                          "rebuild the data with 01_prepare_data.py")
     return d
+
+
+def array_shape(d, key):
+    """Shape of d[key] without reading the array when d is an open npz (its .npy header only)."""
+    if not hasattr(d, "zip"):
+        return d[key].shape
+    with d.zip.open(f"{key}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return header(f)[0]
+
+
+def stack_responses(d, stories, voxels=None):
+    """The responses of `stories` one under the other (TRs x voxels, float32), read story by story
+    into one preallocated array: the peak is the stack itself, not the stack plus a list of parts.
+    voxels: a boolean mask or index array to keep only those columns."""
+    shapes = [array_shape(d, f"resp_{s}")[0] for s in stories]
+    n_vox = d["test_resp"].shape[1] if voxels is None else int(np.count_nonzero(voxels)) \
+        if np.asarray(voxels).dtype == bool else len(voxels)
+    out = np.empty((sum(shapes), n_vox), np.float32)
+    row = 0
+    for s, n in zip(stories, shapes):
+        r = d[f"resp_{s}"]
+        out[row:row + n] = r if voxels is None else r[:, voxels]
+        row += n
+        del r
+    return out
 
 
 def subject_list(requested, study):

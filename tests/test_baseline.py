@@ -26,7 +26,9 @@ def test_baseline_outputs(baseline):
         n_vox = len(truth[f"{subj}_kind"])
         assert r["test_r"].shape == (n_vox,) and r["val_r_by_layer"].shape == (2, n_vox)
         assert int(r["best_layer"]) in (0, 2) and r["alphas"].shape == (n_vox,)
-        assert r["weights"].shape == (96 * 4, n_vox) and str(r["model"]) == "tiny-pretrained"
+        # the weights (1 GB per subject at real scale) stay out of the file later stages read whole
+        assert "weights" not in r and str(r["model"]) == "tiny-pretrained"
+        assert np.array_equal(r["sweep_voxels"], np.arange(n_vox))
         assert int(r["best_layer"]) == [0, 2][int(np.argmax(r["val_r_by_layer"].mean(1)))]
         kind = truth[f"{subj}_kind"]
         # sound-driven voxels are predicted from the tiny WavLM; pure-noise voxels are not
@@ -41,12 +43,15 @@ def test_each_window_setting_keeps_its_own_feature_cache(baseline, tmp_path, cap
     default = f"{data}/features/tiny-pretrained/context16s_stride4s"
     first = {f: os.path.getmtime(f"{default}/{f}") for f in os.listdir(default)}
     results = str(tmp_path / "r")
-    assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--context-s", "8",
-                             "--subjects", "sim01"]) == 0
+    assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "1", "--context-s", "8",
+                             "--subjects", "sim01", "--sweep-voxels", "20", "--save-weights"]) == 0
     assert len(os.listdir(f"{data}/features/tiny-pretrained/context8s_stride4s")) == 5
     assert {f: os.path.getmtime(f"{default}/{f}") for f in os.listdir(default)} == first  # untouched
     r = common.load_npz(f"{results}/02_baseline_sim01.npz")
     assert float(r["context_s"]) == 8.0
+    # --sweep-voxels: layers compared on 20 voxels, the chosen one fit and scored on all 60
+    assert len(r["sweep_voxels"]) == 20 and r["val_r_by_layer"].shape == (2, 20) and r["test_r"].shape == (60,)
+    assert common.load_npz(f"{results}/02_weights_sim01.npz")["weights"].shape == (96 * 4, 60)
     # the random tiny model is still one flag away, with its own cache
     assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--model", "tiny",
                              "--subjects", "sim01"]) == 0

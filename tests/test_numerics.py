@@ -148,6 +148,27 @@ def test_ridge_cv_closed_form_and_predict():
         common.ridge_cv(X, Y[:-1], alphas)
 
 
+def test_ridge_cv_with_more_features_than_rows_agrees_with_himalaya():
+    """A small study under a wide model (tens of TRs, 3,072 delayed features of wavlm-base-plus):
+    ridge_cv then decomposes the rows x rows Gram matrix; same answer, much less work."""
+    from himalaya.backend import set_backend
+    from himalaya.ridge import RidgeCV
+    from himalaya.scoring import correlation_score
+    set_backend("numpy")
+    X, Y = _ridge_problem(2, n=60, p=150, v=40)
+    alphas = np.logspace(0, 4, 9)
+    folds = common.contiguous_folds(len(X), 5)
+    W, best, cv_r = common.ridge_cv(X, Y, alphas, folds=folds)
+    ref = RidgeCV(alphas=alphas, cv=folds, solver="svd", fit_intercept=False,
+                  solver_params=dict(score_func=correlation_score, local_alpha=True)).fit(X, Y)
+    same = np.isclose(best, ref.best_alphas_)
+    assert same.mean() > 0.95
+    np.testing.assert_allclose(W[:, same], np.asarray(ref.coef_)[:, same], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(cv_r.max(0), np.asarray(ref.cv_scores_), atol=1e-4)
+    W_ref = np.linalg.solve(X.T.astype(np.float64) @ X + 10.0 * np.eye(150), X.T @ Y)
+    np.testing.assert_allclose(common.ridge_cv(X, Y, [10.0])[0], W_ref, atol=1e-4)
+
+
 def test_design_matrix_zscores_on_the_response_rows_like_the_lab():
     """The lab z-scores the downsampled features over the response rows, then delays. Here the
     delays also read PAD_TRS earlier rows: those must be scaled with the response rows' mean and
