@@ -17,7 +17,7 @@ LORA := --lr-adapter 3e-3 --lr-readout 1e-3 --epochs 7 --patience 3
 FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 7 --patience 3
 STAGE_ARGS := --data $(DATA) --results $(RESULTS)
 
-.PHONY: demo test 01 02 03 04 05 clean
+.PHONY: demo test 01 02 03 04 05 clean gpu-wheel
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,3 +52,7 @@ test: $(VENV)/.installed
 
 clean:
 	rm -rf $(DATA) $(RESULTS) $(CHECKPOINTS)
+
+# the espeakng-loader wheel bench/gpu_check.sh installs on a GPU machine without network
+gpu-wheel: $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps -d bench/wheels "espeakng-loader>=0.2.4,<0.3"

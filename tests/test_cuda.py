@@ -1,0 +1,51 @@
+"""The CUDA path: what a user's GPU run does differently from the CPU tests (bf16 autocast, cuda
+tensors). These skip without CUDA; bench/gpu_check.sh runs them on a GPU machine."""
+import numpy as np
+import pytest
+import torch
+
+import common
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_ridge_cv_on_cuda_equals_cpu():
+    rng = np.random.default_rng(0)
+    X = common.zscore(rng.standard_normal((600, 40)).astype(np.float32))
+    Y = common.zscore(X @ rng.standard_normal((40, 300)).astype(np.float32) + 3 * rng.standard_normal((600, 300)))
+    W_cpu, a_cpu, r_cpu = common.ridge_cv(X, Y, device="cpu")
+    W_gpu, a_gpu, r_gpu = common.ridge_cv(X, Y, device="cuda")
+    assert np.mean(a_cpu == a_gpu) > 0.99  # float32 sums in another order may flip a near-tie
+    same = a_cpu == a_gpu
+    np.testing.assert_allclose(W_gpu[:, same], W_cpu[:, same], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(r_gpu, r_cpu, atol=1e-4)
+
+
+def test_bf16_features_on_cuda_are_within_tolerance_of_float32():
+    """extract_features runs under bf16 autocast on cuda (8 bits of mantissa): each hidden state
+    must still correlate > 0.99 with the float32 CPU features, frame by frame."""
+    model = common.load_wavlm("tiny-pretrained")
+    audio = np.random.default_rng(0).standard_normal(16000 * 12).astype(np.float32) * 0.1
+    ref, _ = common.extract_features(model, audio, context_s=4.0, stride_s=2.0)
+    got, _ = common.extract_features(model.to("cuda"), audio, context_s=4.0, stride_s=2.0, device="cuda")
+    for a, b in zip(ref, got):
+        r = common.pearson_r(a.T, b.T)  # per frame, across hidden units
+        assert r.min() > 0.99, r.min()
+        assert np.abs(a - b).mean() / a.std() < 0.05
+
+
+def test_one_lora_step_on_cuda_changes_every_adapter():
+    torch.manual_seed(0)
+    model = common.add_lora(common.load_wavlm("tiny", device="cuda"))
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    opt = torch.optim.Adam(lora.values(), lr=1e-3)
+    audio = torch.randn(16000 * 4, device="cuda") * 0.1
+    model.train()
+    feats, _ = common.extract_features(model, audio, layers=[3], context_s=0.0, stride_s=2.0, grad=True)
+    loss = feats[0].float().pow(2).mean()
+    loss.backward()
+    # lora_B starts at zero, so the first step moves B; both A and B have gradients after it
+    assert all(p.grad is not None for n, p in lora.items() if "lora_B" in n)
+    opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in lora.items() if "lora_B" in n)

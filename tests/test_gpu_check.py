@@ -1,0 +1,21 @@
+"""bench/gpu_check.sh, the prepared GPU check, end to end on CPU at a tiny size: ready the first
+time a GPU is lent."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, BRAINWAVLM_THREADS="2")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--device", "cpu", "--size", "tiny", "--steps", "2",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.load(open(tmp_path / "gpu_check.json"))
+    assert out["device"] == "cpu" and out["tests_rc"] == 0  # the CUDA tests skip here, without failing
+    assert out["stage02_rc"] == 0 and out["stage03_rc"] == 0
+    assert out["features_audio_s_per_s"] > 0 and out["train_steps_per_s"] > 0 and out["train_audio_s_per_s"] > 0
+    assert out["train_flops_per_step"] > 1e9  # two 32-TR blocks through WavLM and back: billions of FLOPs
+    assert os.path.exists(tmp_path / "results" / "03_sim01_whole_lora_seed0.npz")
