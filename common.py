@@ -221,16 +221,19 @@ def noise_ceiling(repeats):
         SP = (N var(mean) - mean var(y_n)) / (N - 1),   CC_max = sqrt(SP / var(mean)).
     A negative SP estimate (pure noise voxel) gives 0. Same units as Pearson r.
     """
-    y = np.asarray(repeats, dtype=np.float64)
-    if y.ndim != 3 or y.shape[0] < 2:
+    repeats = np.asarray(repeats)
+    if repeats.ndim != 3 or repeats.shape[0] < 2:
         raise ValueError("noise_ceiling needs (repeats >= 2, TRs, voxels)")
-    n = y.shape[0]
-    var_mean = y.mean(0).var(0)
-    mean_var = y.var(1).mean(0)
-    sp = (n * var_mean - mean_var) / (n - 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cc = np.where(var_mean > 0, np.sqrt(np.clip(sp, 0, None) / var_mean), 0.0)
-    return np.clip(cc, 0, 1).astype(np.float32)
+    n, out = repeats.shape[0], np.empty(repeats.shape[2], np.float32)
+    for v0 in range(0, repeats.shape[2], 10000):  # float64 in voxel slices: whole, it is 2 GB for UTS01
+        y = repeats[:, :, v0:v0 + 10000].astype(np.float64)
+        var_mean = y.mean(0).var(0)
+        mean_var = y.var(1).mean(0)
+        sp = (n * var_mean - mean_var) / (n - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cc = np.where(var_mean > 0, np.sqrt(np.clip(sp, 0, None) / var_mean), 0.0)
+        out[v0:v0 + 10000] = np.clip(cc, 0, 1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
