@@ -1,8 +1,12 @@
 """Shared pieces of the BrainWavLM study: what two or more stages use.
 
-Read top to bottom: small helpers and npz I/O, then the encoding-model numerics of the Huth lab
-(Lanczos resampling, delays, z-scoring, Pearson r, noise ceiling, ridge with per-voxel alphas).
-Numpy in, numpy out, float32; torch versions where stage 03 needs gradients.
+Contents, in reading order (section 5 is plumbing: skip it on a first read):
+  1. Encoding-model numerics: lanczos_interp, make_delayed, zscore, pearson_r, noise_ceiling,
+     design_matrix (features -> ridge design), ridge_cv (per-voxel alphas), score_on_test
+  2. The speech model: load_wavlm (WavLM whose attention LoRA can reach), add_lora
+  3. Features: extract_features (causal windows), story_features (one story, cached)
+  4. Data: load_study, load_subject (lazy), stack_responses, log_mel
+  5. Plumbing: StudyError, devices, save_npz / load_npz, run and cache names, shared flags
 """
 import itertools
 import os
@@ -16,96 +20,10 @@ import torch
 # peft's save_pretrained calls a transformers method deprecated in v5; nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-# ---------------------------------------------------------------------------------------------
-# Small helpers: errors, devices, seeds, npz files written atomically
-# ---------------------------------------------------------------------------------------------
-
-
-class StudyError(Exception):
-    """A problem with the user's input. Stages print it as one line and exit non-zero."""
-
-
-def fail(msg):
-    """Print one clear message and exit 1 (the stages' `main` calls this for a StudyError)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
-def pick_device(name=None):
-    """`None`/"auto" -> cuda when present, else cpu."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = str(name)
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise StudyError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def set_threads(n=None):
-    """Pin torch's CPU threads: left alone, torch can oversubscribe a small machine (50x slower seen)."""
-    n = n or int(os.environ.get("BRAINWAVLM_THREADS", 0)) or os.cpu_count() or 1
-    torch.set_num_threads(n)
-
-
-def progress_bar(items, desc):
-    """A tqdm bar on a terminal; the plain items when the output goes to a file (a bar there
-    writes thousands of characters per epoch)."""
-    if not sys.stderr.isatty():
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, leave=False)
-
-
-def save_npz(path, items=(), **arrays):
-    """Write an npz (uncompressed, as np.savez) to a temp file in the same folder, then rename: a
-    crash never leaves half a file. `items`: (name, array) pairs, e.g. a generator, written one at a
-    time before the keyword arrays, so a subject's responses need never be in memory all at once."""
-    import zipfile
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".npz")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, value in itertools.chain(items, arrays.items()):  # one array in memory at a time
-                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_npz(path, what="file"):
-    """np.load without pickles, as a plain dict; a missing file is a StudyError naming it."""
-    if not os.path.exists(path):
-        raise StudyError(f"{what} not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except ValueError as e:
-        raise StudyError(f"{path} is not a plain npz file ({e}); rebuild it with the stage that writes it")
-
-
-def save_figure(fig, path):
-    """Save a matplotlib figure atomically (same reason as save_npz), then close it: stages that
-    plot once per run (03 over seeds and subjects) would otherwise keep every figure open."""
-    import matplotlib.pyplot as plt
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp_" + os.path.basename(path))
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
-
 
 # ---------------------------------------------------------------------------------------------
-# Resampling to TRs: the Huth lab's Lanczos interpolation (lanczosinterp2D)
+# 1. Encoding-model numerics (the Huth lab's recipe): numpy in, numpy out, float32
 # ---------------------------------------------------------------------------------------------
-
 
 def lanczos_kernel(new_times, old_times, window=3, cutoff_mult=1.0):
     """The (new x old) Lanczos-windowed sinc matrix of lanczosinterp2D.
@@ -135,32 +53,6 @@ def lanczos_interp_torch(data, old_times, new_times, window=3, cutoff_mult=1.0):
     k = torch.as_tensor(lanczos_kernel(new_times, old_times, window, cutoff_mult), dtype=data.dtype,
                         device=data.device)
     return k @ data
-
-
-def log_mel(audio, n_bands=8, hop=160, win=400):
-    """Log-mel band energies of 16 kHz audio at 100 Hz (frames x bands, frame-centre times): what
-    drives the simulated auditory voxels (stage 01) and the acoustic probe targets (stage 05)."""
-    n = 1 + (len(audio) - win) // hop
-    sr = 16000
-    frames = np.lib.stride_tricks.sliding_window_view(audio, win)[::hop][:n] * np.hanning(win)
-    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
-    freqs = np.fft.rfftfreq(win, 1 / sr)
-    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
-    edges = 700 * (10 ** (np.linspace(mel(100), mel(7000), n_bands + 2) / 2595) - 1)
-    fb = np.zeros((n_bands, len(freqs)))
-    for b in range(n_bands):
-        lo, mid, hi = edges[b:b + 3]
-        fb[b] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
-    times = (np.arange(n) * hop + win / 2) / sr
-    energy = power @ fb.T
-    # a 40 dB floor, as a hearing threshold: digital silence between words would otherwise send
-    # the log to -inf-ish and dominate the drive with the gap pattern alone
-    return np.log(energy + 1e-4 * energy.mean(0)), times
-
-
-# ---------------------------------------------------------------------------------------------
-# Delays, z-scoring, correlation, noise ceiling
-# ---------------------------------------------------------------------------------------------
 
 
 def make_delayed(x, delays=(1, 2, 3, 4)):
@@ -236,10 +128,6 @@ def noise_ceiling(repeats):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# From speech-model features to a ridge design matrix (stages 02-05 share this exact recipe)
-# ---------------------------------------------------------------------------------------------
-
 PAD_TRS = 8  # TRs downsampled before the first response row, so delays read real audio, not zeros
 
 
@@ -265,11 +153,6 @@ def design_matrix(ds, delays=(1, 2, 3, 4)):
     x = np.asarray(ds, dtype=np.float32)
     mean, std = x[PAD_TRS:].mean(0), x[PAD_TRS:].std(0)
     return make_delayed((x - mean) / np.where(std > 0, std, 1.0), delays)[PAD_TRS:]
-
-
-# ---------------------------------------------------------------------------------------------
-# Ridge regression with one alpha per voxel, chosen by cross-validation over contiguous blocks
-# ---------------------------------------------------------------------------------------------
 
 
 # The lab's bootstrap_ridge grid logspace(1, 3) is logspace(2, 6) in this (himalaya) convention; the
@@ -382,11 +265,34 @@ def ridge_predict(X, W, device="cpu", voxel_batch=20000):
     return out
 
 
+def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5, Y=None):
+    """The final step of the stage 02 recipe for one layer: ridge (per-voxel alpha) fit on train +
+    validation stories, Pearson r per voxel on the test story. ds[story]: downsampled features of
+    that layer (tr_grid rows x hidden). Y: the train + validation responses, when the caller already
+    holds them (stage 02); otherwise they are read from `d`. Returns (test_r, weights, alphas)."""
+    fit = study["train"] + study["val"]
+    X = np.vstack([design_matrix(ds[s], delays) for s in fit])
+    W, best_alphas, _ = ridge_cv(X, stack_responses(d, fit) if Y is None else Y, alphas, n_folds=n_folds,
+                                 device=device)
+    pred = ridge_predict(design_matrix(ds[study["test"]], delays), W, device)
+    return pearson_r(d["test_resp"], pred), W, best_alphas
+
+
+def ridge_recipe(baseline):
+    """Stage 02's ridge settings from its results npz (delays, alpha grid, folds), so stages 03-04
+    score tuned features exactly as the baseline was scored. Results from before the grid and folds
+    were saved used the defaults."""
+    return dict(delays=tuple(int(x) for x in baseline["delays"]),
+                alphas=np.asarray(baseline["alpha_grid"], np.float64) if "alpha_grid" in baseline else ALPHAS,
+                n_folds=int(baseline["n_folds"]) if "n_folds" in baseline else 5)
+
+
 # ---------------------------------------------------------------------------------------------
-# The speech model: WavLM with attention that LoRA can reach
+# 2. The speech model: WavLM with attention that LoRA can reach
 # ---------------------------------------------------------------------------------------------
 
 FRAME_HOP = 320  # WavLM's CNN strides multiply to 320 samples: one frame per 20 ms at 16 kHz
+
 FRAME_WIN = 400  # receptive field of one frame, in samples
 
 
@@ -497,6 +403,18 @@ def base_wavlm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def load_tuned_wavlm(baseline, folder, full, device=None):
+    """A stage 03 checkpoint as a model: the base WavLM stage 02 used (`baseline`: its results npz)
+    with the saved peft adapter, or with the fully fine-tuned weights when `full`."""
+    model = load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
+    if full:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        return model
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, folder).to(pick_device(device)).eval()
+
+
 def autocast(device):
     """bf16 autocast on CUDA, nothing on CPU (float32 there: reproducible to the bit)."""
     dev = torch.device(device)
@@ -504,6 +422,10 @@ def autocast(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
 
+
+# ---------------------------------------------------------------------------------------------
+# 3. Features: causal windows over a story, Lanczos-downsampled to its TRs
+# ---------------------------------------------------------------------------------------------
 
 def cnn_features(model, audio):
     """The frozen CNN front end: (batch, samples) -> (batch, frames, conv channels)."""
@@ -603,10 +525,8 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     layers = list(range(n_layers + 1)) if layers is None else [int(x) for x in layers]
     if not all(0 <= layer <= n_layers for layer in layers):
         raise StudyError(f"layers {layers} out of range: this model has hidden states 0..{n_layers}")
-    hop_s = FRAME_HOP / sr
-    s_f, c_f = int(round(stride_s / hop_s)), int(round(context_s / hop_s))
-    if s_f < 1 or abs(s_f * hop_s - stride_s) > 1e-6 or abs(c_f * hop_s - context_s) > 1e-6:
-        raise StudyError(f"stride_s and context_s must be multiples of the 20 ms frame (got {stride_s}, {context_s})")
+    check_window(context_s, stride_s, ("context_s", "stride_s"))
+    s_f, c_f = int(round(stride_s * sr / FRAME_HOP)), int(round(context_s * sr / FRAME_HOP))
     x = torch.as_tensor(audio, dtype=torch.float32, device=dev).reshape(-1)
     F = n_frames(len(x))
     if F < 1:
@@ -644,16 +564,6 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     return feats, frame_times(F, sr)
 
 
-def model_fingerprint(model):
-    """sha1 of every weight (adapters included): tells one model's feature cache from another's."""
-    import hashlib
-    h = hashlib.sha1()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False, progress=False,
                    top_layer=None, cnn=None, data=None):
     """Hidden states of every layer of one story, Lanczos-downsampled onto tr_grid: an array
@@ -688,39 +598,9 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
     return ds
 
 
-def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5, Y=None):
-    """The final step of the stage 02 recipe for one layer: ridge (per-voxel alpha) fit on train +
-    validation stories, Pearson r per voxel on the test story. ds[story]: downsampled features of
-    that layer (tr_grid rows x hidden). Y: the train + validation responses, when the caller already
-    holds them (stage 02); otherwise they are read from `d`. Returns (test_r, weights, alphas)."""
-    fit = study["train"] + study["val"]
-    X = np.vstack([design_matrix(ds[s], delays) for s in fit])
-    W, best_alphas, _ = ridge_cv(X, stack_responses(d, fit) if Y is None else Y, alphas, n_folds=n_folds,
-                                 device=device)
-    pred = ridge_predict(design_matrix(ds[study["test"]], delays), W, device)
-    return pearson_r(d["test_resp"], pred), W, best_alphas
-
-
-def ridge_recipe(baseline):
-    """Stage 02's ridge settings from its results npz (delays, alpha grid, folds), so stages 03-04
-    score tuned features exactly as the baseline was scored. Results from before the grid and folds
-    were saved used the defaults."""
-    return dict(delays=tuple(int(x) for x in baseline["delays"]),
-                alphas=np.asarray(baseline["alpha_grid"], np.float64) if "alpha_grid" in baseline else ALPHAS,
-                n_folds=int(baseline["n_folds"]) if "n_folds" in baseline else 5)
-
-
-def load_tuned_wavlm(baseline, folder, full, device=None):
-    """A stage 03 checkpoint as a model: the base WavLM stage 02 used (`baseline`: its results npz)
-    with the saved peft adapter, or with the fully fine-tuned weights when `full`."""
-    model = load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
-    if full:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-        return model
-    from peft import PeftModel
-    return PeftModel.from_pretrained(model, folder).to(pick_device(device)).eval()
-
+# ---------------------------------------------------------------------------------------------
+# 4. Data: the study, a subject's responses (read lazily), acoustics
+# ---------------------------------------------------------------------------------------------
 
 def load_study(data):
     """study.npz as a dict of plain Python values; a missing or old-layout file is a StudyError."""
@@ -787,6 +667,122 @@ def subject_list(requested, study):
     if unknown:
         raise StudyError(f"unknown subject(s) {', '.join(unknown)}: this study has {', '.join(study['subjects'])}")
     return subjects
+
+
+def log_mel(audio, n_bands=8, hop=160, win=400):
+    """Log-mel band energies of 16 kHz audio at 100 Hz (frames x bands, frame-centre times): what
+    drives the simulated auditory voxels (stage 01) and the acoustic probe targets (stage 05)."""
+    n = 1 + (len(audio) - win) // hop
+    sr = 16000
+    frames = np.lib.stride_tricks.sliding_window_view(audio, win)[::hop][:n] * np.hanning(win)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    freqs = np.fft.rfftfreq(win, 1 / sr)
+    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+    edges = 700 * (10 ** (np.linspace(mel(100), mel(7000), n_bands + 2) / 2595) - 1)
+    fb = np.zeros((n_bands, len(freqs)))
+    for b in range(n_bands):
+        lo, mid, hi = edges[b:b + 3]
+        fb[b] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
+    times = (np.arange(n) * hop + win / 2) / sr
+    energy = power @ fb.T
+    # a 40 dB floor, as a hearing threshold: digital silence between words would otherwise send
+    # the log to -inf-ish and dominate the drive with the gap pattern alone
+    return np.log(energy + 1e-4 * energy.mean(0)), times
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Plumbing (skip on a first read): errors, devices, npz and figure I/O, names, caches, flags
+# ---------------------------------------------------------------------------------------------
+
+class StudyError(Exception):
+    """A problem with the user's input. Stages print it as one line and exit non-zero."""
+
+
+def fail(msg):
+    """Print one clear message and exit 1 (the stages' `main` calls this for a StudyError)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def pick_device(name=None):
+    """`None`/"auto" -> cuda when present, else cpu."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise StudyError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def set_threads(n=None):
+    """Pin torch's CPU threads: left alone, torch can oversubscribe a small machine (50x slower seen)."""
+    n = n or int(os.environ.get("BRAINWAVLM_THREADS", 0)) or os.cpu_count() or 1
+    torch.set_num_threads(n)
+
+
+def progress_bar(items, desc):
+    """A tqdm bar on a terminal; the plain items when the output goes to a file (a bar there
+    writes thousands of characters per epoch)."""
+    if not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, leave=False)
+
+
+def save_npz(path, items=(), **arrays):
+    """Write an npz (uncompressed, as np.savez) to a temp file in the same folder, then rename: a
+    crash never leaves half a file. `items`: (name, array) pairs, e.g. a generator, written one at a
+    time before the keyword arrays, so a subject's responses need never be in memory all at once."""
+    import zipfile
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".npz")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, value in itertools.chain(items, arrays.items()):  # one array in memory at a time
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_npz(path, what="file"):
+    """np.load without pickles, as a plain dict; a missing file is a StudyError naming it."""
+    if not os.path.exists(path):
+        raise StudyError(f"{what} not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except ValueError as e:
+        raise StudyError(f"{path} is not a plain npz file ({e}); rebuild it with the stage that writes it")
+
+
+def save_figure(fig, path):
+    """Save a matplotlib figure atomically (same reason as save_npz), then close it: stages that
+    plot once per run (03 over seeds and subjects) would otherwise keep every figure open."""
+    import matplotlib.pyplot as plt
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".tmp_" + os.path.basename(path))
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def model_fingerprint(model):
+    """sha1 of every weight (adapters included): tells one model's feature cache from another's."""
+    import hashlib
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def model_tag(name, seed):

@@ -104,3 +104,27 @@ def test_unknown_model_offline(tiny_study, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert run_stage(STAGE, ["--data", tiny_study, "--results", str(tmp_path), "--model", "nobody/wavlm-x"]) == 1
     assert "could not load WavLM" in capsys.readouterr().err
+
+
+def test_streamed_npz_and_stacked_responses_equal_the_plain_ones(tiny_study, tmp_path):
+    """The memory-saving I/O (bench/scale.py): a generator written one array at a time reads back as
+    np.savez would; responses stacked into one preallocated array equal np.vstack, voxel masks too."""
+    arrays = {f"resp_{i}": np.random.default_rng(i).standard_normal((5 + i, 7)).astype(np.float32) for i in range(3)}
+    drawn = []
+
+    def gen():
+        for k, v in arrays.items():
+            drawn.append(k)  # produced only when its turn comes
+            yield k, v
+    common.save_npz(tmp_path / "a.npz", gen(), test_resp=np.zeros((2, 7), np.float32))
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as f:
+        assert f.files == list(arrays) + ["test_resp"] and all(np.array_equal(f[k], v) for k, v in arrays.items())
+    assert drawn == list(arrays)
+    study = common.load_study(tiny_study)
+    d = common.load_subject(tiny_study, "sim01", study)
+    assert not isinstance(d, dict)  # opened lazily: each key is read when asked for
+    ref = np.vstack([d[f"resp_{s}"] for s in study["train"]])
+    assert np.array_equal(common.stack_responses(d, study["train"]), ref)
+    mask = d["roi_AC"]
+    assert np.array_equal(common.stack_responses(d, study["train"], mask), ref[:, mask])
+    assert common.array_shape(d, f"resp_{study['train'][0]}") == d[f"resp_{study['train'][0]}"].shape

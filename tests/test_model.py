@@ -162,7 +162,7 @@ def test_extract_features_bad_input():
     model = common.load_wavlm("tiny")
     with pytest.raises(common.StudyError, match="16 kHz"):
         common.extract_features(model, speechlike(1.0), sr=22050)
-    with pytest.raises(common.StudyError, match="multiples"):
+    with pytest.raises(common.StudyError, match="multiple of WavLM's 20 ms frame"):
         common.extract_features(model, speechlike(1.0), stride_s=0.05)
     with pytest.raises(common.StudyError, match="out of range"):
         common.extract_features(model, speechlike(1.0), layers=[7])
