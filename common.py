@@ -92,16 +92,21 @@ def pearson_r(a, b):
 
     A constant column gives 0, not NaN (it predicts nothing).
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
+    a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"pearson_r: shapes differ {a.shape} vs {b.shape}")
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(den > 0, (a * b).sum(0) / den, 0.0)
-    return r.astype(np.float32)
+    if a.ndim == 1:
+        return pearson_r(a[:, None], b[:, None])[0]
+    r = np.empty(a.shape[1], np.float32)
+    for v0 in range(0, a.shape[1], 10000):  # float64 in voxel slices: whole, its copies are GBs at 81k voxels
+        x = a[:, v0:v0 + 10000].astype(np.float64)
+        y = b[:, v0:v0 + 10000].astype(np.float64)
+        x -= x.mean(0)
+        y -= y.mean(0)
+        den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r[v0:v0 + 10000] = np.where(den > 0, (x * y).sum(0) / den, 0.0)
+    return r
 
 
 def noise_ceiling(repeats):

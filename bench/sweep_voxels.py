@@ -1,0 +1,62 @@
+"""Does a layer sweep on a random voxel subset (02_baseline_ridge.py --sweep-voxels N) pick the layer
+the full sweep picks? Reads a finished stage 02 run (its feature cache and results), redoes the sweep
+on random subsets of N voxels, several draws each, and prints how often the chosen layer agrees,
+how much validation r the subset's choice loses, and the time against the full sweep.
+
+    .venv/bin/python bench/sweep_voxels.py --data /tmp/brainwavlm_scale/12stories/data \
+        --results /tmp/brainwavlm_scale/12stories/results --sizes 1000 5000 20000
+"""
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--data", required=True)
+p.add_argument("--results", required=True)
+p.add_argument("--subject", default="sim01")
+p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+p.add_argument("--draws", type=int, default=5)
+args = p.parse_args()
+common.set_threads()
+spec = importlib.util.spec_from_file_location("stage02", os.path.join(ROOT, "02_baseline_ridge.py"))
+s02 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(s02)
+
+study = common.load_study(args.data)
+base = common.load_npz(os.path.join(args.results, f"02_baseline_{args.subject}.npz"))
+layers, delays = [int(x) for x in base["layers"]], tuple(int(x) for x in base["delays"])
+cache = common.feature_cache_dir(args.data, str(base["model"]), int(base["model_seed"]), float(base["context_s"]),
+                                 float(base["stride_s"]))
+ds = {s: common.load_npz(os.path.join(cache, f"{s}.npz"))["ds"] for s in study["train"] + study["val"]}
+d = common.load_subject(args.data, args.subject, study)
+full_val = base["val_r_by_layer"].mean(1)
+full_best = layers[int(np.argmax(full_val))]
+print(f"full sweep ({base['val_r_by_layer'].shape[1]} voxels): best layer {full_best}, "
+      f"mean validation r by layer {np.round(full_val, 4).tolist()}")
+X_train = {layer: s02.stack(ds, study["train"], layer, delays) for layer in layers}
+X_val = {layer: s02.stack(ds, study["val"], layer, delays) for layer in layers}
+n_vox = d["test_resp"].shape[1]
+for size in args.sizes:
+    agree, loss, secs = 0, [], []
+    for draw in range(args.draws):
+        voxels = np.sort(np.random.default_rng(draw).choice(n_vox, size, replace=False))
+        Y_train, Y_val = common.stack_responses(d, study["train"], voxels), common.stack_responses(d, study["val"], voxels)
+        t0 = time.time()
+        val = []
+        for layer in layers:
+            W, _, _ = common.ridge_cv(X_train[layer], Y_train, base["alpha_grid"], n_folds=int(base["n_folds"]))
+            val.append(common.pearson_r(Y_val, common.ridge_predict(X_val[layer], W)).mean())
+        secs.append(time.time() - t0)
+        pick = layers[int(np.argmax(val))]
+        agree += pick == full_best
+        loss.append(full_val.max() - full_val[layers.index(pick)])
+    print(f"  {size:6d} voxels x {args.draws} draws: same layer {agree}/{args.draws}, validation r lost by the "
+          f"subset's pick (full-voxel means) max {max(loss):.4f}; sweep {np.mean(secs):.1f} s")
