@@ -95,10 +95,10 @@ for n in args.stories:
         print(f"  stage {stage}: {wall:7.1f} s, peak RSS {rss:6.2f} GB ({rec['rss_per_resp']:.2f} x responses), "
               f"disk +{rec['disk_gb']:.2f} GB{'' if rc == 0 else f'  FAILED rc={rc}, see {root}/stage{stage}.log'}",
               flush=True)
+        with open(os.path.join(args.out, "scale.json"), "w") as f:  # after every stage: a killed run keeps its rows
+            json.dump(records, f, indent=1)
         if rc:
             break
-    with open(os.path.join(args.out, "scale.json"), "w") as f:
-        json.dump(records, f, indent=1)
 
 # extrapolate to UTS01's full size: a line through the measured sizes, per stage
 full_gb = (sum(counts.values()) - counts[TEST]) * args.voxels * 4 / 1e9
