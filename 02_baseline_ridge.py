@@ -49,11 +49,11 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def stack(ds, stories, layer, delays):
-    return np.vstack([common.design_matrix(ds[s][layer], delays) for s in stories])
+def stack(features, stories, layer, delays):
+    return np.vstack([common.design_matrix(features[s][layer], delays) for s in stories])
 
 
-def fit_and_score(ds, d, study, layers, args, device):
+def fit_and_score(features, subject_data, study, layers, args, device):
     """Layer sweep on validation stories, best layer refit on train + val, scored on the test story.
 
     The responses are read once into one array (train rows, then validation rows): the sweep uses
@@ -61,8 +61,8 @@ def fit_and_score(ds, d, study, layers, args, device):
     --sweep-voxels N, the sweep sees N voxels drawn at random (the layer choice is a mean over
     voxels, so a subset picks it at a fraction of the cost); the final fit always sees every voxel."""
     train, val = study["train"], study["val"]
-    Y_fit = common.stack_responses(d, train + val)
-    n_train = len(Y_fit) - sum(common.array_shape(d, f"resp_{s}")[0] for s in val)
+    Y_fit = common.stack_responses(subject_data, train + val)
+    n_train = len(Y_fit) - sum(common.array_shape(subject_data, f"resp_{s}")[0] for s in val)
     n_vox = Y_fit.shape[1]
     sweep = np.arange(n_vox)
     if args.sweep_voxels and args.sweep_voxels < n_vox:
@@ -74,29 +74,30 @@ def fit_and_score(ds, d, study, layers, args, device):
     val_r = []
     for layer in layers:
         t0 = time.time()
-        W, _, _ = common.ridge_cv(stack(ds, train, layer, args.delays), Y_train, args.alphas,
+        W, _, _ = common.ridge_cv(stack(features, train, layer, args.delays), Y_train, args.alphas,
                                   n_folds=args.n_folds, device=device)
-        val_r.append(common.pearson_r(Y_val, common.ridge_predict(stack(ds, val, layer, args.delays), W, device)))
+        val_r.append(common.pearson_r(Y_val, common.ridge_predict(stack(features, val, layer, args.delays), W, device)))
         print(f"    layer {layer}: mean validation r {val_r[-1].mean():.4f} ({time.time() - t0:.0f} s)", flush=True)
     del Y_train, Y_val, W
     val_r = np.array(val_r)
     best = layers[int(np.argmax(val_r.mean(1)))]
-    test_r, W, alphas = common.score_on_test({s: ds[s][best] for s in ds}, d, study, args.delays, args.alphas,
+    best_features = {s: features[s][best] for s in features}
+    test_r, W, alphas = common.score_on_test(best_features, subject_data, study, args.delays, args.alphas,
                                              device, args.n_folds, Y=Y_fit)
     return dict(test_r=test_r, val_r_by_layer=val_r.astype(np.float32), best_layer=np.int64(best),
                 alphas=alphas, sweep_voxels=sweep), W
 
 
-def roi_masks(d, n_voxels):
+def roi_masks(subject_data, n_voxels):
     """All voxels, plus AC and non-AC where the study has an AC mask."""
     masks = {"all": np.ones(n_voxels, bool)}
-    if "roi_AC" in d:
-        masks["AC"], masks["non-AC"] = d["roi_AC"], ~d["roi_AC"]
+    if "roi_AC" in subject_data:
+        masks["AC"], masks["non-AC"] = subject_data["roi_AC"], ~subject_data["roi_AC"]
     return masks
 
 
-def roi_means(r, d):
-    return {k: float(np.mean(r[m])) if m.any() else np.nan for k, m in roi_masks(d, len(r)).items()}
+def roi_means(r, subject_data):
+    return {k: float(np.mean(r[m])) if m.any() else np.nan for k, m in roi_masks(subject_data, len(r)).items()}
 
 
 def frac_ceiling(r, ceiling):
@@ -109,15 +110,15 @@ def plot(results, layers, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    for subj, (res, d) in results.items():
+    for subj, (res, subject_data) in results.items():
         ax[0].plot(layers, res["val_r_by_layer"].mean(1), "o-", label=subj)
-        ax[2].scatter(d["noise_ceiling"], res["test_r"], s=6, alpha=0.6, label=subj)
+        ax[2].scatter(subject_data["noise_ceiling"], res["test_r"], s=6, alpha=0.6, label=subj)
     ax[0].set(xlabel="hidden state (0 = transformer input)", ylabel="mean validation r", title="Layer sweep")
     ax[0].legend()
     rois = ["all", "AC", "non-AC"]
     width = 0.8 / len(results)
-    for i, (subj, (res, d)) in enumerate(results.items()):
-        m = roi_means(res["test_r"], d)
+    for i, (subj, (res, subject_data)) in enumerate(results.items()):
+        m = roi_means(res["test_r"], subject_data)
         ax[1].bar(np.arange(len(rois)) + i * width, [m.get(k, np.nan) for k in rois], width, label=subj)
     ax[1].set_xticks(np.arange(len(rois)) + width * (len(results) - 1) / 2, rois)
     ax[1].set(ylabel="mean test r", title="Best layer, test story, by ROI")
@@ -137,7 +138,7 @@ def main(argv=None):
         device = common.pick_device(args.device)
         study = common.load_study(args.data)
         subjects = common.subject_list(args.subjects, study)
-        subject_data = {s: common.load_subject(args.data, s, study) for s in subjects}
+        subject_files = {s: common.load_subject(args.data, s, study) for s in subjects}
         print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {device}")
         model = common.load_wavlm(args.model, args.model_seed, device)
         n_states = model.config.num_hidden_layers + 1
@@ -146,36 +147,36 @@ def main(argv=None):
             raise StudyError(f"--layers {layers}: {args.model} has hidden states 0..{n_states - 1}")
         cache = common.feature_cache_dir(args.data, args.model, args.model_seed, args.context_s, args.stride_s)
         fingerprint = common.model_fingerprint(model)
-        ds = {}
+        features = {}
         stories = study["train"] + study["val"] + [study["test"]]
         for i, s in enumerate(stories):
             print(f"  features {i + 1}/{len(stories)}: {s}", flush=True)
-            ds[s] = common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
-                                          args.context_s, args.stride_s, args.refresh_features, progress=True,
-                                          data=args.data)
+            features[s] = common.story_features(model, fingerprint, cache,
+                                                os.path.join(args.data, "stories", f"{s}.npz"), args.context_s,
+                                                args.stride_s, args.refresh_features, progress=True, data=args.data)
         results = {}
         for subj in subjects:
-            d = subject_data[subj]
-            n_vox = d["test_resp"].shape[1]
+            subject_data = subject_files[subj]
+            n_vox = subject_data["test_resp"].shape[1]
             print(f"  subject {subj}: {n_vox} voxels, ridge per layer", flush=True)
-            res, W = fit_and_score(ds, d, study, layers, args, device)
+            res, W = fit_and_score(features, subject_data, study, layers, args, device)
             if args.save_weights:  # apart from the results: stages 03-05 read those whole
                 common.save_npz(os.path.join(args.results, f"02_weights_{subj}.npz"), weights=W)
             del W
             common.save_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), **res,
-                            layers=np.array(layers), noise_ceiling=d["noise_ceiling"], model=np.array(args.model),
-                            model_seed=np.int64(args.model_seed), context_s=np.float64(args.context_s),
+                            layers=np.array(layers), noise_ceiling=subject_data["noise_ceiling"],
+                            model=np.array(args.model), model_seed=np.int64(args.model_seed), context_s=np.float64(args.context_s),
                             stride_s=np.float64(args.stride_s), delays=np.array(args.delays),
                             alpha_grid=np.array(args.alphas, np.float64), n_folds=np.int64(args.n_folds))
-            results[subj] = (res, d)
+            results[subj] = (res, subject_data)
     except StudyError as e:
         common.fail(e)
     plot(results, layers, os.path.join(args.results, "02_baseline.png"))
     print("\n  subject  best layer  mean r all    AC  non-AC  fraction of ceiling: all    AC  non-AC")
-    for subj, (res, d) in results.items():
-        m = roi_means(res["test_r"], d)
-        frac = {k: frac_ceiling(res["test_r"][v], d["noise_ceiling"][v])
-                for k, v in roi_masks(d, len(res["test_r"])).items()}
+    for subj, (res, subject_data) in results.items():
+        m = roi_means(res["test_r"], subject_data)
+        frac = {k: frac_ceiling(res["test_r"][v], subject_data["noise_ceiling"][v])
+                for k, v in roi_masks(subject_data, len(res["test_r"])).items()}
         print(f"  {subj:8s} {int(res['best_layer']):10d}  {m['all']:10.3f} {m.get('AC', np.nan):5.3f}"
               f"  {m.get('non-AC', np.nan):6.3f}  {frac['all']:24.2f} {frac.get('AC', np.nan):5.2f}"
               f"  {frac.get('non-AC', np.nan):6.2f}")

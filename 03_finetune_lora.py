@@ -144,9 +144,9 @@ def load_stories(model, data, names, device):
     in every block of every epoch."""
     stories = {}
     for s in names:
-        st = common.load_npz(os.path.join(data, "stories", f"{s}.npz"))
-        audio = torch.as_tensor(st["audio"], device=device)
-        stories[s] = dict(audio=audio, tr_times=st["tr_times"], cnn=common.story_cnn(model, audio, data, s))
+        story_file = common.load_npz(os.path.join(data, "stories", f"{s}.npz"))
+        audio = torch.as_tensor(story_file["audio"], device=device)
+        stories[s] = dict(audio=audio, tr_times=story_file["tr_times"], cnn=common.story_cnn(model, audio, data, s))
     return stories
 
 
@@ -229,14 +229,14 @@ def init_checkpoint(path, origin):
 # One run: train, keep the best epoch, evaluate linearized and end to end
 # ---------------------------------------------------------------------------------------------
 
-def roi_mask(args, d, subj):
+def roi_mask(args, subject_data, subj):
     """The voxels the loss sees (Section 3.2: whole cortex, AC, LH or RH)."""
     if args.roi == "whole":
-        return np.ones(d["test_resp"].shape[1], bool)
-    if f"roi_{args.roi}" not in d:
+        return np.ones(subject_data["test_resp"].shape[1], bool)
+    if f"roi_{args.roi}" not in subject_data:
         raise StudyError(f"{args.data}/subjects/{subj}.npz has no {args.roi} mask; for ds003020 pass "
                          "--roi-file or --rois-from-pycortex to 01_prepare_data.py")
-    mask = d[f"roi_{args.roi}"]
+    mask = subject_data[f"roi_{args.roi}"]
     if not mask.any():
         raise StudyError(f"the {args.roi} mask of {subj} is empty")
     return mask
@@ -322,10 +322,32 @@ def train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp
     return history
 
 
+def evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, layer, study, baseline, device):
+    """The best epoch on the test story, two ways. End to end: the model's own predictions (ROI
+    voxels only). Linearized (Section 3.1): its features through stage 02's exact ridge recipe, so
+    the gain over the baseline compares like with like; those features are cached for stage 04.
+    Returns (direct r, linearized r, the ridge's per-voxel alphas)."""
+    load_weights(os.path.join(ckpt, "best"), model, readout, args.full_finetune)
+    model.eval()
+    direct = np.full(len(mask), np.nan, np.float32)
+    predicted = predict_story(model, readout, stories[study["test"]], layer, args)
+    direct[mask] = common.pearson_r(subject_data["test_resp"][:, mask], predicted)
+    cache = os.path.join(args.data, "features", name)
+    fingerprint = common.model_fingerprint(model)
+    features = {s: common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
+                                         float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True,
+                                         top_layer=layer, cnn=stories[s]["cnn"])[layer]
+                for s in stories}
+    stories.clear()  # the audio (0.4x the responses) is done with: free it before the ridge reads them all
+    tuned, _, tuned_alphas = common.score_on_test(features, subject_data, study, device=device,
+                                                  **common.ridge_recipe(baseline))
+    return direct, tuned, tuned_alphas
+
+
 def run(args, subj, seed, study, device, baseline):
-    """One run: set up, train, then evaluate the best epoch linearized (Section 3.1) and end to end."""
-    d = common.load_subject(args.data, subj, study)
-    mask = roi_mask(args, d, subj)
+    """One run: set up the model, train it, evaluate its best epoch, save results and a figure."""
+    subject_data = common.load_subject(args.data, subj, study)
+    mask = roi_mask(args, subject_data, subj)
     layer = args.layer if args.layer is not None else int(baseline["best_layer"])
     model, readout, opt, origin, init = setup_model(args, baseline, seed, int(mask.sum()), device)
     if not 0 <= layer <= model.config.num_hidden_layers:
@@ -333,24 +355,13 @@ def run(args, subj, seed, study, device, baseline):
     name = common.run_name(subj, args.roi, origin["mode"], seed, init[1] if init else None)
     ckpt = os.path.join(args.checkpoints, name)
     stories = load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device)
-    resp = {s: torch.as_tensor(d[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
-    val_resp = {s: d[f"resp_{s}"][:, mask] for s in study["val"]}
+    resp = {s: torch.as_tensor(subject_data[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
+    val_resp = {s: subject_data[f"resp_{s}"][:, mask] for s in study["val"]}
     history = train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp, layer, seed, device, study)
     del resp  # the ridge below reads the responses again: never hold them twice (UTS01: ~10 GB each)
 
-    # evaluation of the best epoch
-    load_weights(os.path.join(ckpt, "best"), model, readout, args.full_finetune)
-    model.eval()
-    direct = np.full(len(mask), np.nan, np.float32)
-    direct[mask] = common.pearson_r(d["test_resp"][:, mask], predict_story(model, readout, stories[study["test"]], layer, args))
-    # linearized: the tuned model's features through stage 02's recipe; cached for stage 04
-    cache = os.path.join(args.data, "features", name)
-    fingerprint = common.model_fingerprint(model)
-    ds = {s: common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
-                                   float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True,
-                                   top_layer=layer, cnn=stories[s]["cnn"])[layer]
-          for s in stories}
-    tuned, _, tuned_alphas = common.score_on_test(ds, d, study, device=device, **common.ridge_recipe(baseline))
+    direct, tuned, tuned_alphas = evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, layer,
+                                           study, baseline, device)
     out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, alphas_tuned=tuned_alphas, test_r_direct=direct,
                val_r_by_epoch=np.array(history["val_r"], np.float32), loss_by_epoch=np.array(history["loss"], np.float32),
                best_epoch=np.int64(int(np.argmax(history["val_r"])) + 1), layer=np.int64(layer), roi_mask=mask,
@@ -358,25 +369,25 @@ def run(args, subj, seed, study, device, baseline):
                init_from=np.array(init[0] if init else ""),
                settings=np.array(str({k: v for k, v in vars(args).items() if k not in ("seeds", "subject")})))
     common.save_npz(os.path.join(args.results, f"{name}.npz"), **out)
-    plot(out, d, os.path.join(args.results, f"{name}.png"))
-    return name, out, d
+    plot(out, subject_data, os.path.join(args.results, f"{name}.png"))
+    return name, out, subject_data
 
 
-def plot(out, d, path):
+def plot(out, subject_data, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     b, t = out["test_r_baseline"], out["test_r_tuned"]
-    ac = d.get("roi_AC", np.zeros(len(b), bool))
+    ac = subject_data.get("roi_AC", np.zeros(len(b), bool))
     ax[0].scatter(b[~ac], t[~ac], s=6, label="non-AC")
     ax[0].scatter(b[ac], t[ac], s=6, label="AC")
     lim = [min(b.min(), t.min()), max(b.max(), t.max())]
     ax[0].plot(lim, lim, "k--", lw=1)
     ax[0].set(xlabel="baseline test r", ylabel="tuned test r (linearized)", title=str(out["subject"]))
     ax[0].legend()
-    names = ["all"] + [r for r in ("AC", "LH", "RH") if f"roi_{r}" in d]
-    deltas = [np.mean(t - b)] + [np.mean((t - b)[d[f"roi_{r}"]]) for r in names[1:]]
+    names = ["all"] + [r for r in ("AC", "LH", "RH") if f"roi_{r}" in subject_data]
+    deltas = [np.mean(t - b)] + [np.mean((t - b)[subject_data[f"roi_{r}"]]) for r in names[1:]]
     ax[1].bar(names, deltas)
     ax[1].axhline(0, color="k", lw=1)
     ax[1].set(ylabel="mean delta r (tuned - baseline)", title=f"{out['roi']} {out['mode']} seed {int(out['seed'])}")
@@ -401,14 +412,14 @@ def main(argv=None):
             for seed in args.seeds or [args.seed]:
                 print(f"stage 03: {subj}, roi {args.roi}, {'full fine-tuning' if args.full_finetune else 'LoRA'},"
                       f" seed {seed}, device {device}", flush=True)
-                name, out, d = run(args, subj, seed, study, device, baseline)
-                rows.append((name, out, d))
+                name, out, subject_data = run(args, subj, seed, study, device, baseline)
+                rows.append((name, out, subject_data))
     except StudyError as e:
         common.fail(e)
     print("\n  run                                   best epoch  mean delta r  (AC)    direct r")
-    for name, out, d in rows:
+    for name, out, subject_data in rows:
         delta = out["test_r_tuned"] - out["test_r_baseline"]
-        ac = np.mean(delta[d["roi_AC"]]) if "roi_AC" in d else np.nan
+        ac = np.mean(delta[subject_data["roi_AC"]]) if "roi_AC" in subject_data else np.nan
         print(f"  {name:38s} {int(out['best_epoch']):5d}  {delta.mean():+11.4f}  {ac:+.4f}  {np.nanmean(out['test_r_direct']):8.4f}")
     if len(rows) > 1:
         gains = [np.mean(o["test_r_tuned"] - o["test_r_baseline"]) for _, o, _ in rows]

@@ -173,7 +173,7 @@ def contiguous_folds(n_samples, n_folds=5):
 
 
 def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu",
-             voxel_batch=10000, progress=False):
+             voxel_batch=None, progress=False):
     """Ridge X -> Y with one alpha per voxel (column of Y), picked by K-fold CV on contiguous blocks.
 
     Solves min ||Y - X W||^2 + alpha ||W||^2 for every alpha from one eigendecomposition of the
@@ -185,8 +185,9 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu",
 
     Why it is fast: X^T Y is formed once, each fold's training X^T Y is that minus the held-out
     part, and the cross term of the held-out correlation needs no prediction; only the norm of each
-    alpha's prediction costs a matmul. Voxels go in batches of `voxel_batch` so 100k voxels fit in
-    memory; `device` may be cuda.
+    alpha's prediction costs a matmul. Voxels go in batches of `voxel_batch` (default: as many as
+    keep one batch of Y under 256 MB, 1,000 to 10,000), so 100k voxels fit in memory; `device` may
+    be cuda.
     Returns (weights: features x voxels, best_alphas: voxels, cv_r: alphas x voxels).
     """
     dev = torch.device(device)
@@ -197,6 +198,7 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu",
     alphas = np.asarray(alphas, dtype=np.float64).ravel()
     folds = folds if folds is not None else contiguous_folds(X.shape[0], n_folds)
     n_vox = Y.shape[1]
+    voxel_batch = voxel_batch or int(np.clip(2 ** 28 // (4 * X.shape[0]), 1000, 10000))
     Xt = torch.from_numpy(X).to(dev)
 
     X64 = Xt.double()
@@ -270,17 +272,20 @@ def ridge_predict(X, W, device="cpu", voxel_batch=20000):
     return out
 
 
-def score_on_test(ds, d, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5, Y=None):
+def score_on_test(features, subject_data, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5,
+                  Y=None):
     """The final step of the stage 02 recipe for one layer: ridge (per-voxel alpha) fit on train +
-    validation stories, Pearson r per voxel on the test story. ds[story]: downsampled features of
-    that layer (tr_grid rows x hidden). Y: the train + validation responses, when the caller already
-    holds them (stage 02); otherwise they are read from `d`. Returns (test_r, weights, alphas)."""
+    validation stories, Pearson r per voxel on the test story. features[story]: downsampled features
+    of that layer (tr_grid rows x hidden). Y: the train + validation responses, when the caller
+    already holds them (stage 02); otherwise they are read from `subject_data`.
+    Returns (test_r, weights, alphas)."""
     fit = study["train"] + study["val"]
-    X = np.vstack([design_matrix(ds[s], delays) for s in fit])
-    W, best_alphas, _ = ridge_cv(X, stack_responses(d, fit) if Y is None else Y, alphas, n_folds=n_folds,
-                                 device=device)
-    pred = ridge_predict(design_matrix(ds[study["test"]], delays), W, device)
-    return pearson_r(d["test_resp"], pred), W, best_alphas
+    X = np.vstack([design_matrix(features[s], delays) for s in fit])
+    Y = stack_responses(subject_data, fit) if Y is None else Y
+    W, best_alphas, _ = ridge_cv(X, Y, alphas, n_folds=n_folds, device=device)
+    del Y  # the caller's reference (if any) remains; our own stack goes before the prediction
+    pred = ridge_predict(design_matrix(features[study["test"]], delays), W, device)
+    return pearson_r(subject_data["test_resp"], pred), W, best_alphas
 
 
 def ridge_recipe(baseline):
@@ -583,11 +588,11 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
     import hashlib
     import json
     name = os.path.basename(story_npz)[:-4]
-    st = load_npz(story_npz, "story file")
+    story = load_npz(story_npz, "story file")
     n_states = base_wavlm(model).config.num_hidden_layers + 1 if top_layer is None else top_layer + 1
     key = json.dumps(dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS, layers=n_states,
-                          audio=hashlib.sha1(st["audio"].tobytes()).hexdigest(),
-                          tr_times=hashlib.sha1(st["tr_times"].tobytes()).hexdigest()), sort_keys=True)
+                          audio=hashlib.sha1(story["audio"].tobytes()).hexdigest(),
+                          tr_times=hashlib.sha1(story["tr_times"].tobytes()).hexdigest()), sort_keys=True)
     path = os.path.join(cache_dir, f"{name}.npz")
     if os.path.exists(path) and not refresh:
         cached = load_npz(path)
@@ -595,10 +600,10 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
             return cached["ds"]
         print(f"    {path} was computed from other weights or audio: recomputing it", flush=True)
     if cnn is None and data is not None:
-        cnn = story_cnn(model, st["audio"], data, name)
-    feats, times = extract_features(model, st["audio"], int(st["sr"]), layers=range(n_states), context_s=context_s,
+        cnn = story_cnn(model, story["audio"], data, name)
+    feats, times = extract_features(model, story["audio"], int(story["sr"]), layers=range(n_states), context_s=context_s,
                                     stride_s=stride_s, progress=progress, cnn=cnn)
-    ds = np.stack([downsample_to_trs(f, times, st["tr_times"]) for f in feats])
+    ds = np.stack([downsample_to_trs(f, times, story["tr_times"]) for f in feats])
     save_npz(path, ds=ds, key=np.array(key))
     return ds
 
@@ -612,13 +617,13 @@ def load_study(data):
     path = os.path.join(data, "study.npz")
     if not os.path.exists(path):
         raise StudyError(f"{path} not found: build the data first with `python 01_prepare_data.py --data {data}`")
-    st = load_npz(path)
-    missing = sorted({"source", "subjects", "train_stories", "val_stories", "test_story", "tr"} - set(st))
+    saved = load_npz(path)
+    missing = sorted({"source", "subjects", "train_stories", "val_stories", "test_story", "tr"} - set(saved))
     if missing:
         raise StudyError(f"{path} is from an older layout (no {', '.join(missing)}); rebuild it with 01_prepare_data.py")
-    return dict(source=str(st["source"]), subjects=[str(s) for s in st["subjects"]],
-                train=[str(s) for s in st["train_stories"]], val=[str(s) for s in st["val_stories"]],
-                test=str(st["test_story"]), tr=float(st["tr"]))
+    return dict(source=str(saved["source"]), subjects=[str(s) for s in saved["subjects"]],
+                train=[str(s) for s in saved["train_stories"]], val=[str(s) for s in saved["val_stories"]],
+                test=str(saved["test_story"]), tr=float(saved["tr"]))
 
 
 def load_subject(data, subject, study):
