@@ -17,7 +17,7 @@ LORA := --lr-adapter 3e-3 --lr-readout 1e-3 --epochs 7 --patience 3
 FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 7 --patience 3
 STAGE_ARGS := --data $(DATA) --results $(RESULTS)
 
-.PHONY: demo test 01 02 03 04 05 clean gpu-wheel
+.PHONY: demo test 01 02 03 04 05 clean gpu-wheel figures
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ demo: 01 02 03 04 05
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# the README's figures, from the last demo run
+figures:
+	mkdir -p figures
+	cp $(RESULTS)/02_baseline.png figures/02_baseline.png
+	cp $(RESULTS)/03_$(SUBJ)_whole_lora_seed0.png figures/03_whole_lora.png
+	cp $(RESULTS)/04_cross_subject.png figures/04_cross_subject.png
+	cp $(RESULTS)/05_probes.png figures/05_probes.png
 
 clean:
 	rm -rf $(DATA) $(RESULTS) $(CHECKPOINTS)
