@@ -63,6 +63,7 @@ def test_each_window_setting_keeps_its_own_feature_cache(baseline, tmp_path, cap
     (["--stride-s", "0.03"], "--stride-s 0.03 must be a positive multiple of WavLM's 20 ms frame"),
     (["--stride-s", "0"], "--stride-s 0 must be a positive multiple"),
     (["--context-s", "1.01"], "--context-s 1.01 must be a non-negative multiple"),
+    (["--sweep-voxels", "-5"], "--sweep-voxels -5 is out of range"),
 ])
 def test_window_flags_are_checked_before_any_work(tiny_study, tmp_path, capsys, flags, msg):
     results = str(tmp_path / "r")
