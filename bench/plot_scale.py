@@ -3,8 +3,8 @@
     .venv/bin/python bench/plot_scale.py --after /tmp/brainwavlm_scale/scale.json \
         --before /tmp/scale_old/scale.json -o figures/scale_memory.png
 
-Solid lines and dots: measured (after); dashed: each stage's line through its measured sizes,
-extended to UTS01's full size (extrapolated); crosses: the code before (measured).
+Solid lines and dots: measured (after); dashed: each stage's line through its two largest measured
+sizes, extended to UTS01's full size (extrapolated); crosses: the code before (measured).
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ for i, stage in enumerate(sorted({r["stage"] for r in after})):
     color = f"C{i}"
     ax.plot(x, y, "o-", color=color, label=f"stage {stage}")
     if len(x) >= 2:
-        fit = np.polyfit(x, y, 1)
+        fit = np.polyfit(x[-2:], y[-2:], 1)  # the two largest sizes: the growth that lasts
         ax.plot([x[-1], args.full_gb], np.polyval(fit, [x[-1], args.full_gb]), "--", color=color)
     old = [r for r in before if r["stage"] == stage]
     if old:
@@ -57,7 +57,8 @@ for stage in sorted({r["stage"] for r in after}):
               f" {r['wall_s']:.0f} | {r['disk_gb']:.2f} |")
     if len(rs) >= 2:
         x = [r["resp_gb"] for r in rs]
-        e = {k: np.polyval(np.polyfit(x, [r[k] for r in rs], 1), args.full_gb) for k in ("peak_rss_gb", "wall_s", "disk_gb")}
+        e = {k: np.polyval(np.polyfit(x[-2:], [r[k] for r in rs][-2:], 1), args.full_gb)
+             for k in ("peak_rss_gb", "wall_s", "disk_gb")}
         print(f"| {stage} | 84 (extrapolated) | {args.full_gb:.2f} | {e['peak_rss_gb']:.1f} |"
               f" {e['peak_rss_gb'] / args.full_gb:.2f} | {e['wall_s']:.0f} | {e['disk_gb']:.1f} |")
 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
