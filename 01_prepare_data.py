@@ -342,7 +342,7 @@ def build_simulated(args):
                 if n != "test":
                     yield f"resp_{n}", zscore(noisy(signal(n) / sd_sig))
             repeats = np.empty((args.test_repeats, *test_signal.shape), np.float32)
-            for i in range(args.test_repeats):  # filled one repeat at a time: a float64 stack is 2 GB at UTS01's size
+            for i in range(args.test_repeats):  # one at a time: a float64 stack is 2 GB at UTS01's size
                 repeats[i] = noisy(test_signal)
             yield "test_resp", zscore(repeats.mean(0))
             yield "noise_ceiling", noise_ceiling(repeats)

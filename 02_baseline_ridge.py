@@ -62,7 +62,7 @@ def fit_and_score(features, subject_data, study, layers, args, device):
     voxels, so a subset picks it at a fraction of the cost); the final fit always sees every voxel."""
     train, val = study["train"], study["val"]
     Y_fit = common.stack_responses(subject_data, train + val)
-    n_train = len(Y_fit) - sum(common.array_shape(subject_data, f"resp_{s}")[0] for s in val)
+    n_train = sum(common.array_shape(subject_data, f"resp_{s}")[0] for s in train)
     n_vox = Y_fit.shape[1]
     sweep = np.arange(n_vox)
     if args.sweep_voxels and args.sweep_voxels < n_vox:
@@ -165,9 +165,10 @@ def main(argv=None):
             del W
             common.save_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), **res,
                             layers=np.array(layers), noise_ceiling=subject_data["noise_ceiling"],
-                            model=np.array(args.model), model_seed=np.int64(args.model_seed), context_s=np.float64(args.context_s),
-                            stride_s=np.float64(args.stride_s), delays=np.array(args.delays),
-                            alpha_grid=np.array(args.alphas, np.float64), n_folds=np.int64(args.n_folds))
+                            model=np.array(args.model), model_seed=np.int64(args.model_seed),
+                            context_s=np.float64(args.context_s), stride_s=np.float64(args.stride_s),
+                            delays=np.array(args.delays), alpha_grid=np.array(args.alphas, np.float64),
+                            n_folds=np.int64(args.n_folds))
             results[subj] = (res, subject_data)
     except StudyError as e:
         common.fail(e)

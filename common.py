@@ -87,6 +87,11 @@ def zscore(x, axis=0):
     return ((x - m) / np.where(s > 0, s, 1.0)).astype(np.float32)
 
 
+# pearson_r and noise_ceiling work in float64 on this many voxels at a time: whole, their float64
+# copies are GBs at UTS01's 81,126 voxels
+VOXEL_SLICE = 10000
+
+
 def pearson_r(a, b):
     """Pearson correlation of each column of a with the same column of b (TRs x voxels -> voxels).
 
@@ -98,14 +103,14 @@ def pearson_r(a, b):
     if a.ndim == 1:
         return pearson_r(a[:, None], b[:, None])[0]
     r = np.empty(a.shape[1], np.float32)
-    for v0 in range(0, a.shape[1], 10000):  # float64 in voxel slices: whole, its copies are GBs at 81k voxels
-        x = a[:, v0:v0 + 10000].astype(np.float64)
-        y = b[:, v0:v0 + 10000].astype(np.float64)
+    for v0 in range(0, a.shape[1], VOXEL_SLICE):
+        x = a[:, v0:v0 + VOXEL_SLICE].astype(np.float64)
+        y = b[:, v0:v0 + VOXEL_SLICE].astype(np.float64)
         x -= x.mean(0)
         y -= y.mean(0)
         den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
         with np.errstate(divide="ignore", invalid="ignore"):
-            r[v0:v0 + 10000] = np.where(den > 0, (x * y).sum(0) / den, 0.0)
+            r[v0:v0 + VOXEL_SLICE] = np.where(den > 0, (x * y).sum(0) / den, 0.0)
     return r
 
 
@@ -122,14 +127,14 @@ def noise_ceiling(repeats):
     if repeats.ndim != 3 or repeats.shape[0] < 2:
         raise ValueError("noise_ceiling needs (repeats >= 2, TRs, voxels)")
     n, out = repeats.shape[0], np.empty(repeats.shape[2], np.float32)
-    for v0 in range(0, repeats.shape[2], 10000):  # float64 in voxel slices: whole, it is 2 GB for UTS01
-        y = repeats[:, :, v0:v0 + 10000].astype(np.float64)
+    for v0 in range(0, repeats.shape[2], VOXEL_SLICE):
+        y = repeats[:, :, v0:v0 + VOXEL_SLICE].astype(np.float64)
         var_mean = y.mean(0).var(0)
         mean_var = y.var(1).mean(0)
         sp = (n * var_mean - mean_var) / (n - 1)
         with np.errstate(divide="ignore", invalid="ignore"):
             cc = np.where(var_mean > 0, np.sqrt(np.clip(sp, 0, None) / var_mean), 0.0)
-        out[v0:v0 + 10000] = np.clip(cc, 0, 1)
+        out[v0:v0 + VOXEL_SLICE] = np.clip(cc, 0, 1)
     return out
 
 
@@ -206,14 +211,15 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu",
     gram = None if wide else X64.T @ X64
 
     def eig_basis(rows):
-        """Eigenvalues and eigenvectors of X[rows]^T X[rows], in float64 (squaring X squares its
-        condition number). With fewer rows than features, from the small rows x rows Gram matrix:
-        X^T Y lies in the span of X's rows, so those eigenvectors are all the solution needs."""
-        if not wide:
-            rest = torch.as_tensor(np.setdiff1d(np.arange(X.shape[0]), rows.cpu().numpy()), device=dev)
+        """Eigenvalues and eigenvectors of X[rows]^T X[rows] (rows: numpy indices), in float64
+        (squaring X squares its condition number). With fewer rows than features, from the small
+        rows x rows Gram matrix: X^T Y lies in the span of X's rows, so those eigenvectors are all
+        the solution needs."""
+        if not wide:  # the whole Gram matrix minus the rows left out
+            rest = torch.as_tensor(np.setdiff1d(np.arange(X.shape[0]), rows), device=dev)
             lam, V = torch.linalg.eigh(gram - X64[rest].T @ X64[rest])
             return lam.clamp(min=0), V.float()
-        Xr = X64[rows]
+        Xr = X64[torch.as_tensor(rows, device=dev)]
         lam, U = torch.linalg.eigh(Xr @ Xr.T)
         keep = lam > lam.max() * 1e-10
         return lam[keep], (Xr.T @ U[:, keep] / lam[keep].sqrt()).float()
@@ -221,7 +227,7 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu",
     basis = []  # per fold: eigenvalues, eigenvectors, held-out rows in that basis
     for train, test in folds:
         test = torch.as_tensor(test, device=dev)
-        lam, V = eig_basis(torch.as_tensor(train, device=dev))
+        lam, V = eig_basis(train)
         P = Xt[test] @ V  # held-out rows in the eigenbasis
         # the norm of each alpha's centred prediction P E: from the small Gram matrix of P when the
         # fold has more rows than features (p^2 instead of rows x p per voxel: 5x less at UTS01's shape)
@@ -230,7 +236,7 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu",
     cv_r = torch.zeros(len(alphas), n_vox, dtype=torch.float64, device=dev)
     W = np.zeros((X.shape[1], n_vox), dtype=np.float32)
     best_alphas = np.zeros(n_vox, dtype=np.float32)
-    lam_all, V_all = eig_basis(torch.arange(X.shape[0], device=dev))
+    lam_all, V_all = eig_basis(np.arange(X.shape[0]))
     for b, v0 in enumerate(range(0, n_vox, voxel_batch)):
         if progress:
             print(f"    ridge voxels {v0}-{min(n_vox, v0 + voxel_batch)} of {n_vox}", flush=True)
@@ -658,16 +664,14 @@ def stack_responses(d, stories, voxels=None):
     """The responses of `stories` one under the other (TRs x voxels, float32), read story by story
     into one preallocated array: the peak is the stack itself, not the stack plus a list of parts.
     voxels: a boolean mask or index array to keep only those columns."""
-    shapes = [array_shape(d, f"resp_{s}")[0] for s in stories]
-    n_vox = d["test_resp"].shape[1] if voxels is None else int(np.count_nonzero(voxels)) \
-        if np.asarray(voxels).dtype == bool else len(voxels)
-    out = np.empty((sum(shapes), n_vox), np.float32)
+    shapes = [array_shape(d, f"resp_{s}") for s in stories]
+    columns = np.arange(shapes[0][1]) if voxels is None else np.arange(shapes[0][1])[voxels]
+    out = np.empty((sum(n for n, _ in shapes), len(columns)), np.float32)
     row = 0
-    for s, n in zip(stories, shapes):
+    for s, (n, _) in zip(stories, shapes):
         r = d[f"resp_{s}"]
         out[row:row + n] = r if voxels is None else r[:, voxels]
         row += n
-        del r
     return out
 
 

@@ -7,7 +7,7 @@ wall time, peak RSS (the child's ru_maxrss), disk written, and peak RSS divided 
 subject's train + validation response array (goal: <= 2, so that UTS01 fits in 24 GB).
 
 Run it at two or more sizes to see the growth; the full 84 stories (~10 GB of responses) is then
-extrapolated with a line through the measured sizes, labelled as such:
+extrapolated with a line through the two largest measured sizes, labelled as such:
 
     .venv/bin/python bench/scale.py --stories 6 12             # ~25 min on 2 cores
     .venv/bin/python bench/scale.py --stories 6 --repo /tmp/old --stages 02 --data-from /tmp/brainwavlm_scale \
@@ -100,7 +100,8 @@ for n in args.stories:
         if rc:
             break
 
-# extrapolate to UTS01's full size: a line through the measured sizes, per stage
+# extrapolate to UTS01's full size per stage: a line through the two largest measured sizes, the same
+# rule as bench/plot_scale.py (which also merges the JSON of several runs into the README's table)
 full_gb = (sum(counts.values()) - counts[TEST]) * args.voxels * 4 / 1e9
 print(f"\nUTS01 full size: {full_gb:.2f} GB of train + validation responses")
 if len(set(args.stories)) >= 2:
@@ -109,6 +110,8 @@ if len(set(args.stories)) >= 2:
         rs = [r for r in records if r["stage"] == stage and r["rc"] == 0]
         if len({r["stories"] for r in rs}) < 2:
             continue
+        rs = sorted(rs, key=lambda r: r["resp_gb"])[-2:]
         x = [r["resp_gb"] for r in rs]
-        fit = {k: np.polyval(np.polyfit(x, [r[k] for r in rs], 1), full_gb) for k in ("peak_rss_gb", "wall_s", "disk_gb")}
+        fit = {k: np.polyval(np.polyfit(x, [r[k] for r in rs], 1), full_gb)
+               for k in ("peak_rss_gb", "wall_s", "disk_gb")}
         print(f"  {stage}   {fit['peak_rss_gb']:10.1f}  {fit['wall_s']:9.0f}  {fit['disk_gb']:9.2f}")
