@@ -49,6 +49,13 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def feature_cache_dir(data, name, seed, context_s, stride_s):
+    """This stage's feature cache for one model at one window setting, e.g.
+    data/features/tiny_seed0/context16s_stride4s/ (each setting keeps its own)."""
+    tag = f"tiny_seed{seed}" if name == "tiny" else name.strip("/").replace("/", "--")  # a folder-safe name
+    return os.path.join(data, "features", tag, f"context{context_s:g}s_stride{stride_s:g}s")
+
+
 def stack(features, stories, layer, delays):
     return np.vstack([common.design_matrix(features[s][layer], delays) for s in stories])
 
@@ -145,7 +152,7 @@ def main(argv=None):
         layers = args.layers if args.layers else list(range(n_states))
         if any(not 0 <= layer < n_states for layer in layers):
             raise StudyError(f"--layers {layers}: {args.model} has hidden states 0..{n_states - 1}")
-        cache = common.feature_cache_dir(args.data, args.model, args.model_seed, args.context_s, args.stride_s)
+        cache = feature_cache_dir(args.data, args.model, args.model_seed, args.context_s, args.stride_s)
         fingerprint = common.model_fingerprint(model)
         features = {}
         stories = study["train"] + study["val"] + [study["test"]]

@@ -128,7 +128,7 @@ def block_features(model, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=
 
 def readout_head(readout, frames, times, grid, delays=(1, 2, 3, 4)):
     """Frames -> differentiable Lanczos to the grid -> per-feature norm -> delays -> readout."""
-    x = common.lanczos_interp_torch(frames, times, grid)
+    x = common.lanczos_interp(frames, times, grid)
     x = (x - x.mean(0)) / (x.std(0) + 1e-5)  # per-feature normalisation over the block
     return readout(common.make_delayed(x, delays)[max(delays):])
 

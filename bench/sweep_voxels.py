@@ -33,8 +33,8 @@ spec.loader.exec_module(s02)
 study = common.load_study(args.data)
 base = common.load_npz(os.path.join(args.results, f"02_baseline_{args.subject}.npz"))
 layers, delays = [int(x) for x in base["layers"]], tuple(int(x) for x in base["delays"])
-cache = common.feature_cache_dir(args.data, str(base["model"]), int(base["model_seed"]), float(base["context_s"]),
-                                 float(base["stride_s"]))
+cache = s02.feature_cache_dir(args.data, str(base["model"]), int(base["model_seed"]), float(base["context_s"]),
+                              float(base["stride_s"]))
 ds = {s: common.load_npz(os.path.join(cache, f"{s}.npz"))["ds"] for s in study["train"] + study["val"]}
 d = common.load_subject(args.data, args.subject, study)
 full_val = base["val_r_by_layer"].mean(1)

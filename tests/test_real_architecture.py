@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import common
-from conftest import run_stage
+from conftest import load_stage, run_stage
 
 STUDY = ["--n-subjects", "1", "--n-voxels", "40", "--n-train-stories", "2", "--n-val-stories", "1",
          "--story-seconds", "32", "--test-seconds", "32", "--seed", "5"]
@@ -42,7 +42,7 @@ def test_real_architecture_runs_stages_02_to_05(real_arch):
     # the feature cache is keyed to the folder's weights
     model = common.load_wavlm(folder)
     assert common.story_cnn(model, np.zeros(16000, np.float32)) is None  # group norm: the CNN runs per window
-    cache = common.feature_cache_dir(data, folder, 0, 0.0, 2.0)
+    cache = load_stage("02_baseline_ridge.py").feature_cache_dir(data, folder, 0, 0.0, 2.0)
     key = json.loads(str(common.load_npz(f"{cache}/test.npz")["key"]))
     assert key["model"] == common.model_fingerprint(model)
 
