@@ -364,11 +364,12 @@ def story_cnn(model, audio, data=None, story=None):
 
     def compute():
         return torch.cat([cnn_features(m, x[None, f0 * FRAME_HOP:(min(F, f0 + chunk) - 1) * FRAME_HOP + FRAME_WIN])[0]
-                          for f0 in range(0, F, chunk)]).cpu().numpy()
+                          for f0 in range(0, F, chunk)])
     if data is None:
-        return torch.as_tensor(compute(), device=x.device)
+        return compute()
     path = os.path.join(data, "features", f"cnn-{model_fingerprint(m.feature_extractor)[:16]}", f"{story}.npz")
-    return torch.as_tensor(cached_npz(path, sha1(x.cpu().numpy()), compute, "cnn"), device=x.device)
+    cnn = cached_npz(path, sha1(x.cpu().numpy()), lambda: compute().cpu().numpy(), "cnn")
+    return torch.as_tensor(cnn, device=x.device)
 
 def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, batch_size=8,
                      grad=False, progress=False, cnn=None):
