@@ -31,7 +31,8 @@ def lanczos_interp(data, old_times, new_times, window=3, cutoff_mult=1.0):
     lab's: z-scoring absorbs the scale). numpy in, float32 out; a torch tensor (..., old_times,
     features) in, a differentiable tensor out (stage 03 trains through it)."""
     new_times = np.asarray(new_times, dtype=np.float64)
-    t = (new_times[:, None] - np.asarray(old_times, np.float64)[None, :]) * cutoff_mult / np.mean(np.diff(new_times))
+    cutoff = cutoff_mult / np.mean(np.diff(new_times))
+    t = (new_times[:, None] - np.asarray(old_times, dtype=np.float64)[None, :]) * cutoff
     with np.errstate(divide="ignore", invalid="ignore"):
         k = window * np.sin(np.pi * t) * np.sin(np.pi * t / window) / (np.pi ** 2 * t ** 2)
     k[t == 0] = 1.0
@@ -45,9 +46,10 @@ def make_delayed(x, delays=(1, 2, 3, 4)):
     side: row t holds x[t - d] for each d, the stimulus d TRs before the response (hemodynamic lag)."""
     if min(delays) < 0:
         raise ValueError(f"make_delayed: delays must be >= 0 (a response follows its stimulus), got {delays}")
-    n, out = x.shape[-2], [torch.zeros_like(x) if torch.is_tensor(x) else np.zeros_like(x) for _ in delays]
+    zeros = torch.zeros_like if torch.is_tensor(x) else np.zeros_like
+    out = [zeros(x) for _ in delays]
     for shifted, d in zip(out, delays):
-        shifted[..., d:, :] = x[..., :max(n - d, 0), :]
+        shifted[..., d:, :] = x[..., :max(x.shape[-2] - d, 0), :]
     return torch.cat(out, dim=-1) if torch.is_tensor(x) else np.concatenate(out, axis=-1)
 
 def zscore(x, axis=0):
