@@ -92,9 +92,9 @@ def main(argv=None):
             fp = common.model_fingerprint(model)
             stories = study["train"] + study["val"] + [study["test"]]
             features = {s: common.story_features(model, fp, os.path.join(args.data, "features", name),
-                                           os.path.join(args.data, "stories", f"{s}.npz"),
-                                           float(base["context_s"]), float(base["stride_s"]),
-                                           top_layer=layer, data=args.data)[layer] for s in stories}
+                                                 os.path.join(args.data, "stories", f"{s}.npz"),
+                                                 float(base["context_s"]), float(base["stride_s"]),
+                                                 top_layer=layer, data=args.data)[layer] for s in stories}
             for j, b in enumerate(evaluated_on):
                 r, _, _ = common.score_on_test(features, subj_data[b], study, device=device,
                                                **common.ridge_recipe(baselines[b]))

@@ -43,13 +43,15 @@ def lanczos_interp(data, old_times, new_times, window=3, cutoff_mult=1.0):
 
 def make_delayed(x, delays=(1, 2, 3, 4)):
     """Copies of x (TRs x features, numpy or torch) shifted later by each delay, zero-padded, side by
-    side: row t holds x[t - d] for each d, the stimulus d TRs before the response (hemodynamic lag)."""
-    if min(delays) < 0:
-        raise ValueError(f"make_delayed: delays must be >= 0 (a response follows its stimulus), got {delays}")
-    zeros = torch.zeros_like if torch.is_tensor(x) else np.zeros_like
+    side: row t holds x[t - d] for each d, the stimulus d TRs before the response (hemodynamic lag).
+    A negative delay reads later rows, as in the lab's make_delayed."""
+    n, zeros = x.shape[-2], (torch.zeros_like if torch.is_tensor(x) else np.zeros_like)
     out = [zeros(x) for _ in delays]
     for shifted, d in zip(out, delays):
-        shifted[..., d:, :] = x[..., :max(x.shape[-2] - d, 0), :]
+        if d >= 0:
+            shifted[..., d:, :] = x[..., :max(n - d, 0), :]
+        else:
+            shifted[..., :max(n + d, 0), :] = x[..., -d:, :]
     return torch.cat(out, dim=-1) if torch.is_tensor(x) else np.concatenate(out, axis=-1)
 
 def zscore(x, axis=0):
@@ -544,8 +546,10 @@ def set_threads(n=None):
 def progress_bar(items, desc):
     """A tqdm bar on a terminal; the plain items when output goes to a file (a bar there writes
     thousands of characters per epoch)."""
+    if not sys.stderr.isatty():
+        return items
     from tqdm import tqdm
-    return tqdm(items, desc=desc, leave=False) if sys.stderr.isatty() else items
+    return tqdm(items, desc=desc, leave=False)
 
 def save_npz(path, items=(), **arrays):
     """Write an npz (uncompressed, as np.savez) to a temp file in the same folder, then rename: a

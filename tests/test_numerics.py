@@ -57,6 +57,9 @@ def test_make_delayed_numpy_and_torch():
     dt = common.make_delayed(torch.tensor(x), (1, 2))
     np.testing.assert_array_equal(dt.numpy(), d)
     np.testing.assert_array_equal(common.make_delayed(x, (0,)), x)
+    # a negative delay reads later rows (the lab's convention); past the end, zeros
+    np.testing.assert_array_equal(common.make_delayed(x, (-1,)), np.vstack([x[1:], np.zeros((1, 2))]))
+    np.testing.assert_array_equal(common.make_delayed(x, (7, -7)), np.zeros((6, 4)))
 
 
 def test_zscore_and_pearson():
