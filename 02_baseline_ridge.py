@@ -164,7 +164,7 @@ def main(argv=None):
         results = {}
         for subj in subjects:
             subject_data = subject_files[subj]
-            n_vox = subject_data["test_resp"].shape[1]
+            n_vox = common.array_shape(subject_data, "test_resp")[1]
             print(f"  subject {subj}: {n_vox} voxels, ridge per layer", flush=True)
             res, W = fit_and_score(features, subject_data, study, layers, args, device)
             if args.save_weights:  # apart from the results: stages 03-05 read those whole

@@ -232,7 +232,7 @@ def init_checkpoint(path, origin):
 def roi_mask(args, subject_data, subj):
     """The voxels the loss sees (Section 3.2: whole cortex, AC, LH or RH)."""
     if args.roi == "whole":
-        return np.ones(subject_data["test_resp"].shape[1], bool)
+        return np.ones(common.array_shape(subject_data, "test_resp")[1], bool)
     if f"roi_{args.roi}" not in subject_data:
         raise StudyError(f"{args.data}/subjects/{subj}.npz has no {args.roi} mask; for ds003020 pass "
                          "--roi-file or --rois-from-pycortex to 01_prepare_data.py")

@@ -41,7 +41,8 @@ d = common.load_subject(args.data, study["subjects"][0], study)
 model = common.add_lora(common.load_wavlm(args.model, 0, device), targs.lora_rank, targs.lora_alpha,
                         targs.lora_dropout, targs.lora_targets).train()
 layer = args.layer if args.layer is not None else model.config.num_hidden_layers
-readout = stage03.make_readout(model.config.hidden_size * 4, d["test_resp"].shape[1], targs.bottleneck).to(device)
+n_vox = common.array_shape(d, "test_resp")[1]
+readout = stage03.make_readout(model.config.hidden_size * 4, n_vox, targs.bottleneck).to(device)
 opt = torch.optim.Adam([{"params": [q for q in model.parameters() if q.requires_grad], "lr": 1e-3},
                         {"params": readout.parameters(), "lr": 1e-3}])
 stories = stage03.load_stories(model, args.data, study["train"], device)

@@ -113,7 +113,7 @@ s03args = s03.get_args([])  # the paper's defaults
 model = common.add_lora(model, s03args.lora_rank, s03args.lora_alpha, s03args.lora_dropout, s03args.lora_targets)
 d = common.load_subject(data, "sim01", st)
 layer = cfg.num_hidden_layers // 2
-readout = s03.make_readout(cfg.hidden_size * 4, d["test_resp"].shape[1], s03args.bottleneck).to(dev)
+readout = s03.make_readout(cfg.hidden_size * 4, common.array_shape(d, "test_resp")[1], s03args.bottleneck).to(dev)
 opt = torch.optim.Adam([p_ for p_ in model.parameters() if p_.requires_grad] + list(readout.parameters()), lr=1e-4)
 stories = s03.load_stories(model, data, st["train"], dev)
 resp = {s: torch.as_tensor(d[f"resp_{s}"], device=dev) for s in st["train"]}

@@ -43,7 +43,7 @@ print(f"full sweep ({base['val_r_by_layer'].shape[1]} voxels): best layer {full_
       f"mean validation r by layer {np.round(full_val, 4).tolist()}")
 X_train = {layer: s02.stack(ds, study["train"], layer, delays) for layer in layers}
 X_val = {layer: s02.stack(ds, study["val"], layer, delays) for layer in layers}
-n_vox = d["test_resp"].shape[1]
+n_vox = common.array_shape(d, "test_resp")[1]
 for size in args.sizes:
     agree, loss, secs = 0, [], []
     for draw in range(args.draws):
