@@ -12,7 +12,6 @@ Two sources, one layout (README, "Data layout"):
     python 01_prepare_data.py --source ds003020 --ds-root PATH --subjects UTS01 UTS02 UTS03 \\
         [--roi-file masks.npz | --rois-from-pycortex]
 """
-import argparse
 import ctypes
 import difflib
 import json
@@ -26,7 +25,8 @@ from scipy.io import wavfile
 from scipy.signal import fftconvolve, resample_poly
 from scipy.stats import gamma
 
-from common import StudyError, fail, log_mel, noise_ceiling, pearson_r, save_npz, zscore
+import common
+from common import StudyError, digest, fail, log_mel, noise_ceiling, pearson_r, save_npz, zscore
 
 SR = 16000
 TR = 2.0
@@ -73,7 +73,7 @@ KIND_NAMES = np.array(["auditory", "semantic", "mixed", "noise"])
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--data", default="data", help="output folder (default: data/)")
     p.add_argument("--source", choices=["simulated", "ds003020"], default="simulated")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (simulated study)")
@@ -305,8 +305,9 @@ def build_simulated(args):
     out = args.data
     tmp_out = out.rstrip("/") + ".tmp_build"
     shutil.rmtree(tmp_out, ignore_errors=True)
+    prints = {}  # each file's content fingerprint: study.npz records them (common.load_study)
     for name, s in stories.items():
-        save_npz(os.path.join(tmp_out, "stories", f"{name}.npz"), audio=s["audio"], sr=np.int64(SR),
+        prints[name] = save_npz(os.path.join(tmp_out, "stories", f"{name}.npz"), audio=s["audio"], sr=np.int64(SR),
                  tr_times=s["tr_times"].astype(np.float64), words=vocab[s["idx"]],
                  word_onsets=s["on"], word_offsets=s["off"])
 
@@ -352,8 +353,8 @@ def build_simulated(args):
             yield "roi_AC", kind == 0
             yield "roi_LH", np.isin(np.arange(v), order[:v // 2])
             yield "roi_RH", np.isin(np.arange(v), order[v // 2:])
-        save_npz(os.path.join(tmp_out, "subjects", f"{subj}.npz"), arrays(),
-                 constant_voxels=np.zeros(v, bool), nan_voxels=np.zeros(v, bool))
+        prints[subj] = save_npz(os.path.join(tmp_out, "subjects", f"{subj}.npz"), arrays(),
+                                constant_voxels=np.zeros(v, bool), nan_voxels=np.zeros(v, bool))
         # the ceiling from the truth: expected r between the signal and the mean of N noisy repeats
         var_s = test_signal.var(0)
         true_ceiling = np.sqrt(var_s / (var_s + noise_sd ** 2 / args.test_repeats))
@@ -363,11 +364,8 @@ def build_simulated(args):
                       f"{subj}_w_semantic": w_sem.astype(np.float32)})
     truth["test_acoustic_drive"] = drives["test"][0].astype(np.float32)
     truth["test_semantic_drive"] = drives["test"][1].astype(np.float32)
-    save_npz(os.path.join(tmp_out, "truth.npz"), **truth)
-    save_npz(os.path.join(tmp_out, "study.npz"), source=np.array("simulated"), subjects=np.array(subjects),
-             train_stories=np.array(names[:n_train]),
-             val_stories=np.array(names[n_train:-1]), test_story=np.array("test"),
-             tr=np.float64(TR), seed=np.int64(args.seed))
+    prints["truth"] = save_npz(os.path.join(tmp_out, "truth.npz"), **truth)
+    write_study(tmp_out, "simulated", subjects, names[:n_train], names[n_train:-1], "test", args.seed, prints)
     return tmp_out, subjects, stories
 
 
@@ -558,7 +556,7 @@ def build_ds003020(args):
 
     tmp_out = args.data.rstrip("/") + ".tmp_build"
     shutil.rmtree(tmp_out, ignore_errors=True)
-    stories = {}
+    stories, prints = {}, {}
     for st in names:
         wav = os.path.join(root, "stimuli", f"{st}.wav")
         audio = read_wav(wav)
@@ -568,17 +566,15 @@ def build_ds003020(args):
             raise StudyError(f"story {st}: respdict says {respdict[st]} TRs (last row at {tr_times[-1]:.0f} s)"
                              f" but {wav} lasts {len(audio) / SR:.0f} s; the wav or respdict is wrong")
         stories[st] = tr_times
-        save_npz(os.path.join(tmp_out, "stories", f"{st}.npz"), audio=audio, sr=np.int64(SR),
-                 tr_times=tr_times, words=words, word_onsets=on, word_offsets=off)
+        prints[st] = save_npz(os.path.join(tmp_out, "stories", f"{st}.npz"), audio=audio, sr=np.int64(SR),
+                              tr_times=tr_times, words=words, word_onsets=on, word_offsets=off)
         print(f"  story {st}: {len(audio) / SR:.0f} s, {len(words)} words, {len(tr_times)} TRs")
     for s in args.subjects:
-        write_subject(args, s, prep, stories, respdict, rois.get(s, {}), tmp_out)
+        prints[s] = write_subject(args, s, prep, stories, respdict, rois.get(s, {}), tmp_out)
     if args.rois_from_pycortex:  # reusable as --roi-file without pycortex
         save_npz(os.path.join(tmp_out, "roi_masks.npz"),
                  **{f"{s}_{name}": m for s, masks in rois.items() for name, m in masks.items()})
-    save_npz(os.path.join(tmp_out, "study.npz"), source=np.array("ds003020"), subjects=np.array(args.subjects),
-             train_stories=np.array(train), val_stories=np.array(args.val_stories),
-             test_story=np.array(args.test_story), tr=np.float64(TR), seed=np.int64(args.seed))
+    write_study(tmp_out, "ds003020", args.subjects, train, args.val_stories, args.test_story, args.seed, prints)
     return tmp_out, args.subjects, stories
 
 
@@ -640,10 +636,12 @@ def write_subject(args, s, prep, stories, respdict, rois, tmp_out):
     if missing:
         print(f"  note: {s}: no {', '.join(missing)} mask" + (" (no --roi-file)" if not args.roi_file else
               f" in {args.roi_file}") + "; stages that need them will say so")
-    save_npz(os.path.join(tmp_out, "subjects", f"{s}.npz"), constant_voxels=constant, nan_voxels=nonfinite, **out)
+    fingerprint = save_npz(os.path.join(tmp_out, "subjects", f"{s}.npz"), constant_voxels=constant,
+                           nan_voxels=nonfinite, **out)
     finite = np.isfinite(out["noise_ceiling"])
     print(f"  subject {s}: {n_vox} voxels" + (f", mean noise ceiling {out['noise_ceiling'][finite].mean():.3f}"
                                               if finite.any() else ""))
+    return fingerprint
 
 
 def load_npz_rois(path, subjects):
@@ -662,23 +660,71 @@ def load_npz_rois(path, subjects):
     return rois
 
 
+def write_study(out, source, subjects, train, val, test, seed, prints):
+    """study.npz: the splits and the fingerprints every later result records. stories_fingerprint
+    covers the splits and every story file; each subject file has its own, so rebuilding with one
+    subject more or less (or other noise) leaves the others' results valid."""
+    stories = digest(dict(source=source, train=list(train), val=list(val), test=test,
+                          files={k: v for k, v in prints.items() if k not in subjects and k != "truth"}))
+    save_npz(os.path.join(out, "study.npz"), source=np.array(source), subjects=np.array(subjects),
+             train_stories=np.array(train), val_stories=np.array(val), test_story=np.array(test),
+             tr=np.float64(TR), seed=np.int64(seed), stories_fingerprint=np.array(stories),
+             subject_fingerprints=np.array([prints[s] for s in subjects]))
+
+
+def describe_replacement(data, new):
+    """What rebuilding `data` replaces, in words: which results built from the old study stay valid."""
+    old_path = os.path.join(data, "study.npz")
+    if not os.path.exists(old_path):
+        return f"{data}/ exists but holds no study: replacing it"
+    try:
+        old, now = np.load(old_path, allow_pickle=False), np.load(os.path.join(new, "study.npz"), allow_pickle=False)
+        if "stories_fingerprint" not in old:
+            return f"replacing {data}/ (an older layout without fingerprints: rerun stages 02-05 on the new study)"
+        if str(old["stories_fingerprint"]) != str(now["stories_fingerprint"]):
+            return (f"replacing {data}/ with another study (its stories or splits differ): stages 02-05 will "
+                    "refuse results built from the old one until they are rerun")
+        was = dict(zip(old["subjects"], old["subject_fingerprints"]))
+        same = [s for s, f in zip(now["subjects"], now["subject_fingerprints"]) if was.get(s) == f]
+        changed = [str(s) for s in now["subjects"] if s not in same]
+        return (f"replacing {data}/: the same stories; " + (f"subjects {', '.join(changed)} differ (their results will "
+                "be refused until rerun)" if changed else "every subject identical, so existing results stay valid"))
+    except (ValueError, OSError, KeyError) as e:
+        return f"replacing {data}/ (its study.npz could not be read: {e})"
+
+
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
     print(f"stage 01: building the {args.source} study into {args.data}/")
+    tmp_out = args.data.rstrip("/") + ".tmp_build"
     try:
         if args.source == "simulated":
             check_args(args)
         tmp_out, subjects, stories = (build_simulated if args.source == "simulated" else build_ds003020)(args)
-    except StudyError as e:
-        shutil.rmtree(args.data.rstrip("/") + ".tmp_build", ignore_errors=True)
+    except (StudyError, KeyboardInterrupt) as e:
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            fail(f"interrupted: {args.data}/ is as it was; rerun the same command", 130)
         fail(e)
-    # swap the finished study in whole: a failed build never leaves a half-written data/ (the old
-    # feature cache goes with the old stories)
-    shutil.rmtree(args.data, ignore_errors=True)
-    os.replace(tmp_out, args.data)
+    # swap the finished study in whole, so a failed build never leaves a half-written data/. The
+    # feature caches move across: they are keyed by model weights and audio, so stale entries are
+    # recomputed when read and the rest are reused
+    if os.path.isdir(args.data):
+        print(f"  note: {describe_replacement(args.data, tmp_out)}")
+        if os.path.isdir(os.path.join(args.data, "features")):
+            os.replace(os.path.join(args.data, "features"), os.path.join(tmp_out, "features"))
+            print(f"  kept {args.data}/features/ (model feature caches, checked against the audio when read)")
+        old = args.data.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(args.data, old)
+        os.replace(tmp_out, args.data)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp_out, args.data)
     audio_s = sum(len(np.load(os.path.join(args.data, "stories", f"{s}.npz"))["audio"]) / SR for s in stories)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.data) for f in fs)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.data) for f in fs
+               if not d.startswith(os.path.join(args.data, "features")))
     print(f"wrote {len(stories)} stories ({audio_s / 60:.1f} min of audio), {len(subjects)} subjects, "
           f"{size / 1e6:.1f} MB in {time.time() - t0:.1f} s -> {args.data}/")
 

@@ -13,7 +13,7 @@ story (Pearson r per voxel, also as a fraction of the noise ceiling).
 
 Features are cached under data/features/<model>/context<C>s_stride<S>s/, one folder per window setting.
 """
-import argparse
+import json
 import os
 import time
 
@@ -25,8 +25,12 @@ from common import StudyError
 DEFAULT_STRIDE_S = 4.0  # chosen from bench/features.py (README): 32x cheaper than the lab's 0.1 s
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+SETTINGS = ("model", "model_seed", "layers", "context_s", "stride_s", "delays", "alphas", "n_folds",
+            "sweep_voxels", "seed")  # what a result depends on: its file name carries a tag when one differs
+
+
+def get_parser():
+    p = common.parser(__doc__)
     common.add_common_args(p)
     p.add_argument("--model", default="tiny-pretrained", help="'tiny-pretrained' (this repository's "
                    "self-supervised tiny WavLM, models/), 'tiny' (random init) or a WavLM id/folder, "
@@ -36,17 +40,40 @@ def get_args(argv=None):
     p.add_argument("--layers", type=int, nargs="+", help="hidden states to compare (default: all)")
     p.add_argument("--context-s", type=float, default=16.0, help="seconds of past audio per window (lab: 16)")
     p.add_argument("--stride-s", type=float, default=DEFAULT_STRIDE_S, help="window step (lab: 0.1)")
-    p.add_argument("--delays", type=int, nargs="+", default=[1, 2, 3, 4], help="delays in TRs")
+    p.add_argument("--delays", type=int, nargs="+", default=[1, 2, 3, 4],
+                   help=f"delays in TRs (paper: 1 2 3 4; at most {common.PAD_TRS}; stage 03 uses the same)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(common.ALPHAS),
                    help="ridge penalties to search (default: logspace(0, 6, 13), see common.ALPHAS)")
-    p.add_argument("--n-folds", type=int, default=5)
+    p.add_argument("--n-folds", type=int, default=5, help="cross-validation folds of contiguous TRs (>= 2)")
     p.add_argument("--sweep-voxels", type=int, default=0, help="compare layers on this many random voxels "
                    "(0: all); the best layer is then fit on every voxel. Cheaper for real data (README)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --sweep-voxels draw")
     p.add_argument("--save-weights", action="store_true", help="also write the ridge weights (features x "
                    "voxels: ~1 GB per subject for wavlm-base-plus on ds003020) to 02_weights_<subject>.npz")
     p.add_argument("--refresh-features", action="store_true", help="recompute the feature cache")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return get_parser().parse_args(argv)
+
+
+def check_args(args):
+    """Every flag's range, before any model or data is loaded: one clear error each."""
+    common.check_window(args.context_s, args.stride_s)
+    common.check_ranges([("--sweep-voxels", args.sweep_voxels, 0, None), ("--n-folds", args.n_folds, 2, None),
+                         ("--delays", max(args.delays), None, common.PAD_TRS)])
+    if min(args.alphas) <= 0:
+        raise StudyError(f"--alphas {min(args.alphas):g} is out of range: ridge penalties must be > 0")
+    if len(set(args.delays)) != len(args.delays):
+        raise StudyError(f"--delays {' '.join(map(str, args.delays))} repeats a delay")
+
+
+def settings(args):
+    """The settings a stage 02 result depends on (the seed only matters with --sweep-voxels)."""
+    out = {k: getattr(args, k) for k in SETTINGS}
+    out["seed"] = args.seed if args.sweep_voxels else 0
+    return out
 
 
 def feature_cache_dir(data, name, seed, context_s, stride_s):
@@ -139,19 +166,21 @@ def main(argv=None):
     common.set_threads(args.threads)
     t0 = time.time()
     try:
-        common.check_window(args.context_s, args.stride_s)
-        if args.sweep_voxels < 0:
-            raise StudyError(f"--sweep-voxels {args.sweep_voxels} is out of range: it must be >= 0 (0: all voxels)")
+        check_args(args)
         device = common.pick_device(args.device)
         study = common.load_study(args.data)
         subjects = common.subject_list(args.subjects, study)
         subject_files = {s: common.load_subject(args.data, s, study) for s in subjects}
-        print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {device}")
+        defaults = settings(get_args([]))
+        tag = common.settings_tag(settings(args), defaults)
+        flags = common.as_flags(settings(args), defaults)
+        print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {device}"
+              + (f"; settings {' '.join(flags)} -> files tagged {tag[1:]}" if tag else ""))
         model = common.load_wavlm(args.model, args.model_seed, device)
         n_states = model.config.num_hidden_layers + 1
         layers = args.layers if args.layers else list(range(n_states))
         if any(not 0 <= layer < n_states for layer in layers):
-            raise StudyError(f"--layers {layers}: {args.model} has hidden states 0..{n_states - 1}")
+            raise StudyError(f"--layers {' '.join(map(str, layers))}: {args.model} has hidden states 0..{n_states - 1}")
         cache = feature_cache_dir(args.data, args.model, args.model_seed, args.context_s, args.stride_s)
         fingerprint = common.model_fingerprint(model)
         features = {}
@@ -168,18 +197,28 @@ def main(argv=None):
             print(f"  subject {subj}: {n_vox} voxels, ridge per layer", flush=True)
             res, W = fit_and_score(features, subject_data, study, layers, args, device)
             if args.save_weights:  # apart from the results: stages 03-05 read those whole
-                common.save_npz(os.path.join(args.results, f"02_weights_{subj}.npz"), weights=W)
+                common.save_npz(os.path.join(args.results, f"02_weights_{subj}{tag}.npz"), weights=W)
             del W
-            common.save_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), **res,
-                            layers=np.array(layers), noise_ceiling=subject_data["noise_ceiling"],
+            # what this result was built from: later stages check it before using it
+            prov = dict(stage="02", subject=subj, stories=study["stories_fingerprint"],
+                        subject_data=study["subject_fingerprints"][subj], model=args.model,
+                        model_fingerprint=fingerprint, settings=settings(args), tag=tag[1:], flags=flags)
+            path = os.path.join(args.results, f"02_baseline_{subj}{tag}.npz")
+            note_replacement(path, prov)
+            common.save_npz(path, **res, layers=np.array(layers), noise_ceiling=subject_data["noise_ceiling"],
                             model=np.array(args.model), model_seed=np.int64(args.model_seed),
                             context_s=np.float64(args.context_s), stride_s=np.float64(args.stride_s),
                             delays=np.array(args.delays), alpha_grid=np.array(args.alphas, np.float64),
-                            n_folds=np.int64(args.n_folds))
+                            n_folds=np.int64(args.n_folds), provenance=np.array(json.dumps(prov, sort_keys=True)))
             results[subj] = (res, subject_data)
     except StudyError as e:
         common.fail(e)
-    plot(results, layers, os.path.join(args.results, "02_baseline.png"))
+    except KeyboardInterrupt:
+        common.fail("interrupted: subjects finished before it are saved; rerun the same command", 130)
+    # a subset of subjects draws its own figure: it never replaces the full one
+    subset = "" if subjects == study["subjects"] else "_" + "-".join(subjects)
+    figure = os.path.join(args.results, f"02_baseline{tag}{subset}.png")
+    plot(results, layers, figure)
     print("\n  subject  best layer  mean r all    AC  non-AC  fraction of ceiling: all    AC  non-AC")
     for subj, (res, subject_data) in results.items():
         m = roi_means(res["test_r"], subject_data)
@@ -188,7 +227,22 @@ def main(argv=None):
         print(f"  {subj:8s} {int(res['best_layer']):10d}  {m['all']:10.3f} {m.get('AC', np.nan):5.3f}"
               f"  {m.get('non-AC', np.nan):6.3f}  {frac['all']:24.2f} {frac.get('AC', np.nan):5.2f}"
               f"  {frac.get('non-AC', np.nan):6.2f}")
-    print(f"\nwrote {args.results}/02_baseline_<subject>.npz and 02_baseline.png in {time.time() - t0:.0f} s")
+    print(f"\nwrote {args.results}/02_baseline_<subject>{tag}.npz and {os.path.basename(figure)} in {time.time() - t0:.0f} s")
+
+
+def note_replacement(path, prov):
+    """Rerunning the same settings replaces its own result; say so when it was built from other
+    inputs (another study or other model weights): stage 03 runs scored against it become stale."""
+    if not os.path.exists(path):
+        return
+    try:
+        old = json.loads(str(common.load_npz(path).get("provenance", "{}")))
+    except StudyError:
+        old = {}
+    if common.digest(old) != common.digest(prov):
+        why = ("another study" if old.get("stories") != prov["stories"] or old.get("subject_data") != prov["subject_data"]
+               else "other model weights" if old.get("model_fingerprint") != prov["model_fingerprint"] else "other inputs")
+        print(f"  note: replacing {path}, built from {why}: stage 03 runs scored against it will be refused until rerun")
 
 
 if __name__ == "__main__":

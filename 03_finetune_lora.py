@@ -2,24 +2,28 @@
 
 The paper's method (Section 2.3): LoRA adapters on the attention's query/key/value projections of
 WavLM, one hidden layer -> differentiable Lanczos to the TR times -> per-feature normalisation ->
-delays of 1-4 TRs -> a bottleneck readout to the voxels, trained with the negative correlation
-across voxels at each TR (the "spatial" correlation loss). The best epoch (validation stories) is
-then scored "linearized" (Section 3.1): its features go through stage 02's exact ridge recipe, so
-the tuned r is directly comparable with the baseline.
+the delays of stage 02's recipe (1-4 TRs) -> a bottleneck readout to the voxels, trained with the
+negative correlation across voxels at each TR (the "spatial" correlation loss). The best epoch
+(validation stories) is then scored "linearized" (Section 3.1): its features go through stage 02's
+exact ridge recipe, so the tuned r is directly comparable with the baseline.
 
     python 03_finetune_lora.py                          # every subject, whole cortex, LoRA, seed 0
     python 03_finetune_lora.py --subject sim01 --roi AC
     python 03_finetune_lora.py --subject sim01 --seeds 0 1 2 --full-finetune   # the unstable comparison
-    python 03_finetune_lora.py --subject sim01 --roi AC --init-from checkpoints/03_sim01_whole_lora_seed0
-    python 03_finetune_lora.py --resume                 # continue a killed run
+    python 03_finetune_lora.py --subject sim01 --roi AC --init-from whole        # from the whole-cortex run
+    python 03_finetune_lora.py --subject sim01 --resume  # continue a killed run, with its own settings
 
 A training example is a block of consecutive TRs of one story with the audio that covers them (plus
 the Lanczos window, the delays and a little left context); blocks are shuffled across stories each
-epoch. Checkpoints: checkpoints/03_<subject>_<roi>_<lora|full>_seed<N>[_from_<run>]/ (the suffix
-names the run an --init-from run started from).
+epoch. A run is named 03_<subject>_<roi>_<lora|full>_seed<N>[_<tag>][_from_<run>]: the tag (6 hex
+digits) appears when its settings or its stage 02 result differ from the defaults, so runs with
+other settings never replace each other; _from_ names the run an --init-from run started from.
+Results: results/<run>.npz and .png; checkpoints: checkpoints/<run>/{best,last}/.
 """
-import argparse
+import copy
+import json
 import os
+import re
 import shutil
 import time
 
@@ -30,42 +34,76 @@ import common
 from common import StudyError
 
 ROIS = ("whole", "AC", "LH", "RH")
+# what a run depends on besides its subject, ROI, seed and stage 02 result: its name carries a tag
+# when one differs from the defaults, and --resume continues with the saved values
+TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "layer", "lora_rank", "lora_alpha", "lora_dropout",
+                  "lora_targets", "bottleneck", "lr_adapter", "lr_readout", "grad_clip", "block_trs",
+                  "batch_blocks", "train_context_s", "train_stride_s")
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_parser():
+    p = common.parser(__doc__)
     common.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder (default: checkpoints/)")
-    p.add_argument("--subject", nargs="+", help="default: every subject in the study")
-    p.add_argument("--roi", default="whole", help=f"voxels the loss sees: {'|'.join(ROIS)}")
-    p.add_argument("--full-finetune", action="store_true", help="train all transformer weights, no LoRA")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subject", nargs="+", help="subjects to tune on, one run each (default: every subject)")
+    p.add_argument("--roi", default="whole", help=f"voxels the loss sees: {'|'.join(ROIS)} (Section 3.2)")
+    p.add_argument("--full-finetune", action="store_true", help="train all transformer weights, no LoRA "
+                   "(the paper's less stable comparison)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the readout's initialisation, block order, dropout")
     p.add_argument("--seeds", type=int, nargs="+", help="run several seeds in turn (overrides --seed)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="training epochs (the best on validation is kept)")
     p.add_argument("--patience", type=int, default=4, help="stop after this many epochs without a better val r")
-    p.add_argument("--loss", choices=["corr", "mse"], default="corr")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--loss", choices=["corr", "mse"], default="corr", help="corr: the paper's spatial "
+                   "correlation (minus the correlation across voxels at each TR); mse: mean squared error")
+    p.add_argument("--resume", action="store_true", help="continue the run's last checkpoint with its saved "
+                   "settings (a flag that differs from them is an error)")
     p.add_argument("--layer", type=int, help="hidden state to tune and read out (default: stage 02's best)")
-    p.add_argument("--init-from", help="start from another stage 03 run's best epoch (its checkpoint folder, "
-                   "e.g. checkpoints/03_sim01_whole_lora_seed0) with a fresh readout")
+    p.add_argument("--init-from", help="start from another stage 03 run's best epoch with a fresh readout: "
+                   "its checkpoint folder, or an ROI (e.g. whole: this subject's whole-cortex run, same seed)")
+    p.add_argument("--baseline-tag", help="which stage 02 result, when results/ holds several for a subject "
+                   "(default: the only one; 'default': the file made with stage 02's defaults)")
     g = p.add_argument_group("model (paper defaults)")
-    g.add_argument("--lora-rank", type=int, default=4)
-    g.add_argument("--lora-alpha", type=float, default=4)
-    g.add_argument("--lora-dropout", type=float, default=0.1)
+    g.add_argument("--lora-rank", type=int, default=4, help="rank of each LoRA adapter")
+    g.add_argument("--lora-alpha", type=float, default=4, help="LoRA scaling (the update is alpha/rank x B A)")
+    g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapters' input")
     g.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj"],
                    help="linear layers to adapt (paper: q_proj k_proj v_proj); others: out_proj, "
                    "intermediate_dense, output_dense, projection (the CNN -> transformer feature projection)")
     g.add_argument("--bottleneck", type=int, default=100, help="readout width; 0 = one linear map")
     g.add_argument("--lr-adapter", type=float, default=1e-4, help="learning rate of LoRA (or all) weights")
-    g.add_argument("--lr-readout", type=float, default=1e-4)
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--lr-readout", type=float, default=1e-4, help="learning rate of the readout")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     g = p.add_argument_group("training examples")
-    g.add_argument("--block-trs", type=int, default=32, help="TRs per training example")
+    g.add_argument("--block-trs", type=int, default=32, help="TRs per training example (normalised as one "
+                   "block: see readout_head)")
     g.add_argument("--batch-blocks", type=int, default=2, help="examples per optimizer step")
     g.add_argument("--train-context-s", type=float, default=0.0,
-                   help="extra past audio per training window (the forward pass dominates the cost)")
-    g.add_argument("--train-stride-s", type=float, default=4.0, help="training window length/step")
-    return p.parse_args(argv)
+                   help="past audio per training window, in seconds (stage 02 and the evaluation use 16; 0 "
+                   "keeps training 5x cheaper: the forward pass dominates the cost, docs/methods.md)")
+    g.add_argument("--train-stride-s", type=float, default=4.0, help="training window length/step, seconds")
+    return p
+
+
+def get_args(argv=None):
+    return get_parser().parse_args(argv)
+
+
+def run_settings(args):
+    """The training settings of a run, as recorded (LoRA's only for LoRA runs; targets sorted)."""
+    out = {k: getattr(args, k) for k in TRAIN_SETTINGS if not (args.full_finetune and k.startswith("lora_"))}
+    if "lora_targets" in out:
+        out["lora_targets"] = sorted(out["lora_targets"])
+    return out
+
+
+DEFAULTS = run_settings(get_args([]))
+
+
+def run_tag(args, baseline):
+    """'' for the defaults' settings against stage 02's defaults' result, else '_' + 6 hex digits."""
+    mine = dict(run_settings(args), baseline=baseline["tag"])
+    mine.pop("full_finetune")
+    return common.settings_tag(mine, dict(DEFAULTS, baseline=""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,20 +111,21 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 def check_args(args):
-    """Flags whose range argparse cannot know, as one clear error each."""
+    """Every flag's range, before any data or model is loaded: one clear error each."""
     if args.roi not in ROIS:
         raise StudyError(f"unknown ROI {args.roi!r}: choose one of {', '.join(ROIS)}")
-    for flag, value, lo in (("--block-trs", args.block_trs, 1), ("--batch-blocks", args.batch_blocks, 1),
-                            ("--epochs", args.epochs, 1), ("--patience", args.patience, 1),
-                            ("--lora-rank", args.lora_rank, 1), ("--bottleneck", args.bottleneck, 0)):
-        if value < lo:
-            raise StudyError(f"{flag} {value} is out of range: it must be >= {lo}")
-    for flag, value in (("--lr-adapter", args.lr_adapter), ("--lr-readout", args.lr_readout)):
+    common.check_ranges([("--block-trs", args.block_trs, 1, None), ("--batch-blocks", args.batch_blocks, 1, None),
+                         ("--epochs", args.epochs, 1, None), ("--patience", args.patience, 1, None),
+                         ("--lora-rank", args.lora_rank, 1, None), ("--bottleneck", args.bottleneck, 0, None),
+                         ("--lora-dropout", args.lora_dropout, 0, 0.99), ("--layer", args.layer or 0, 0, None)])
+    for flag, value in (("--lr-adapter", args.lr_adapter), ("--lr-readout", args.lr_readout),
+                        ("--lora-alpha", args.lora_alpha), ("--grad-clip", args.grad_clip)):
         if not value > 0:
             raise StudyError(f"{flag} {value:g} is out of range: it must be > 0")
-    if not 0 <= args.lora_dropout < 1:
-        raise StudyError(f"--lora-dropout {args.lora_dropout:g} is out of range: it must be in [0, 1)")
     common.check_window(args.train_context_s, args.train_stride_s, ("--train-context-s", "--train-stride-s"))
+    if args.baseline_tag not in (None, "default") and not re.fullmatch(r"[0-9a-f]{6}", args.baseline_tag):
+        raise StudyError(f"--baseline-tag {args.baseline_tag!r}: a tag is 'default' or 6 hex digits, as in "
+                         "02_baseline_<subject>_<tag>.npz")
 
 
 def check_lora_targets(model, targets):
@@ -105,11 +144,17 @@ def make_readout(n_in, n_vox, bottleneck):
     return torch.nn.Linear(n_in, n_vox)
 
 
+def delay_reach(delays):
+    """TRs the delays read before and after a block (a negative delay reads later rows)."""
+    return max(0, max(delays)), max(0, -min(delays))
+
+
 def block_features(model, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
     """WavLM frames (frames x hidden, on the story's clock) covering rows i0..i1 of one story, plus
     the TR grid the readout needs (rows i0 - max(delays) .. i1). Differentiable through WavLM."""
     tr = np.mean(np.diff(story["tr_times"]))
-    grid = story["tr_times"][0] + tr * np.arange(i0 - max(delays), i1)  # rows feeding the delays, too
+    before, after = delay_reach(delays)
+    grid = story["tr_times"][0] + tr * np.arange(i0 - before, i1 + after)  # rows feeding the delays, too
     half = 3 * tr  # the Lanczos window reaches 3 TRs each side
     sr = 16000
     # segment edges on the story's own window grid (multiples of the stride), plus whole windows of
@@ -129,8 +174,11 @@ def block_features(model, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=
 def readout_head(readout, frames, times, grid, delays=(1, 2, 3, 4)):
     """Frames -> differentiable Lanczos to the grid -> per-feature norm -> delays -> readout."""
     x = common.lanczos_interp(frames, times, grid)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-5)  # per-feature normalisation over the block
-    return readout(common.make_delayed(x, delays)[max(delays):])
+    # Per-feature normalisation over the block: stage 02 z-scores per story, but a block of 32 TRs
+    # is all the model sees in one step, so it is normalised on its own (docs/methods.md)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    before, after = delay_reach(delays)
+    return readout(common.make_delayed(x, delays)[before:len(grid) - after])
 
 
 def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
@@ -158,27 +206,50 @@ def spatial_corr_loss(pred, y):
     return -r.mean()
 
 
-def predict_story(model, readout, story, layer, args):
+def predict_story(model, readout, story, layer, args, delays):
     rows = len(story["tr_times"])
     with torch.no_grad():
         return torch.cat([predict_block(model, readout, story, i, min(rows, i + args.block_trs), layer, args,
-                                        grad=False) for i in range(0, rows, args.block_trs)]).cpu().numpy()
+                                        delays, grad=False) for i in range(0, rows, args.block_trs)]).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: peft adapter (or full model) + readout, optimizer, RNG state, history
+# Checkpoints: peft adapter (or full model) + readout, optimizer, RNG state, history, provenance
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(folder, model, readout, opt, epoch, history, origin):
-    """origin: what the weights grew from (base model, its fingerprint, mode, LoRA shape), so a later
-    --init-from can refuse a checkpoint that does not fit its run."""
-    tmp = folder + ".tmp"
+def save_checkpoint(folder, model, readout, opt, epoch, history, prov):
+    """Write <folder>.tmp completely (state.pt last, itself by rename), then swap it in: the old copy
+    is renamed aside before the new one takes its place and removed after. At any instant one
+    complete copy exists, and recover_checkpoint finds it."""
+    tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(os.path.join(tmp, "model"))  # peft: adapter_config.json + adapter_model.safetensors
     torch.save(dict(readout=readout.state_dict(), opt=opt.state_dict(), epoch=epoch, history=history,
-                    torch_rng=torch.get_rng_state(), origin=origin), os.path.join(tmp, "state.pt"))
-    shutil.rmtree(folder, ignore_errors=True)
+                    torch_rng=torch.get_rng_state(), provenance=prov), os.path.join(tmp, "state.pt.part"))
+    os.replace(os.path.join(tmp, "state.pt.part"), os.path.join(tmp, "state.pt"))  # now tmp is complete
+    if os.path.isdir(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(folder):
+    """After a crash mid-save: the newest complete copy (folder, then .tmp, then .old) goes in
+    place and the leftovers are removed. True if a complete checkpoint is there."""
+    for copy_ in (folder, folder + ".tmp", folder + ".old"):
+        if os.path.exists(os.path.join(copy_, "state.pt")):
+            if copy_ != folder:
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(copy_, folder)
+            break
+    for leftover in (folder + ".tmp", folder + ".old"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return os.path.exists(os.path.join(folder, "state.pt"))
+
+
+def read_state(folder):
+    return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
 
 
 def load_model_weights(folder, model, full):
@@ -194,35 +265,89 @@ def load_model_weights(folder, model, full):
 def load_weights(folder, model, readout, full):
     """Load a checkpoint into the run's own model and readout (the optimizer keeps pointing at them)."""
     load_model_weights(folder, model, full)
-    state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    state = read_state(folder)
     readout.load_state_dict(state["readout"])
     return state
 
 
-def init_checkpoint(path, origin):
+def init_source(args, subj, seed):
+    """--init-from as a checkpoint folder: a path, or an ROI word naming this subject's run of that
+    ROI with the same mode and seed in --checkpoints (the only one; several are an error)."""
+    wanted = args.init_from.rstrip("/")
+    if wanted not in ROIS:
+        return wanted
+    mode = "full" if args.full_finetune else "lora"
+    runs = [n for n, _, src in common.find_runs(args.checkpoints, subj, wanted, mode, seed, "") if src is None]
+    if len(runs) != 1:
+        found = f"{len(runs)} of them: {', '.join(runs)}" if runs else "none"
+        raise StudyError(f"--init-from {wanted}: want exactly one checkpoint {common.run_name(subj, wanted, mode, seed)}"
+                         f"[_<tag>] in {args.checkpoints}/, found {found}; pass the folder itself")
+    return os.path.join(args.checkpoints, runs[0])
+
+
+def init_checkpoint(path, prov):
     """The best epoch of the stage 03 run at `path` (its folder, or its best/ or last/), checked to
-    fit this run: same base model weights, same mode, same LoRA shape. Returns (folder, tag)."""
-    path = path.rstrip("/")
+    fit this run: same study, same base model weights, same mode, same LoRA shape. Returns
+    (folder, its run name, its provenance fingerprint)."""
     folder = os.path.join(path, "best") if os.path.isdir(os.path.join(path, "best")) else path
-    state_path = os.path.join(folder, "state.pt")
-    if not os.path.exists(state_path):
-        raise StudyError(f"--init-from {path}: no stage 03 checkpoint there ({state_path} not found); "
-                         "pass a folder like checkpoints/03_<subject>_whole_lora_seed0")
-    theirs = torch.load(state_path, weights_only=True).get("origin")
+    if not os.path.exists(os.path.join(folder, "state.pt")):
+        raise StudyError(f"--init-from {path}: no stage 03 checkpoint there ({os.path.join(folder, 'state.pt')} "
+                         "not found); pass a folder like checkpoints/03_<subject>_whole_lora_seed0, or an ROI")
+    theirs = read_state(folder).get("provenance")
     if theirs is None:
-        raise StudyError(f"--init-from {path}: the checkpoint predates --init-from (no record of its base "
-                         "model); rerun that stage 03 run")
-    if theirs["fingerprint"] != origin["fingerprint"]:
-        raise StudyError(f"--init-from {path} was tuned from another base model ({theirs['model']}, seed "
-                         f"{theirs['model_seed']}) than stage 02's ({origin['model']}, seed {origin['model_seed']})")
-    if theirs["mode"] != origin["mode"]:
-        raise StudyError(f"--init-from {path} is a {theirs['mode']} checkpoint; this run is {origin['mode']}"
-                         f" ({'drop' if origin['mode'] == 'full' else 'add'} --full-finetune)")
-    if origin["mode"] == "lora" and theirs["lora"] != origin["lora"]:
-        raise StudyError(f"--init-from {path} has another LoRA shape {theirs['lora']} than this run's "
-                         f"{origin['lora']}; pass the same --lora-rank, --lora-alpha and --lora-targets")
+        raise StudyError(f"--init-from {path}: the checkpoint predates provenance records (no record of its "
+                         "base model or study); rerun that stage 03 run")
+    if theirs["stories"] != prov["stories"]:
+        raise StudyError(f"--init-from {path} was tuned on another study (its stories differ from this data's)")
+    if theirs["model_fingerprint"] != prov["model_fingerprint"]:
+        raise StudyError(f"--init-from {path} was tuned from another base model ({theirs['model']}) than "
+                         f"stage 02's ({prov['model']}) or other weights of it")
+    if theirs["mode"] != prov["mode"]:
+        raise StudyError(f"--init-from {path} is a {theirs['mode']} checkpoint; this run is {prov['mode']}"
+                         f" ({'drop' if prov['mode'] == 'full' else 'add'} --full-finetune)")
+    shape = ("lora_rank", "lora_alpha", "lora_targets")
+    if prov["mode"] == "lora" and [theirs["settings"][k] for k in shape] != [prov["settings"][k] for k in shape]:
+        raise StudyError(f"--init-from {path} has another LoRA shape (rank {theirs['settings']['lora_rank']}, alpha "
+                         f"{theirs['settings']['lora_alpha']:g}, targets {' '.join(theirs['settings']['lora_targets'])}) "
+                         "than this run; pass the same --lora-rank, --lora-alpha and --lora-targets")
     run_dir = os.path.dirname(folder) if os.path.basename(folder) in ("best", "last") else folder
-    return folder, os.path.basename(run_dir).removeprefix("03_")
+    return folder, os.path.basename(run_dir), common.digest(theirs)
+
+
+def resume_args(args, explicit, subj, seed):
+    """--resume: the run's own settings from its last checkpoint. The checkpoint is found among this
+    subject's runs of the ROI, mode and seed asked for; a flag given now that differs from the saved
+    value is an error naming both. No checkpoint to continue is an error, never a fresh start."""
+    mode = "full" if args.full_finetune else "lora"
+    wanted_init = None if args.init_from is None else os.path.basename(os.path.normpath(
+        os.path.dirname(args.init_from.rstrip("/")) if args.init_from.rstrip("/").endswith(("best", "last"))
+        else args.init_from))
+    found = []
+    for name, _, src in common.find_runs(args.checkpoints, subj, args.roi, mode, seed, ""):
+        if common.init_matches(src, wanted_init, subj) and recover_checkpoint(os.path.join(args.checkpoints, name, "last")):
+            found.append((name, read_state(os.path.join(args.checkpoints, name, "last"))["provenance"]))
+    if not found:
+        others = sorted(os.path.basename(f) for f in common.glob.glob(os.path.join(args.checkpoints, f"03_{subj}_*"))
+                        if os.path.isdir(f))
+        raise StudyError(f"--resume: no checkpoint of {common.run_name(subj, args.roi, mode, seed)}[_<tag>] in "
+                         f"{args.checkpoints}/ to continue{' (there: ' + ', '.join(others) + ')' if others else ''}; "
+                         "start the run without --resume")
+    mine = run_settings(args)
+    fits = [(n, p) for n, p in found if all(p["settings"].get(k) == mine[k] for k in explicit if k in mine)]
+    if not fits:
+        name, prov = found[0]
+        k = next(k for k in explicit if k in mine and prov["settings"].get(k) != mine[k])
+        saved = common.as_flags({k: prov["settings"].get(k)}, {}) or [f"--{k.replace('_', '-')} {prov['settings'].get(k)}"]
+        raise StudyError(f"--resume: {args.checkpoints}/{name} was started with {saved[0]}, you gave "
+                         f"{(common.as_flags({k: mine[k]}, {}) or ['no --' + k.replace('_', '-')])[0]}; drop the flag "
+                         "to continue it with its own, or start a new run without --resume")
+    if len(fits) > 1:
+        raise StudyError("--resume: several runs fit: " + "; ".join(f"{n} ({' '.join(p['flags']) or 'defaults'})"
+                         for n, p in fits) + "; give the flags of the one to continue")
+    resumed = copy.copy(args)
+    for k, v in fits[0][1]["settings"].items():
+        setattr(resumed, k, v)
+    return resumed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,18 +367,19 @@ def roi_mask(args, subject_data, subj):
     return mask
 
 
-def setup_model(args, baseline, seed, n_vox, device):
+def setup_model(args, baseline, seed, n_vox, device, prov=None):
     """Section 2.3's model: stage 02's WavLM with LoRA on the chosen projections (or every
-    transformer weight trainable), a fresh bottleneck readout, Adam with one learning rate for each.
-    With --init-from, the adapters (or weights) start from that run's best epoch; the readout is new,
-    since the new ROI has other voxels. Returns (model, readout, optimizer, origin, init)."""
+    transformer weight trainable), a fresh bottleneck readout on stage 02's delays, Adam with one
+    learning rate for each. With --init-from, the adapters (or weights) start from that run's best
+    epoch; the readout is new, since the new ROI has other voxels. prov: the run's provenance (made
+    here from `baseline` if not given); its model fields are filled in. Returns (model, readout,
+    optimizer, provenance, init: (folder, name, fingerprint) or None)."""
     torch.manual_seed(seed)
     model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
-    mode = "full" if args.full_finetune else "lora"
-    origin = dict(model=str(baseline["model"]), model_seed=int(baseline["model_seed"]), mode=mode,
-                  fingerprint=common.model_fingerprint(model),
-                  lora=dict(rank=args.lora_rank, alpha=float(args.lora_alpha), targets=sorted(args.lora_targets)))
-    init = init_checkpoint(args.init_from, origin) if args.init_from else None
+    prov = dict(prov or dict(stories=baseline["provenance"]["stories"], settings=run_settings(args)),
+                model=str(baseline["model"]), model_seed=int(baseline["model_seed"]),
+                mode="full" if args.full_finetune else "lora", model_fingerprint=common.model_fingerprint(model))
+    init = init_checkpoint(args.init_from, prov) if args.init_from else None
     if args.full_finetune:
         for n, p_ in model.named_parameters():
             p_.requires_grad = not n.startswith("feature_extractor")
@@ -263,25 +389,26 @@ def setup_model(args, baseline, seed, n_vox, device):
     if init:
         load_model_weights(init[0], model, args.full_finetune)
     torch.manual_seed(seed)  # the readout starts the same whether LoRA or full fine-tuning came before
-    readout = make_readout(model.config.hidden_size * 4, n_vox, args.bottleneck).to(device)
+    n_delays = len(common.ridge_recipe(baseline)["delays"])
+    readout = make_readout(model.config.hidden_size * n_delays, n_vox, args.bottleneck).to(device)
     opt = torch.optim.Adam([{"params": [p_ for p_ in model.parameters() if p_.requires_grad], "lr": args.lr_adapter},
                             {"params": readout.parameters(), "lr": args.lr_readout}])
-    return model, readout, opt, origin, init
+    return model, readout, opt, prov, init
 
 
-def train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp, layer, seed, device, study):
+def train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, layer, seed, device, study, delays):
     """Epochs of shuffled blocks with the spatial-correlation loss; after each, the validation
-    stories' mean r picks the best epoch (early stopping with --patience). Resumable from last/."""
+    stories' mean r picks the best epoch (early stopping with --patience). best/ is saved before
+    last/, so a crash between the two only repeats an epoch (the same numbers: seeded)."""
     blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
     history, start = dict(val_r=[], loss=[]), 0
-    if args.resume and os.path.exists(os.path.join(ckpt, "last", "state.pt")):
+    if args.resume:
+        recover_checkpoint(os.path.join(ckpt, "best"))
         state = load_weights(os.path.join(ckpt, "last"), model, readout, args.full_finetune)
         opt.load_state_dict(state["opt"])
         torch.set_rng_state(state["torch_rng"])
         history, start = state["history"], state["epoch"] + 1
         print(f"  resuming {name} after epoch {start}")
-    elif os.path.exists(ckpt) and not args.resume:
-        shutil.rmtree(ckpt)
     for epoch in range(start, args.epochs):
         if history["val_r"] and epoch - 1 - int(np.argmax(history["val_r"])) >= args.patience:
             print(f"  early stop: no better validation r for {args.patience} epochs")
@@ -297,7 +424,7 @@ def train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp
                 s, i0 = blocks[j]
                 i1 = min(len(stories[s]["tr_times"]), i0 + args.block_trs)
                 with common.autocast(device):
-                    pred = predict_block(model, readout, stories[s], i0, i1, layer, args).float()
+                    pred = predict_block(model, readout, stories[s], i0, i1, layer, args, delays).float()
                 y = resp[s][i0:i1]
                 loss = spatial_corr_loss(pred, y) if args.loss == "corr" else torch.mean((pred - y) ** 2)
                 (loss / args.batch_blocks).backward()
@@ -307,22 +434,20 @@ def train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         model.eval()
-        val_r = np.mean([common.pearson_r(val_resp[s], predict_story(model, readout, stories[s], layer, args)).mean()
+        val_r = np.mean([common.pearson_r(val_resp[s], predict_story(model, readout, stories[s], layer, args, delays)).mean()
                          for s in study["val"]])
         history["val_r"].append(float(val_r))
         history["loss"].append(float(np.mean(losses)))
         best = int(np.argmax(history["val_r"]))
         print(f"  {name} epoch {epoch + 1}: loss {np.mean(losses):.4f}, val r {val_r:.4f}"
               f"{'  (best)' if best == epoch else ''}", flush=True)
-        save_checkpoint(os.path.join(ckpt, "last"), model, readout, opt, epoch, history, origin)
         if best == epoch:
-            save_checkpoint(os.path.join(ckpt, "best"), model, readout, opt, epoch, history, origin)
-    if not history["val_r"]:
-        raise StudyError(f"{name}: no epoch ran (--epochs {args.epochs})")
+            save_checkpoint(os.path.join(ckpt, "best"), model, readout, opt, epoch, history, prov)
+        save_checkpoint(os.path.join(ckpt, "last"), model, readout, opt, epoch, history, prov)
     return history
 
 
-def evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, layer, study, baseline, device):
+def evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, layer, study, baseline, device, delays):
     """The best epoch on the test story, two ways. End to end: the model's own predictions (ROI
     voxels only). Linearized (Section 3.1): its features through stage 02's exact ridge recipe, so
     the gain over the baseline compares like with like; those features are cached for stage 04.
@@ -330,7 +455,7 @@ def evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, laye
     load_weights(os.path.join(ckpt, "best"), model, readout, args.full_finetune)
     model.eval()
     direct = np.full(len(mask), np.nan, np.float32)
-    predicted = predict_story(model, readout, stories[study["test"]], layer, args)
+    predicted = predict_story(model, readout, stories[study["test"]], layer, args, delays)
     direct[mask] = common.pearson_r(subject_data["test_resp"][:, mask], predicted)
     cache = os.path.join(args.data, "features", name)
     fingerprint = common.model_fingerprint(model)
@@ -349,27 +474,57 @@ def run(args, subj, seed, study, device, baseline):
     subject_data = common.load_subject(args.data, subj, study)
     mask = roi_mask(args, subject_data, subj)
     layer = args.layer if args.layer is not None else int(baseline["best_layer"])
-    model, readout, opt, origin, init = setup_model(args, baseline, seed, int(mask.sum()), device)
+    delays = common.ridge_recipe(baseline)["delays"]  # the end-to-end model uses stage 02's delays
+    tag = run_tag(args, baseline)
+    prov = dict(stage="03", subject=subj, roi=args.roi, seed=seed, stories=study["stories_fingerprint"],
+                subject_data=study["subject_fingerprints"][subj], settings=run_settings(args), tag=tag[1:],
+                flags=common.as_flags(run_settings(args), DEFAULTS),
+                baseline=dict(file=os.path.basename(baseline["path"]), tag=baseline["tag"],
+                              fingerprint=baseline["fingerprint"]))
+    if args.init_from:
+        args = copy.copy(args)
+        args.init_from = init_source(args, subj, seed)
+    model, readout, opt, prov, init = setup_model(args, baseline, seed, int(mask.sum()), device, prov)
     if not 0 <= layer <= model.config.num_hidden_layers:
         raise StudyError(f"--layer {layer}: the model has hidden states 0..{model.config.num_hidden_layers}")
-    name = common.run_name(subj, args.roi, origin["mode"], seed, init[1] if init else None)
+    prov["init_from"] = dict(name=init[1], fingerprint=init[2]) if init else None
+    name = common.run_name(subj, args.roi, prov["mode"], seed, tag, init[1] if init else None)
+    prov["flags"] += [f"--init-from {args.init_from}"] if init else []
     ckpt = os.path.join(args.checkpoints, name)
+    result = os.path.join(args.results, f"{name}.npz")
+    if args.resume:
+        saved = read_state(os.path.join(ckpt, "last"))["provenance"]
+        if common.digest(saved) != common.digest(prov):
+            why = [k for k in ("stories", "subject_data", "baseline", "model_fingerprint", "init_from") if saved.get(k) != prov.get(k)]
+            raise StudyError(f"--resume: {ckpt} was trained from other inputs ({', '.join(why) or 'settings'} differ: the "
+                             "study, stage 02 or the run it started from changed since); start it again without --resume")
+        if os.path.exists(result) and str(common.load_npz(result).get("fingerprint")) == common.digest(prov) \
+                and read_state(os.path.join(ckpt, "last"))["epoch"] + 1 >= args.epochs:
+            print(f"  {name}: already finished, {result} is its result")
+            return name, common.load_npz(result), subject_data
+    elif os.path.exists(ckpt):
+        print(f"  note: starting {name} again: its earlier checkpoint (same settings) is replaced")
+        shutil.rmtree(ckpt)
     stories = load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device)
     resp = {s: torch.as_tensor(subject_data[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
     val_resp = {s: subject_data[f"resp_{s}"][:, mask] for s in study["val"]}
-    history = train(args, name, ckpt, model, readout, opt, origin, stories, resp, val_resp, layer, seed, device, study)
+    history = train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, layer, seed, device, study,
+                    delays)
     del resp  # the ridge below reads the responses again: never hold them twice (UTS01: ~10 GB each)
 
     direct, tuned, tuned_alphas = evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, layer,
-                                           study, baseline, device)
+                                           study, baseline, device, delays)
     out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, alphas_tuned=tuned_alphas, test_r_direct=direct,
                val_r_by_epoch=np.array(history["val_r"], np.float32), loss_by_epoch=np.array(history["loss"], np.float32),
                best_epoch=np.int64(int(np.argmax(history["val_r"])) + 1), layer=np.int64(layer), roi_mask=mask,
-               roi=np.array(args.roi), mode=np.array(origin["mode"]), seed=np.int64(seed), subject=np.array(subj),
-               init_from=np.array(init[0] if init else ""),
-               settings=np.array(str({k: v for k, v in vars(args).items() if k not in ("seeds", "subject")})))
-    common.save_npz(os.path.join(args.results, f"{name}.npz"), **out)
+               roi=np.array(args.roi), mode=np.array(prov["mode"]), seed=np.int64(seed), subject=np.array(subj),
+               init_from=np.array(init[0] if init else ""), delays=np.array(delays),
+               settings=np.array(json.dumps(run_settings(args), sort_keys=True)),
+               provenance=np.array(json.dumps(prov, sort_keys=True)), fingerprint=np.array(common.digest(prov)))
+    if os.path.exists(result) and str(common.load_npz(result).get("fingerprint")) != out["fingerprint"]:
+        print(f"  note: replacing {result}, made from other inputs (the study or stage 02 changed since)")
     plot(out, subject_data, os.path.join(args.results, f"{name}.png"))
+    common.save_npz(result, **out)  # last: a run with its result file is finished (--resume skips it)
     return name, out, subject_data
 
 
@@ -395,27 +550,37 @@ def plot(out, subject_data, path):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    p = get_parser()
+    args = p.parse_args(argv)
+    explicit = common.explicit_flags(p, argv)
     common.set_threads(args.threads)
     t0 = time.time()
-    rows = []
+    rows, current = [], {}
     try:
         check_args(args)
         device = common.pick_device(args.device)
         study = common.load_study(args.data)
         subjects = common.subject_list(args.subject, study)
         for subj in subjects:
-            path = os.path.join(args.results, f"02_baseline_{subj}.npz")
-            if not os.path.exists(path):
-                raise StudyError(f"{path} not found: run `python 02_baseline_ridge.py --subjects {subj}` first")
-            baseline = common.load_npz(path)
+            baseline = common.load_baseline(args, subj, study, common.baseline_tag_flag(args.baseline_tag))
             for seed in args.seeds or [args.seed]:
+                run_args = resume_args(args, explicit, subj, seed) if args.resume else args
+                current.update(subject=subj, seed=seed, args=run_args)
                 print(f"stage 03: {subj}, roi {args.roi}, {'full fine-tuning' if args.full_finetune else 'LoRA'},"
                       f" seed {seed}, device {device}", flush=True)
-                name, out, subject_data = run(args, subj, seed, study, device, baseline)
-                rows.append((name, out, subject_data))
+                rows.append(run(run_args, subj, seed, study, device, baseline))
     except StudyError as e:
         common.fail(e)
+    except KeyboardInterrupt:
+        if not current:
+            common.fail("interrupted before any training; nothing was written", 130)
+        a = current["args"]
+        common.fail("interrupted: continue with " + common.command(
+            "03_finetune_lora.py", a, f"--subject {current['subject']}", f"--seed {current['seed']}",
+            "" if a.roi == "whole" else f"--roi {a.roi}", "--full-finetune" if a.full_finetune else "",
+            f"--init-from {args.init_from}" if args.init_from else "",
+            f"--baseline-tag {args.baseline_tag}" if args.baseline_tag else "",
+            *common.as_flags(run_settings(a), dict(DEFAULTS, full_finetune=a.full_finetune)), "--resume"), 130)
     print("\n  run                                   best epoch  mean delta r  (AC)    direct r")
     for name, out, subject_data in rows:
         delta = out["test_r_tuned"] - out["test_r_baseline"]

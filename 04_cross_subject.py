@@ -8,11 +8,15 @@ whether what the model learned from A is a property of the speech, not of A's br
     python 04_cross_subject.py                  # every subject's whole-cortex LoRA model, on everyone
     python 04_cross_subject.py --roi AC --tuned-on sim01
 
-Reads results/02_baseline_<subject>.npz, results/03_<subject>_<roi>_<mode>_seed<N>.npz and the tuned
-features stage 03 cached under data/features/03_.../ (recomputed from the checkpoint if absent).
+Reads stage 02's and stage 03's results (each checked: same study, the run scored against the
+stage 02 result that is there now) and the tuned features stage 03 cached under
+data/features/03_.../ (recomputed from the checkpoint if absent). Writes 04_cross_subject.npz for
+the default runs on every subject, and a file named after the choice otherwise (--roi AC:
+04_cross_subject_AC.npz, a subset: ..._sim01-on-sim01-sim02.npz), so no choice replaces another.
 """
-import argparse
+import json
 import os
+import re
 import time
 
 import numpy as np
@@ -21,35 +25,59 @@ import common
 from common import StudyError
 
 
+ROIS = ("whole", "AC", "LH", "RH")
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     common.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="stage 03's checkpoint folder")
     p.add_argument("--tuned-on", nargs="+", help="subjects whose tuned models to use (default: all)")
     p.add_argument("--evaluate-on", nargs="+", help="subjects to evaluate on (default: all)")
-    p.add_argument("--roi", default="whole", help="which stage 03 runs: whole|AC|LH|RH")
+    p.add_argument("--roi", default="whole", help=f"which stage 03 runs: {'|'.join(ROIS)}")
     p.add_argument("--full-finetune", action="store_true", help="use the full fine-tuning runs")
     p.add_argument("--seed", type=int, default=0, help="which stage 03 seed")
-    p.add_argument("--init-from", help="use the runs stage 03 started from this run (its name without "
-                   "'03_', e.g. sim01_whole_lora_seed0)")
+    p.add_argument("--init-from", help="use the runs stage 03 started from another run: an ROI (whole: each "
+                   "subject's whole-cortex run) or a run name, e.g. sim01_whole_lora_seed0")
+    p.add_argument("--tag", help="which stage 03 runs when results/ holds runs of several settings: their tag "
+                   "(6 hex digits in the name) or 'default'")
     return p.parse_args(argv)
 
 
-def load_tuned(args, subj, device):
-    """The best epoch of a stage 03 run: (model, layer, run name, the 02 baseline it started from)."""
+def check_args(args):
+    if args.roi not in ROIS:
+        raise StudyError(f"unknown ROI {args.roi!r}: choose one of {', '.join(ROIS)}")
+    if args.tag not in (None, "default") and not re.fullmatch(r"[0-9a-f]{6}", args.tag):
+        raise StudyError(f"--tag {args.tag!r}: a tag is 'default' or the 6 hex digits in a run's name")
+
+
+def load_tuned(args, subj, study, device):
+    """The best epoch of the stage 03 run of `subj` asked for (checked by common.load_run), and its
+    checkpoint, checked to be that run's: (model, run)."""
     mode = "full" if args.full_finetune else "lora"
-    name = common.run_name(subj, args.roi, mode, args.seed, args.init_from)
-    res_path = os.path.join(args.results, f"{name}.npz")
-    best = os.path.join(args.checkpoints, name, "best", "model")
-    if not os.path.exists(res_path) or not os.path.isdir(best):
-        raise StudyError(f"no tuned model {name} ({res_path} or {best} missing): run "
-                         f"`python 03_finetune_lora.py --subject {subj} --roi {args.roi} --seed {args.seed}"
-                         f"{' --full-finetune' if args.full_finetune else ''}"
-                         f"{f' --init-from {args.checkpoints}/03_{args.init_from}' if args.init_from else ''}` first")
-    run = common.load_npz(res_path)
-    base = common.load_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), "stage 02 result")
-    model = common.load_tuned_wavlm(base, best, args.full_finetune, device)
-    return model.eval(), int(run["layer"]), name, base
+    run = common.load_run(args, subj, args.roi, mode, args.seed, args.init_from,
+                          common.baseline_tag_flag(args.tag), study)
+    best = os.path.join(args.checkpoints, run["name"], "best")
+    state = os.path.join(best, "state.pt")
+    if not os.path.exists(state):
+        raise StudyError(f"{run['path']} has no checkpoint ({state} not found): was --checkpoints "
+                         f"{args.checkpoints} the folder of that run?")
+    import torch
+    if common.digest(torch.load(state, weights_only=True).get("provenance")) != run["fingerprint"]:
+        raise StudyError(f"{best} is not the checkpoint of {run['path']} (another run of the same name was "
+                         "trained since): rerun it with " + common.command("03_finetune_lora.py", args,
+                                                                          f"--subject {subj}", *run["provenance"]["flags"]))
+    model = common.load_tuned_wavlm(run["baseline"], os.path.join(best, "model"), args.full_finetune, device)
+    return model.eval(), run
+
+
+def output_name(args, study, tuned_on, evaluated_on, tag):
+    """04_cross_subject[_<choice>].npz: the defaults' choice keeps the plain name."""
+    parts = [args.roi if args.roi != "whole" else "", "full" if args.full_finetune else "",
+             f"seed{args.seed}" if args.seed else "", tag, f"from_{args.init_from}" if args.init_from else ""]
+    if tuned_on != study["subjects"] or evaluated_on != study["subjects"]:
+        parts.append(f"{'-'.join(tuned_on)}-on-{'-'.join(evaluated_on)}")
+    return "_".join(["04_cross_subject"] + [p for p in parts if p])
 
 
 def plot(mean_delta, tuned_on, evaluated_on, path):
@@ -77,23 +105,32 @@ def main(argv=None):
     common.set_threads(args.threads)
     t0 = time.time()
     try:
+        check_args(args)
         device = common.pick_device(args.device)
         study = common.load_study(args.data)
         tuned_on = common.subject_list(args.tuned_on, study)
         evaluated_on = common.subject_list(args.evaluate_on, study)
         subj_data = {s: common.load_subject(args.data, s, study) for s in evaluated_on}
-        baselines = {s: common.load_npz(os.path.join(args.results, f"02_baseline_{s}.npz"), "stage 02 result")
-                     for s in evaluated_on}
         print(f"stage 04: models tuned on {', '.join(tuned_on)} evaluated on {', '.join(evaluated_on)}")
         mean_delta = np.zeros((len(tuned_on), len(evaluated_on)), np.float32)
-        out = {}
+        out, used = {}, {}
         for i, a in enumerate(tuned_on):
-            model, layer, name, base = load_tuned(args, a, device)
+            model, run = load_tuned(args, a, study, device)
+            used[a] = run
+            if len({r["tag"] for r in used.values()}) > 1:  # a matrix compares like with like
+                raise StudyError("the runs differ in settings: " + ", ".join(f"{r['name']}" for r in used.values())
+                                 + "; choose one setting with --tag TAG")
+            base_tag = run["provenance"]["baseline"]["tag"]
+            baselines = {b: common.load_baseline(args, b, study, base_tag) for b in evaluated_on}
+            for b, base in baselines.items():
+                if base["provenance"]["model_fingerprint"] != run["provenance"]["model_fingerprint"]:
+                    raise StudyError(f"{base['path']} was fit on another base model than {run['name']} was tuned "
+                                     f"from: rerun it with {base['rebuild']}")
+            layer, stories = int(run["layer"]), study["train"] + study["val"] + [study["test"]]
             fp = common.model_fingerprint(model)
-            stories = study["train"] + study["val"] + [study["test"]]
-            features = {s: common.story_features(model, fp, os.path.join(args.data, "features", name),
+            features = {s: common.story_features(model, fp, os.path.join(args.data, "features", run["name"]),
                                                  os.path.join(args.data, "stories", f"{s}.npz"),
-                                                 float(base["context_s"]), float(base["stride_s"]),
+                                                 float(run["baseline"]["context_s"]), float(run["baseline"]["stride_s"]),
                                                  top_layer=layer, data=args.data)[layer] for s in stories}
             for j, b in enumerate(evaluated_on):
                 r, _, _ = common.score_on_test(features, subj_data[b], study, device=device,
@@ -102,23 +139,31 @@ def main(argv=None):
                 mean_delta[i, j] = delta.mean()
                 out[f"test_r_{a}_on_{b}"] = r
                 out[f"delta_r_{a}_on_{b}"] = delta
+                out[f"baseline_{b}"] = np.array(baselines[b]["fingerprint"])
                 print(f"  tuned on {a}, evaluated on {b}: mean r {r.mean():.4f} (baseline "
                       f"{baselines[b]['test_r'].mean():.4f}), delta {delta.mean():+.4f}", flush=True)
     except StudyError as e:
         common.fail(e)
-    common.save_npz(os.path.join(args.results, "04_cross_subject.npz"), tuned_on=np.array(tuned_on),
+    except KeyboardInterrupt:
+        common.fail("interrupted: nothing was written; rerun the same command", 130)
+    tag = next(iter(used.values()))["tag"]
+    name = output_name(args, study, tuned_on, evaluated_on, tag)
+    prov = dict(stage="04", stories=study["stories_fingerprint"], runs={a: r["fingerprint"] for a, r in used.items()},
+                baselines={k[len("baseline_"):]: str(v) for k, v in out.items() if k.startswith("baseline_")})
+    common.save_npz(os.path.join(args.results, f"{name}.npz"), tuned_on=np.array(tuned_on),
                     evaluated_on=np.array(evaluated_on), mean_delta_r=mean_delta, roi=np.array(args.roi),
-                    mode=np.array("full" if args.full_finetune else "lora"), seed=np.int64(args.seed), **out)
-    plot(mean_delta, tuned_on, evaluated_on, os.path.join(args.results, "04_cross_subject.png"))
+                    mode=np.array("full" if args.full_finetune else "lora"), seed=np.int64(args.seed),
+                    runs=np.array([r["name"] for r in used.values()]),
+                    provenance=np.array(json.dumps(prov, sort_keys=True)), **out)
+    plot(mean_delta, tuned_on, evaluated_on, os.path.join(args.results, f"{name}.png"))
     print("\n  mean delta r (rows: tuned on, columns: evaluated on)")
     print("  " + " " * 10 + "".join(f"{b:>10s}" for b in evaluated_on))
     for i, a in enumerate(tuned_on):
         print(f"  {a:10s}" + "".join(f"{mean_delta[i, j]:+10.4f}" for j in range(len(evaluated_on))))
-    off = mean_delta[[i for i in range(len(tuned_on))], :]
     mask = np.array([[a != b for b in evaluated_on] for a in tuned_on])
     if mask.any():
-        print(f"  off-diagonal mean {off[mask].mean():+.4f}, min {off[mask].min():+.4f}")
-    print(f"\nwrote {args.results}/04_cross_subject.npz and .png in {time.time() - t0:.0f} s")
+        print(f"  off-diagonal mean {mean_delta[mask].mean():+.4f}, min {mean_delta[mask].min():+.4f}")
+    print(f"\nwrote {args.results}/{name}.npz and .png in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ after whole-cortex tuning; AC tuning keeps the acoustic information.
     python 05_linear_probes.py                       # subject: the study's first
     python 05_linear_probes.py --subject UTS01 --word-vectors glove.6B.300d.txt
 """
-import argparse
+import json
 import os
+import re
 import time
 
 import numpy as np
@@ -26,17 +27,31 @@ MODELS = ("baseline", "whole", "AC")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     common.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="stage 03's checkpoint folder")
     p.add_argument("--subject", help="whose tuned models to probe (default: the study's first subject)")
-    p.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {', '.join(MODELS)}")
+    p.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {', '.join(MODELS)}: the frozen "
+                   "model, the whole-cortex and the AC-tuned LoRA runs")
     p.add_argument("--seed", type=int, default=0, help="which stage 03 seed")
-    p.add_argument("--init-from", help="probe the AC run stage 03 started from this run (its name without "
-                   "'03_', e.g. sim01_whole_lora_seed0)")
+    p.add_argument("--init-from", help="probe the AC run stage 03 started from another run: an ROI (whole) or "
+                   "a run name, e.g. sim01_whole_lora_seed0")
+    p.add_argument("--tag", help="which stage 03 runs when results/ holds runs of several settings: their tag "
+                   "(6 hex digits in the name) or 'default'")
     p.add_argument("--word-vectors", help="GloVe-format text file (word then numbers per line), real data")
-    p.add_argument("--n-folds", type=int, default=5, help="folds of whole stories")
+    p.add_argument("--n-folds", type=int, default=5, help="folds of whole stories (>= 2)")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        raise StudyError(f"unknown model(s) {' '.join(unknown)}: choose from {', '.join(MODELS)}")
+    common.check_ranges([("--n-folds", args.n_folds, 2, None)])
+    if args.tag not in (None, "default") and not re.fullmatch(r"[0-9a-f]{6}", args.tag):
+        raise StudyError(f"--tag {args.tag!r}: a tag is 'default' or the 6 hex digits in a run's name")
+    if args.word_vectors and not os.path.exists(args.word_vectors):
+        raise StudyError(f"--word-vectors {args.word_vectors} not found")
 
 
 def read_word_vectors(path, vocab):
@@ -58,15 +73,37 @@ def read_word_vectors(path, vocab):
     return out
 
 
-def load_model(args, which, subj, base, device):
+def load_runs(args, subj, study):
+    """The stage 03 runs to probe ({'whole': run, 'AC': run}), each checked by common.load_run, and
+    the stage 02 result they were scored against (all runs must share it)."""
+    runs = {}
+    for which in [m for m in args.models if m != "baseline"]:
+        runs[which] = common.load_run(args, subj, which, "lora", args.seed, args.init_from if which == "AC" else None,
+                                      common.baseline_tag_flag(args.tag), study)
+    bases = {r["baseline"]["path"] for r in runs.values()}
+    if len(bases) > 1:
+        raise StudyError(f"the runs were scored against different stage 02 results ({', '.join(sorted(bases))}); "
+                         "choose runs of one setting with --tag")
+    base = next(iter(runs.values()))["baseline"] if runs else common.load_baseline(args, subj, study)
+    return runs, base
+
+
+def load_model(args, which, run, base, device):
     if which == "baseline":
         return common.load_wavlm(str(base["model"]), int(base["model_seed"]), device)
-    init = args.init_from if which == "AC" else None
-    best = os.path.join(args.checkpoints, common.run_name(subj, which, "lora", args.seed, init), "best", "model")
-    if not os.path.isdir(best):
-        raise StudyError(f"no tuned model {best}: run `python 03_finetune_lora.py --subject {subj} "
-                         f"--roi {which} --seed {args.seed}{f' --init-from {args.checkpoints}/03_{init}' if init else ''}` first")
-    return common.load_tuned_wavlm(base, best, full=False, device=device)
+    best = os.path.join(args.checkpoints, run["name"], "best")
+    if not os.path.isdir(os.path.join(best, "model")):
+        raise StudyError(f"{run['path']} has no checkpoint ({best}/model not found): was --checkpoints "
+                         f"{args.checkpoints} the folder of that run?")
+    return common.load_tuned_wavlm(base, os.path.join(best, "model"), full=False, device=device)
+
+
+def output_name(args, study, subj, tag):
+    """05_probes[_<choice>].npz: the defaults' choice keeps the plain name."""
+    parts = [subj if subj != study["subjects"][0] else "",
+             "-".join(args.models) if args.models != list(MODELS) else "", f"seed{args.seed}" if args.seed else "",
+             tag, f"from_{args.init_from}" if args.init_from else "", f"folds{args.n_folds}" if args.n_folds != 5 else ""]
+    return "_".join(["05_probes"] + [p for p in parts if p])
 
 
 def word_representations(model, story, cnn, context_s, stride_s):
@@ -129,14 +166,12 @@ def main(argv=None):
     common.set_threads(args.threads)
     t0 = time.time()
     try:
-        unknown = [m for m in args.models if m not in MODELS]
-        if unknown:
-            raise StudyError(f"unknown model(s) {unknown}: choose from {', '.join(MODELS)}")
+        check_args(args)
         device = common.pick_device(args.device)
         study = common.load_study(args.data)
         subj = args.subject or study["subjects"][0]
         common.subject_list([subj], study)
-        base = common.load_npz(os.path.join(args.results, f"02_baseline_{subj}.npz"), "stage 02 result")
+        runs, base = load_runs(args, subj, study)
         names = study["train"] + study["val"] + [study["test"]]
         stories = {s: common.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in names}
         words = np.concatenate([stories[s]["words"] for s in names])
@@ -165,7 +200,7 @@ def main(argv=None):
         print(f"stage 05: probes {', '.join(probes)} on {len(words)} words, models {', '.join(args.models)}")
         scores, layers, cnn = [], None, None
         for which in args.models:
-            model = load_model(args, which, subj, base, device)
+            model = load_model(args, which, runs.get(which), base, device)
             if cnn is None:  # the CNN is frozen in stage 03, so one pass serves every model
                 cnn = {s: common.story_cnn(model, stories[s]["audio"], args.data, s) for s in names}
             reps = np.concatenate([word_representations(model, stories[s], cnn[s], float(base["context_s"]),
@@ -183,14 +218,22 @@ def main(argv=None):
             scores.append(per_layer)
     except StudyError as e:
         common.fail(e)
+    except KeyboardInterrupt:
+        common.fail("interrupted: nothing was written; rerun the same command", 130)
     scores = np.array(scores, np.float32)
-    common.save_npz(os.path.join(args.results, "05_probes.npz"), models=np.array(args.models),
-                    layers=np.array(layers), probes=np.array(probes), scores=scores, subject=np.array(subj))
-    plot(scores, args.models, layers, probes, os.path.join(args.results, "05_probes.png"))
+    tag = next(iter(runs.values()))["tag"] if runs else ""
+    name = output_name(args, study, subj, f"{tag}")
+    prov = dict(stage="05", stories=study["stories_fingerprint"], subject=subj, baseline=base["fingerprint"],
+                runs={k: r["fingerprint"] for k, r in runs.items()}, word_vectors=args.word_vectors, n_folds=args.n_folds)
+    common.save_npz(os.path.join(args.results, f"{name}.npz"), models=np.array(args.models),
+                    layers=np.array(layers), probes=np.array(probes), scores=scores, subject=np.array(subj),
+                    runs=np.array([runs[m]["name"] if m in runs else "" for m in args.models]),
+                    provenance=np.array(json.dumps(prov, sort_keys=True)))
+    plot(scores, args.models, layers, probes, os.path.join(args.results, f"{name}.png"))
     print("\n  best layer score per model: " + " | ".join(
         f"{m}: " + ", ".join(f"{p_} {scores[i, :, k].max():.3f}" for k, p_ in enumerate(probes))
         for i, m in enumerate(args.models)))
-    print(f"\nwrote {args.results}/05_probes.npz and .png in {time.time() - t0:.0f} s")
+    print(f"\nwrote {args.results}/{name}.npz and .png in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

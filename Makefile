@@ -51,12 +51,13 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 # the README's figures, from the last demo run
+# (the demo's runs carry the tag of its LORA settings in their names: one match each after make demo)
 figures:
 	mkdir -p figures
 	cp $(RESULTS)/02_baseline.png figures/02_baseline.png
-	cp $(RESULTS)/03_$(SUBJ)_whole_lora_seed0.png figures/03_whole_lora.png
-	cp $(RESULTS)/04_cross_subject.png figures/04_cross_subject.png
-	cp $(RESULTS)/05_probes.png figures/05_probes.png
+	cp $(wildcard $(RESULTS)/03_$(SUBJ)_whole_lora_seed0_??????.png) figures/03_whole_lora.png
+	cp $(wildcard $(RESULTS)/04_cross_subject_??????.png) figures/04_cross_subject.png
+	cp $(wildcard $(RESULTS)/05_probes_??????.png) figures/05_probes.png
 
 clean:
 	rm -rf $(DATA) $(RESULTS) $(CHECKPOINTS)

@@ -6,12 +6,16 @@ Contents, in reading order (section 5 is plumbing: skip it on a first read):
   2. The speech model: load_wavlm (WavLM whose attention LoRA can reach), add_lora
   3. Features: extract_features (causal windows), story_features (one story, cached)
   4. Data: load_study, load_subject (lazy), stack_responses, log_mel
-  5. Plumbing: StudyError, devices, save_npz / load_npz, disk caches, names, shared flags
+  5. Plumbing: StudyError, devices, save_npz / load_npz, disk caches, shared flags
+  6. Provenance: fingerprints of what each result was built from, settings tags, finding results
 """
+import argparse
+import glob
 import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -450,17 +454,24 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
 # ==== 4. Data: the study, a subject's responses (read lazily), acoustics ====
 
 def load_study(data):
-    """study.npz as a dict of plain Python values; a missing or old-layout file is a StudyError."""
+    """study.npz as a dict of plain Python values, with the fingerprints stage 01 recorded (of the
+    stories and splits, of each subject's file): every result records them, and each stage refuses
+    results built from another study. A missing or old-layout file is a StudyError."""
     path = os.path.join(data, "study.npz")
     if not os.path.exists(path):
         raise StudyError(f"{path} not found: build the data first with `python 01_prepare_data.py --data {data}`")
     saved = load_npz(path)
-    missing = sorted({"source", "subjects", "train_stories", "val_stories", "test_story", "tr"} - set(saved))
+    missing = sorted({"source", "subjects", "train_stories", "val_stories", "test_story", "tr",
+                      "stories_fingerprint", "subject_fingerprints"} - set(saved))
     if missing:
-        raise StudyError(f"{path} is from an older layout (no {', '.join(missing)}); rebuild it with 01_prepare_data.py")
-    return dict(source=str(saved["source"]), subjects=[str(s) for s in saved["subjects"]],
+        raise StudyError(f"{path} is from an older layout (no {', '.join(missing)}); rebuild it with "
+                         f"`python 01_prepare_data.py --data {data}` (with the flags it was built with)")
+    subjects = [str(s) for s in saved["subjects"]]
+    return dict(source=str(saved["source"]), subjects=subjects, data=data,
                 train=[str(s) for s in saved["train_stories"]], val=[str(s) for s in saved["val_stories"]],
-                test=str(saved["test_story"]), tr=float(saved["tr"]))
+                test=str(saved["test_story"]), tr=float(saved["tr"]),
+                stories_fingerprint=str(saved["stories_fingerprint"]),
+                subject_fingerprints=dict(zip(subjects, (str(f) for f in saved["subject_fingerprints"]))))
 
 def load_subject(data, subject, study):
     """subjects/<subject>.npz, checked for every response the stages need, opened lazily: d[key]
@@ -526,10 +537,10 @@ def log_mel(audio, n_bands=8, hop=160, win=400):
 class StudyError(Exception):
     """A problem with the user's input. Stages print it as one line and exit non-zero."""
 
-def fail(msg):
-    """Print one clear message and exit 1 (the stages' `main` calls this for a StudyError)."""
+def fail(msg, code=1):
+    """Print one clear message and exit non-zero (the stages' `main` calls this for a StudyError)."""
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(code)
 
 def pick_device(name=None):
     """`None`/"auto" -> cuda when present, else cpu."""
@@ -554,22 +565,28 @@ def progress_bar(items, desc):
 def save_npz(path, items=(), **arrays):
     """Write an npz (uncompressed, as np.savez) to a temp file in the same folder, then rename: a
     crash never leaves half a file. `items`: (name, array) pairs, e.g. a generator, written one at a
-    time before the keyword arrays, so a subject's responses need never be in memory all at once."""
+    time before the keyword arrays, so a subject's responses need never be in memory all at once.
+    Returns a fingerprint of the contents (names, dtypes, shapes, bytes), hashed as they are written."""
     import zipfile
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".npz")
     os.close(fd)
+    h = hashlib.sha1()
     try:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, value in itertools.chain(items, arrays.items()):
+                value = np.asanyarray(value)
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+                    np.lib.format.write_array(f, value, allow_pickle=False)
+                h.update(f"{name} {value.dtype.str} {value.shape}".encode())
+                h.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
         os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return h.hexdigest()[:16]
 
 def load_npz(path, what="file"):
     """np.load without pickles, as a plain dict; a missing file is a StudyError naming it."""
@@ -612,11 +629,6 @@ def model_fingerprint(model):
         h.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
-def run_name(subject, roi, mode, seed, init_from=None):
-    """Stage 03's name of a run (checkpoint folder, results file), read by stages 04 and 05; a run
-    started from another (--init-from) carries that run's name after `_from_`."""
-    return f"03_{subject}_{roi}_{mode}_seed{seed}" + (f"_from_{init_from}" if init_from else "")
-
 def check_window(context_s, stride_s, flags=("--context-s", "--stride-s")):
     """Window context and stride must be whole numbers of WavLM's 20 ms frames (stride > 0)."""
     hop_s = FRAME_HOP / 16000
@@ -625,9 +637,185 @@ def check_window(context_s, stride_s, flags=("--context-s", "--stride-s")):
             raise StudyError(f"{flag} {value:g} must be a {'positive' if lo else 'non-negative'} multiple of "
                              f"WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
 
+def parser(doc):
+    """The stages' argparse: a bad flag value is one `error:` line and exit 1, like every other
+    input error (argparse's own prints the usage too and exits 2)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: fail(f"{message} (see --help)")
+    return p
+
 def add_common_args(p):
     """The flags every stage 02-05 shares."""
     p.add_argument("--data", default="data", help="folder written by 01_prepare_data.py (default: data/)")
     p.add_argument("--results", default="results", help="output folder (default: results/)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+
+def check_ranges(checks):
+    """(flag, value, low, high) tuples -> one clear StudyError for the first out of range (None: open)."""
+    for flag, value, lo, hi in checks:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"{lo:g}..{hi:g}" if lo is not None and hi is not None else (f">= {lo:g}" if lo is not None else f"<= {hi:g}")
+            raise StudyError(f"{flag} {value:g} is out of range: it must be {bounds}")
+
+
+# ==== 6. Provenance: what every result was built from, so that no stage combines stale inputs ====
+# A result records a fingerprint of the study's stories, of the subject's file, of the model and of
+# its settings (and of the results it builds on). Results made with settings other than the
+# defaults get a tag in their file name (a hash of what differs), so no run replaces another's.
+
+FOLDERS = {"data": "data", "results": "results", "checkpoints": "checkpoints"}  # the stages' defaults
+
+def digest(obj):
+    """A short, stable fingerprint of a JSON-able record (settings, provenance)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def settings_tag(settings, defaults):
+    """'' when every setting has its default, else '_' + 6 hex digits of those that differ."""
+    changed = {k: v for k, v in settings.items() if v != defaults.get(k)}
+    return "_" + digest(changed)[:6] if changed else ""
+
+def as_flags(settings, defaults):
+    """The settings that differ from the defaults, as the command-line flags that give them."""
+    out = []
+    for k, v in sorted(settings.items()):
+        if v == defaults.get(k) or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        values = v if isinstance(v, (list, tuple)) else [] if v is True else [v]
+        out.append(" ".join([flag] + [f"{x:g}" if isinstance(x, float) else str(x) for x in values]))
+    return out
+
+def explicit_flags(p, argv):
+    """The dests the user set on the command line (not left at their defaults)."""
+    saved = [(a, a.default) for a in p._actions]
+    for a, _ in saved:
+        a.default = argparse.SUPPRESS
+    try:
+        return set(vars(p.parse_args(argv)))
+    finally:
+        for a, d in saved:
+            a.default = d
+
+def command(script, args, *flags):
+    """A command to suggest in an error, with the user's own --data/--results/--checkpoints."""
+    io = [f"--{k} {getattr(args, k)}" for k, d in FOLDERS.items()
+          if getattr(args, k, d) != d and not (k == "checkpoints" and script.startswith(("01", "02")))]
+    return "`" + " ".join(["python", script, *io, *[f for f in flags if f]]) + "`"
+
+def read_provenance(d, path, rebuild):
+    """The provenance record of a result npz (a dict); a result without one predates the records."""
+    if "provenance" not in d:
+        raise StudyError(f"{path} predates provenance records (what a result was built from): rebuild it with {rebuild}")
+    return json.loads(str(d["provenance"]))
+
+def check_built_from(prov, study, subject, path, rebuild):
+    """Refuse a result built from other stories or another file of `subject` than the study's now."""
+    if prov["stories"] != study["stories_fingerprint"]:
+        why = "its stories or splits differ"
+    elif subject is not None and prov["subject_data"] != study["subject_fingerprints"].get(subject):
+        why = f"{subject}'s responses differ"
+    else:
+        return
+    raise StudyError(f"{path} was built from another study than {study['data']}/ ({why}: the data were rebuilt "
+                     f"since); rebuild it with {rebuild}")
+
+def baseline_files(results, subject):
+    """{tag: path} of the stage 02 results of `subject` ('' is the defaults' file)."""
+    out = {}
+    for path in glob.glob(os.path.join(glob.escape(results), f"02_baseline_{subject}*.npz")):
+        rest = os.path.basename(path)[len(f"02_baseline_{subject}"):-4]
+        if re.fullmatch(r"(_[0-9a-f]{6})?", rest):
+            out[rest[1:]] = path
+    return out
+
+def load_baseline(args, subject, study, tag=None):
+    """Stage 02's result for `subject`, checked to be from this study. tag: which one ('' = made
+    with the defaults, None = the only one there). Adds its path, tag, provenance and fingerprint."""
+    rebuild = command("02_baseline_ridge.py", args, f"--subjects {subject}")
+    found = {t: p for t, p in baseline_files(args.results, subject).items() if tag is None or t == tag}
+    if not found:
+        which = f" with tag {tag or 'default'}" if tag is not None else ""
+        raise StudyError(f"no stage 02 result for {subject}{which} in {args.results}/ "
+                         f"({os.path.join(args.results, f'02_baseline_{subject}.npz')} not found): run {rebuild} first")
+    if len(found) > 1:
+        listed = []
+        for t, p in sorted(found.items()):
+            flags = json.loads(str(load_npz(p).get("provenance", "{}"))).get("flags", ["?"])
+            listed.append(f"{t or 'default'} ({' '.join(flags) or 'the defaults'})")
+        raise StudyError(f"{args.results}/ holds {len(found)} stage 02 results for {subject}: {'; '.join(listed)}; "
+                         "choose one with --baseline-tag TAG")
+    (t, path), = found.items()
+    b = load_npz(path, "stage 02 result")
+    prov = read_provenance(b, path, rebuild)
+    rebuild = command("02_baseline_ridge.py", args, f"--subjects {subject}", *prov["flags"])
+    check_built_from(prov, study, subject, path, rebuild)
+    b.update(path=path, tag=t, provenance=prov, fingerprint=digest(prov), rebuild=rebuild)
+    return b
+
+def baseline_tag_flag(value):
+    """--baseline-tag's value: 'default' names the file made with stage 02's defaults."""
+    return None if value is None else "" if value == "default" else value
+
+RUN_TAIL = re.compile(r"(?:_([0-9a-f]{6}))?(?:_from_(.+))?")
+
+def run_name(subject, roi, mode, seed, tag="", init_from=None):
+    """Stage 03's name of a run (results file, checkpoint folder): tag '' for the defaults' settings,
+    else '_xxxxxx'; a run started from another (--init-from) carries that run's name after _from_."""
+    return f"03_{subject}_{roi}_{mode}_seed{seed}{tag}" + (f"_from_{init_from.removeprefix('03_')}" if init_from else "")
+
+def find_runs(folder, subject, roi, mode, seed, ext):
+    """Stage 03 runs of (subject, roi, mode, seed) in `folder` (ext '.npz': results; '': checkpoint
+    folders): a list of (name, tag, the name of the run it started from or None)."""
+    prefix = run_name(subject, roi, mode, seed)
+    out = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), prefix + "*" + ext))):
+        name = os.path.basename(path)[:len(os.path.basename(path)) - len(ext)]
+        m = RUN_TAIL.fullmatch(name[len(prefix):])
+        if m and (ext or not name.endswith((".tmp", ".old"))):
+            out.append((name, m.group(1) or "", m.group(2)))
+    return out
+
+def init_matches(source, wanted, subject):
+    """Does a run's --init-from source (a run name without 03_) match what the user asked for: a
+    run name, or an ROI word ('whole': the subject's own whole-cortex run)?"""
+    if wanted is None:
+        return source is None
+    if source is None:
+        return False
+    return source == wanted.removeprefix("03_") or source.startswith(f"{subject}_{wanted}_")
+
+def load_run(args, subject, roi, mode, seed, init_from=None, tag=None, study=None):
+    """The one stage 03 result matching the request, checked against the study and against the
+    stage 02 result it was scored against (same file, unchanged since). Returns the npz as a dict
+    with its name, provenance and its baseline (load_baseline's dict)."""
+    runs = [(n, t, s) for n, t, s in find_runs(args.results, subject, roi, mode, seed, ".npz")
+            if init_matches(s, init_from, subject) and (tag is None or t == tag)]
+    train = command("03_finetune_lora.py", args, f"--subject {subject}", "" if roi == "whole" else f"--roi {roi}",
+                    f"--seed {seed}" if seed else "", "--full-finetune" if mode == "full" else "",
+                    f"--init-from {init_from}" if init_from else "")
+    if not runs:
+        raise StudyError(f"no stage 03 result {run_name(subject, roi, mode, seed)}{'*' if tag is None else tag}"
+                         f"{f' started from {init_from}' if init_from else ''} in {args.results}/: run {train} "
+                         "first (with your training flags)")
+    if len(runs) > 1:
+        listed = []
+        for n, t, _ in runs:
+            prov = json.loads(str(load_npz(os.path.join(args.results, n + ".npz")).get("provenance", "{}")))
+            listed.append(f"{t or 'default'} ({' '.join(prov.get('flags', ['?'])) or 'the defaults'})")
+        raise StudyError(f"{args.results}/ holds {len(runs)} stage 03 runs of {subject} {roi} {mode} seed {seed}: "
+                         f"{'; '.join(listed)}; choose one with --tag TAG")
+    name = runs[0][0]
+    path = os.path.join(args.results, name + ".npz")
+    run = load_npz(path, "stage 03 result")
+    prov = read_provenance(run, path, train)
+    retrain = command("03_finetune_lora.py", args, f"--subject {subject}", *prov["flags"])
+    if study is not None:
+        check_built_from(prov, study, subject, path, retrain)
+        base = load_baseline(args, subject, study, prov["baseline"]["tag"])
+        if base["fingerprint"] != prov["baseline"]["fingerprint"]:
+            raise StudyError(f"{path} was scored against another stage 02 result than {base['path']} holds now "
+                             f"(stage 02 was rerun since, with other inputs): rerun it with {retrain}")
+        run["baseline"] = base
+    run.update(name=name, path=path, provenance=prov, fingerprint=digest(prov), tag=runs[0][1])
+    return run

@@ -1,4 +1,5 @@
 """Stage 02 on a tiny simulated study, and its bad-input paths."""
+import glob
 import os
 import shutil
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 import common
-from conftest import run_stage
+from conftest import fails_cleanly, one, run_stage
 
 STAGE = "02_baseline_ridge.py"
 
@@ -22,7 +23,7 @@ def test_baseline_outputs(baseline):
     data, results = baseline
     truth = common.load_npz(f"{data}/truth.npz")
     for subj in truth["subjects"]:
-        r = common.load_npz(f"{results}/02_baseline_{subj}.npz")
+        r = common.load_npz(one(f"{results}/02_baseline_{subj}_*.npz"))  # --layers 0 2: tagged
         n_vox = len(truth[f"{subj}_kind"])
         assert r["test_r"].shape == (n_vox,) and r["val_r_by_layer"].shape == (2, n_vox)
         assert int(r["best_layer"]) in (0, 2) and r["alphas"].shape == (n_vox,)
@@ -34,7 +35,7 @@ def test_baseline_outputs(baseline):
         # sound-driven voxels are predicted from the tiny WavLM; pure-noise voxels are not
         assert r["test_r"][kind == 0].mean() > 0.3
         assert r["test_r"][kind == 0].mean() > r["test_r"][kind == 3].mean() + 0.2
-    assert os.path.exists(f"{results}/02_baseline.png")
+    assert os.path.exists(one(f"{results}/02_baseline_*.png"))
     assert len(os.listdir(f"{data}/features/tiny-pretrained/context16s_stride4s")) == 5
 
 
@@ -47,15 +48,16 @@ def test_each_window_setting_keeps_its_own_feature_cache(baseline, tmp_path, cap
                              "--subjects", "sim01", "--sweep-voxels", "20", "--save-weights"]) == 0
     assert len(os.listdir(f"{data}/features/tiny-pretrained/context8s_stride4s")) == 5
     assert {f: os.path.getmtime(f"{default}/{f}") for f in os.listdir(default)} == first  # untouched
-    r = common.load_npz(f"{results}/02_baseline_sim01.npz")
+    r = common.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
     assert float(r["context_s"]) == 8.0
     # --sweep-voxels: layers compared on 20 voxels, the chosen one fit and scored on all 60
     assert len(r["sweep_voxels"]) == 20 and r["val_r_by_layer"].shape == (2, 20) and r["test_r"].shape == (60,)
-    assert common.load_npz(f"{results}/02_weights_sim01.npz")["weights"].shape == (96 * 4, 60)
-    # the random tiny model is still one flag away, with its own cache
+    assert common.load_npz(one(f"{results}/02_weights_sim01_*.npz"))["weights"].shape == (96 * 4, 60)
+    # the random tiny model is still one flag away, with its own cache and its own result file
     assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--model", "tiny",
                              "--subjects", "sim01"]) == 0
-    assert str(common.load_npz(f"{results}/02_baseline_sim01.npz")["model"]) == "tiny"
+    models = sorted(str(common.load_npz(f)["model"]) for f in glob.glob(f"{results}/02_baseline_sim01_*.npz"))
+    assert models == ["tiny", "tiny-pretrained"]
     assert len(os.listdir(f"{data}/features/tiny_seed0/context16s_stride4s")) == 5
 
 
@@ -64,13 +66,20 @@ def test_each_window_setting_keeps_its_own_feature_cache(baseline, tmp_path, cap
     (["--stride-s", "0"], "--stride-s 0 must be a positive multiple"),
     (["--context-s", "1.01"], "--context-s 1.01 must be a non-negative multiple"),
     (["--sweep-voxels", "-5"], "--sweep-voxels -5 is out of range"),
+    (["--delays", "1", "9"], "--delays 9 is out of range: it must be <= 8"),
+    (["--delays", "2", "2"], "repeats a delay"),
+    (["--alphas", "1", "0"], "--alphas 0 is out of range: ridge penalties must be > 0"),
+    (["--n-folds", "1"], "--n-folds 1 is out of range: it must be >= 2"),
+    (["--n-folds", "two"], "argument --n-folds: invalid int value: 'two'"),
+    (["--layers", "9"], "hidden states 0..3"),
 ])
-def test_window_flags_are_checked_before_any_work(tiny_study, tmp_path, capsys, flags, msg):
+def test_bad_flags_are_one_line_exit_1_and_write_nothing(tiny_study, tmp_path, capsys, flags, msg, monkeypatch):
+    """Checked before any feature is computed: a feature pass would write the cache under data/."""
     results = str(tmp_path / "r")
-    assert run_stage(STAGE, ["--data", tiny_study, "--results", results] + flags) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and msg in err
-    assert not os.path.exists(results)
+    calls = []
+    monkeypatch.setattr(common, "story_features", lambda *a, **k: calls.append(1))
+    fails_cleanly(STAGE, ["--data", tiny_study, "--results", results] + flags, capsys, msg, results, tiny_study)
+    assert not calls and not os.path.exists(results)
 
 
 def test_bad_inputs(tiny_study, tmp_path, capsys):
@@ -79,8 +88,6 @@ def test_bad_inputs(tiny_study, tmp_path, capsys):
     assert "01_prepare_data.py" in capsys.readouterr().err
     assert run_stage(STAGE, ["--data", tiny_study, "--results", res, "--subjects", "UTS09"]) == 1
     assert "unknown subject" in capsys.readouterr().err
-    assert run_stage(STAGE, ["--data", tiny_study, "--results", res, "--layers", "9"]) == 1
-    assert "hidden states 0..3" in capsys.readouterr().err
     # an old layout: study.npz without the keys this layout needs
     old = tmp_path / "old"
     shutil.copytree(tiny_study, old, ignore=shutil.ignore_patterns("features"))

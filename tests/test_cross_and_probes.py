@@ -1,4 +1,7 @@
-"""Stages 04 and 05 on a tiny study: the outputs, their meaning, and the bad-input paths."""
+"""Stages 04 and 05 on a tiny study: the outputs, their meaning, provenance and the bad-input paths.
+Also the issue-20 scenarios: a rebuilt study, a stage 02 rerun, subsets that must not replace
+the full results."""
+import json
 import os
 import shutil
 
@@ -6,10 +9,11 @@ import numpy as np
 import pytest
 
 import common
-from conftest import load_stage, run_stage
+from conftest import TINY, fails_cleanly, load_stage, one, run_stage
 
 FAST = ["--epochs", "1", "--block-trs", "16", "--lora-rank", "4", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
         "--lora-targets", "q_proj", "k_proj", "v_proj", "out_proj"]
+GRID = ["--alphas", "3", "3000", "--n-folds", "4"]  # not the defaults: stage 04 must score with these
 
 
 @pytest.fixture(scope="module")
@@ -20,55 +24,157 @@ def tuned(tiny_study, tmp_path_factory):
     shutil.copytree(tiny_study, data, ignore=shutil.ignore_patterns("features"))
     results, ckpt = str(base / "results"), str(base / "ckpt")
     common_args = ["--data", data, "--results", results]
-    # a ridge search other than the default: stage 04's diagonal only equals stage 03's if both use it
-    assert run_stage("02_baseline_ridge.py", common_args + ["--layers", "1", "--context-s", "4", "--stride-s", "2",
-                                                            "--alphas", "3", "3000", "--n-folds", "4"]) == 0
+    assert run_stage("02_baseline_ridge.py", common_args + ["--layers", "1", "--context-s", "4", "--stride-s", "2"]
+                     + GRID) == 0
     for subj, roi in [("sim01", "whole"), ("sim02", "whole"), ("sim01", "AC")]:
         assert run_stage("03_finetune_lora.py", common_args + ["--checkpoints", ckpt, "--subject", subj,
                                                                "--roi", roi] + FAST) == 0
     return data, results, ckpt
 
 
-def test_cross_subject_matrix(tuned):
+def _copy(tuned, tmp_path):
+    """A private copy of the tuned study's results (the data and checkpoints are shared, read-only)."""
     data, results, ckpt = tuned
+    out = str(tmp_path / "results")
+    shutil.copytree(results, out)
+    return data, out, ckpt
+
+
+def test_cross_subject_matrix(tuned, tmp_path):
+    data, results, ckpt = _copy(tuned, tmp_path)
     assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt]) == 0
-    out = common.load_npz(f"{results}/04_cross_subject.npz")
+    out = common.load_npz(one(f"{results}/04_cross_subject_*.npz"))  # the runs' settings tag is in the name
     assert list(out["tuned_on"]) == ["sim01", "sim02"] and list(out["evaluated_on"]) == ["sim01", "sim02"]
     assert out["mean_delta_r"].shape == (2, 2)
-    # the diagonal is stage 03's own linearized score: same features, same recipe
-    for s in ("sim01", "sim02"):
-        r03 = common.load_npz(f"{results}/03_{s}_whole_lora_seed0.npz")
-        np.testing.assert_allclose(out[f"test_r_{s}_on_{s}"], r03["test_r_tuned"], atol=1e-5)
-        np.testing.assert_allclose(out["mean_delta_r"][["sim01", "sim02"].index(s)] [["sim01", "sim02"].index(s)],
-                                   np.mean(r03["test_r_tuned"] - r03["test_r_baseline"]), atol=1e-5)
-    assert os.path.exists(f"{results}/04_cross_subject.png")
+    study = common.load_study(data)
+    for i, a in enumerate(["sim01", "sim02"]):
+        r03 = common.load_npz(one(f"{results}/03_{a}_whole_lora_seed0_*.npz"))
+        # the diagonal is stage 03's own linearized score: same features, same recipe
+        np.testing.assert_allclose(out[f"test_r_{a}_on_{a}"], r03["test_r_tuned"], atol=1e-5)
+        np.testing.assert_allclose(out["mean_delta_r"][i, i], np.mean(r03["test_r_tuned"] - r03["test_r_baseline"]),
+                                   atol=1e-5)
+        # off the diagonal: a's tuned features, scored here on the other subject's data with that
+        # subject's recipe and baseline; scoring on the wrong subject would not match this
+        b = "sim02" if a == "sim01" else "sim01"
+        base_b = common.load_npz(one(f"{results}/02_baseline_{b}_*.npz"))
+        feats = {s: common.load_npz(f"{data}/features/{r03_name(results, a)}/{s}.npz")["ds"][int(r03["layer"])]
+                 for s in study["train"] + study["val"] + [study["test"]]}
+        r, _, _ = common.score_on_test(feats, common.load_subject(data, b, study), study,
+                                       **common.ridge_recipe(base_b))
+        np.testing.assert_allclose(out[f"test_r_{a}_on_{b}"], r, atol=1e-5)
+        np.testing.assert_allclose(out[f"delta_r_{a}_on_{b}"], r - base_b["test_r"], atol=1e-5)
+        assert not np.allclose(out[f"test_r_{a}_on_{b}"], out[f"test_r_{a}_on_{a}"])
+    assert os.path.exists(one(f"{results}/04_cross_subject_*.png"))
 
 
-def test_cross_subject_without_checkpoint(tuned, capsys, tmp_path):
-    data, results, _ = tuned
-    assert run_stage("04_cross_subject.py", ["--data", data, "--results", results,
-                                             "--checkpoints", str(tmp_path)]) == 1
-    assert "03_finetune_lora.py --subject sim01" in capsys.readouterr().err
-    assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--tuned-on", "UTS01"]) == 1
-    assert "unknown subject" in capsys.readouterr().err
+def r03_name(results, subject):
+    return os.path.basename(one(f"{results}/03_{subject}_whole_lora_seed0_*.npz"))[:-4]
 
 
-def test_probes(tuned):
+def test_a_subset_writes_its_own_file_and_replaces_nothing(tuned, tmp_path):
+    data, results, ckpt = _copy(tuned, tmp_path)
+    assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt]) == 0
+    full = one(f"{results}/04_cross_subject_*.npz")
+    mtime = os.path.getmtime(full)
+    assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt,
+                                             "--tuned-on", "sim01", "--evaluate-on", "sim01"]) == 0
+    assert os.path.getmtime(full) == mtime and common.load_npz(full)["mean_delta_r"].shape == (2, 2)
+    assert common.load_npz(one(f"{results}/04_cross_subject_*_sim01-on-sim01.npz"))["mean_delta_r"].shape == (1, 1)
+    # stage 02 on one subject draws its own figure, not over the two-subject one
+    figs = sorted(f for f in os.listdir(results) if f.startswith("02_baseline") and f.endswith(".png"))
+    assert run_stage("02_baseline_ridge.py", ["--data", data, "--results", results, "--layers", "1", "--context-s", "4",
+                                              "--stride-s", "2", "--subjects", "sim01"] + GRID) == 0
+    assert sorted(f for f in os.listdir(results) if f.startswith("02_baseline") and f.endswith(".png")) == sorted(
+        figs + [figs[0].replace(".png", "_sim01.png")])
+
+
+def test_a_rebuilt_study_is_refused_not_mixed(tuned, tmp_path, capsys):
+    """The issue's first scenario: rebuild the study with other noise, then stage 04 (or 03) must
+    refuse the old results with one line saying why and how to rebuild them, never print a delta."""
     data, results, ckpt = tuned
+    new = str(tmp_path / "data")
+    shutil.copytree(data, new)
+    assert run_stage("01_prepare_data.py", ["--data", new] + TINY + ["--noise-sd", "1.5", "3.0"]) == 0
+    assert "the same stories; subjects sim01, sim02 differ" in capsys.readouterr().out
+    err = fails_cleanly("04_cross_subject.py", ["--data", new, "--results", results, "--checkpoints", ckpt], capsys,
+                        "was built from another study", results)
+    assert "sim01's responses differ" in err and f"python 03_finetune_lora.py --data {new} --results {results}" in err
+    # stage 03 on the new study with these results: the stage 02 result is refused before any training
+    fails_cleanly("03_finetune_lora.py", ["--data", new, "--results", results, "--checkpoints", ckpt, "--subject",
+                                          "sim01"], capsys, "02_baseline_sim01", results, ckpt)
+    fails_cleanly("05_linear_probes.py", ["--data", new, "--results", results, "--checkpoints", ckpt], capsys,
+                  "was built from another study", results)
+    # the feature caches survived the rebuild (stage 01 keeps data/features/)
+    assert os.path.isdir(f"{new}/features")
+
+
+def test_a_stage_02_rerun_never_changes_what_a_run_is_compared_with(tuned, tmp_path, capsys):
+    """Other delays in stage 02 write another file: stage 04 keeps comparing each run with the
+    result it was scored against. A stage 02 result whose inputs changed under the same name is
+    refused for the runs scored against the old one."""
+    data, results, ckpt = _copy(tuned, tmp_path)
+    assert run_stage("02_baseline_ridge.py", ["--data", data, "--results", results, "--layers", "1", "--context-s", "4",
+                                              "--stride-s", "2", "--delays", "1", "2"] + GRID) == 0
+    assert len([f for f in os.listdir(results) if f.startswith("02_baseline_sim01")]) == 2
+    assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt]) == 0
+    out = common.load_npz(one(f"{results}/04_cross_subject_*.npz"))
+    r03 = common.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
+    np.testing.assert_allclose(out["mean_delta_r"][0, 0], np.mean(r03["test_r_tuned"] - r03["test_r_baseline"]), atol=1e-5)
+    # now the run's own stage 02 file changes under it (as if rerun with other model weights)
+    path = json.loads(str(r03["provenance"]))["baseline"]["file"]
+    b = common.load_npz(f"{results}/{path}")
+    prov = json.loads(str(b["provenance"]))
+    prov["model_fingerprint"] = "0" * 40
+    b["provenance"] = np.array(json.dumps(prov))
+    common.save_npz(f"{results}/{path}", **b)
+    fails_cleanly("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt], capsys,
+                  "was scored against another stage 02 result", results)
+    # and stage 03 asked to choose between two stage 02 results says so
+    fails_cleanly("03_finetune_lora.py", ["--data", data, "--results", results, "--checkpoints", str(tmp_path / "c"),
+                                          "--subject", "sim01"], capsys, "holds 2 stage 02 results for sim01", results)
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--tuned-on", "UTS01"], "unknown subject(s) UTS01"),
+    (["--roi", "V1"], "unknown ROI 'V1'"),
+    (["--tag", "xyz"], "--tag 'xyz'"),
+    (["--seed", "7"], "no stage 03 result 03_sim01_whole_lora_seed7"),
+    (["--full-finetune"], "no stage 03 result 03_sim01_whole_full_seed0"),
+    (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
+])
+def test_cross_subject_bad_inputs(tuned, tmp_path, capsys, flags, msg):
+    data, results, ckpt = _copy(tuned, tmp_path)
+    fails_cleanly("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt] + flags, capsys,
+                  msg, results)
+
+
+def test_cross_subject_without_checkpoint(tuned, tmp_path, capsys):
+    data, results, _ = _copy(tuned, tmp_path)
+    fails_cleanly("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", str(tmp_path)], capsys,
+                  "has no checkpoint", results)
+
+
+def test_probes(tuned, tmp_path):
+    data, results, ckpt = _copy(tuned, tmp_path)
     assert run_stage("05_linear_probes.py", ["--data", data, "--results", results, "--checkpoints", ckpt,
                                              "--n-folds", "3"]) == 0
-    out = common.load_npz(f"{results}/05_probes.npz")
+    out = common.load_npz(one(f"{results}/05_probes_*.npz"))
     assert list(out["models"]) == ["baseline", "whole", "AC"]
     assert list(out["probes"]) == ["semantic", "acoustic", "category"]
     assert out["scores"].shape == (3, 4, 3)
     s = out["scores"]
-    # acoustics are linearly there in every model; category accuracy is a fraction
+    # acoustics are linearly there in every model; the words' meaning is too, above chance in some
+    # layer (the semantic vectors are category centroids plus noise: the category is heard in the word)
     assert np.all(s[:, :, 1] > 0.3)
-    assert np.all((s[:, :, 2] >= 0) & (s[:, :, 2] <= 1))
-    assert os.path.exists(f"{results}/05_probes.png")
+    assert np.all(s[:, :, 0].max(1) > 0.15)
+    n_cat = len(common.load_npz(f"{data}/truth.npz")["category_names"])
+    assert np.all(s[:, :, 2].max(1) > 1.5 / n_cat) and np.all((s[:, :, 2] >= 0) & (s[:, :, 2] <= 1))
+    assert os.path.exists(one(f"{results}/05_probes_*.png"))
+    prov = json.loads(str(out["provenance"]))
+    assert set(prov["runs"]) == {"whole", "AC"} and prov["stories"] == common.load_study(data)["stories_fingerprint"]
 
 
-def test_probe_recovers_a_linear_target_and_holds_out_stories():
+def test_probe_recovers_a_linear_target_and_holds_out_whole_stories():
     m = load_stage("05_linear_probes.py")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((300, 20)).astype(np.float32)
@@ -78,6 +184,16 @@ def test_probe_recovers_a_linear_target_and_holds_out_stories():
     assert abs(m.probe(X, rng.standard_normal((300, 4)).astype(np.float32), groups, 3)) < 0.1
     cls = (X[:, 0] > 0).astype(int)
     assert m.probe(X, np.eye(2, dtype=np.float32)[cls], groups, 3, cls) > 0.9
+    # rows of one story share a story-specific offset in both X and Y (as words of one story share
+    # its topic): a probe that mixed rows of a story across folds would find it, one that holds out
+    # whole stories cannot
+    story_x = rng.standard_normal((12, 20)).astype(np.float32)
+    story_y = rng.standard_normal((12, 4)).astype(np.float32)
+    groups = np.repeat(np.arange(12), 25)
+    X = story_x[groups] + 0.3 * rng.standard_normal((300, 20)).astype(np.float32)
+    Y = story_y[groups] + 0.3 * rng.standard_normal((300, 4)).astype(np.float32)
+    assert abs(m.probe(X, Y, groups, 4)) < 0.2
+    assert m.probe(X, Y, rng.permutation(groups), 4) > 0.5  # shuffled "stories": the leak shows
 
 
 def test_word_vectors_file(tmp_path):
@@ -93,7 +209,21 @@ def test_word_vectors_file(tmp_path):
         m.read_word_vectors(str(p), {"dog"})
 
 
+@pytest.mark.parametrize("flags, msg", [
+    (["--models", "baseline", "V1"], "unknown model(s) V1"),
+    (["--n-folds", "1"], "--n-folds 1 is out of range: it must be >= 2"),
+    (["--subject", "UTS01"], "unknown subject(s) UTS01"),
+    (["--seed", "4"], "no stage 03 result 03_sim01_whole_lora_seed4"),
+    (["--word-vectors", "/nonexistent/glove.txt"], "--word-vectors /nonexistent/glove.txt not found"),
+    (["--init-from", "whole"], "no stage 03 result 03_sim01_AC_lora_seed0* started from whole"),
+])
+def test_probes_bad_inputs(tuned, tmp_path, capsys, flags, msg):
+    data, results, ckpt = _copy(tuned, tmp_path)
+    fails_cleanly("05_linear_probes.py", ["--data", data, "--results", results, "--checkpoints", ckpt] + flags, capsys,
+                  msg, results)
+
+
 def test_probes_without_tuned_model(tuned, capsys, tmp_path):
-    data, results, _ = tuned
-    assert run_stage("05_linear_probes.py", ["--data", data, "--results", results, "--checkpoints", str(tmp_path)]) == 1
-    assert "--roi whole" in capsys.readouterr().err
+    data, results, _ = _copy(tuned, tmp_path)
+    fails_cleanly("05_linear_probes.py", ["--data", data, "--results", results, "--checkpoints", str(tmp_path)], capsys,
+                  "has no checkpoint", results)

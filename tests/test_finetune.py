@@ -1,12 +1,14 @@
 """Stage 03: the loss, the differentiable pieces, LoRA training, resume, ROI and bad flags."""
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import load_stage, run_stage
+from conftest import fails_cleanly, load_stage, one, run_stage
 
 STAGE = "03_finetune_lora.py"
 FAST = ["--epochs", "2", "--block-trs", "16", "--lora-rank", "4", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
@@ -124,40 +126,200 @@ def trained(tiny_study, tmp_path_factory):
 
 def test_run_writes_results_and_peft_checkpoints(trained):
     data, results, ckpt = trained
-    out = common.load_npz(f"{results}/03_sim01_whole_lora_seed0.npz")
+    out = common.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
     n_vox = len(out["test_r_baseline"])
     for k in ("test_r_tuned", "test_r_direct"):
         assert out[k].shape == (n_vox,) and np.all(np.isfinite(out[k]))
     assert out["val_r_by_epoch"].shape == (2,) and 1 <= int(out["best_epoch"]) <= 2
     assert int(out["layer"]) == 1
     # the tuned features are scored with stage 02's own ridge search, not the default grid
-    base = common.load_npz(f"{results}/02_baseline_sim01.npz")
+    base = common.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
     assert list(base["alpha_grid"]) == [3.0, 3000.0] and int(base["n_folds"]) == 4
     assert set(np.unique(out["alphas_tuned"])) <= {3.0, 3000.0}
-    run = f"{ckpt}/03_sim01_whole_lora_seed0"
+    # the run records what it was built from: the study, the subject file, the stage 02 result
+    prov = json.loads(str(out["provenance"]))
+    study = common.load_study(data)
+    assert prov["stories"] == study["stories_fingerprint"] and prov["subject_data"] == study["subject_fingerprints"]["sim01"]
+    assert prov["baseline"]["fingerprint"] == common.digest(json.loads(str(base["provenance"])))
+    assert json.loads(str(out["settings"]))["lr_adapter"] == 3e-3 and str(out["fingerprint"]) == common.digest(prov)
+    run = one(f"{ckpt}/03_sim01_whole_lora_seed0_*")
     assert os.path.exists(f"{run}/best/model/adapter_config.json")
     assert os.path.exists(f"{run}/best/model/adapter_model.safetensors")
     # anyone with peft can load the adapter
     from peft import PeftModel
     model = PeftModel.from_pretrained(common.load_wavlm("tiny"), f"{run}/best/model")
     assert any("lora_" in n for n, _ in model.named_parameters())
-    assert os.path.exists(f"{results}/03_sim01_whole_lora_seed0.png")
+    assert os.path.exists(one(f"{results}/03_sim01_whole_lora_seed0_*.png"))
 
 
-def test_resume_equals_uninterrupted(trained, tmp_path):
-    data, results, _ = trained
-    ckpt = str(tmp_path / "ckpt")
-    res2 = str(tmp_path / "res")
-    os.makedirs(res2)
-    import shutil
-    shutil.copy(f"{results}/02_baseline_sim01.npz", res2)
-    common_args = ["--data", data, "--results", res2, "--checkpoints", ckpt, "--subject", "sim01"]
-    assert run_stage(STAGE, common_args + FAST[:1] + ["1"] + FAST[2:]) == 0  # "killed" after epoch 1
-    assert run_stage(STAGE, common_args + FAST + ["--resume"]) == 0
-    a = common.load_npz(f"{results}/03_sim01_whole_lora_seed0.npz")
-    b = common.load_npz(f"{res2}/03_sim01_whole_lora_seed0.npz")
+def _fresh(results, tmp_path, name):
+    """A results folder holding only stage 02's results, and a checkpoint folder, for one more run."""
+    res, ckpt = tmp_path / f"res_{name}", tmp_path / f"ckpt_{name}"
+    res.mkdir()
+    for f in os.listdir(results):
+        if f.startswith("02_baseline_"):
+            shutil.copy(os.path.join(results, f), res)
+    return str(res), str(ckpt)
+
+
+def _same_result(a, b):
+    a, b = common.load_npz(one(f"{a}/03_*.npz")), common.load_npz(one(f"{b}/03_*.npz"))
     np.testing.assert_allclose(b["val_r_by_epoch"], a["val_r_by_epoch"], atol=1e-6)
     np.testing.assert_allclose(b["test_r_tuned"], a["test_r_tuned"], atol=1e-5)
+    assert str(a["fingerprint"]) == str(b["fingerprint"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(trained, tmp_path_factory):
+    """The reference: a 3-epoch run of the FAST settings, never stopped."""
+    data, results, _ = trained
+    res, ckpt = _fresh(results, tmp_path_factory.mktemp("ref"), "ref")
+    assert run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01",
+                             "--epochs", "3"] + FAST[2:]) == 0
+    return res
+
+
+def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(trained, uninterrupted, tmp_path,
+                                                                                 capsys, monkeypatch):
+    """Ctrl-C right after epoch 1 is saved: one line with the command to continue. That command
+    (the run's own settings) trains epochs 2 and 3 only, and ends where the uninterrupted run ended.
+    A bare --resume does the same (the epochs and learning rates come from the checkpoint), and a
+    flag that contradicts the checkpoint is refused, naming both values."""
+    data, results, _ = trained
+    m = load_stage(STAGE)
+    res, ckpt = _fresh(results, tmp_path, "a")
+    real = m.save_checkpoint
+
+    def save_then_ctrl_c(folder, *a):
+        real(folder, *a)
+        if folder.endswith("last"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(m, "save_checkpoint", save_then_ctrl_c)
+    capsys.readouterr()
+    argv = ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01", "--epochs", "3"] + FAST[2:]
+    assert run_stage(STAGE, argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: interrupted: continue with `python 03_finetune_lora.py") and len(err.splitlines()) == 1
+    hint = err.split("`")[1].split()[2:]
+    assert "--resume" in hint and "--epochs" in hint
+    monkeypatch.setattr(m, "save_checkpoint", real)
+    saved = snapshot_of(ckpt)
+    # a contradicting flag: refused, nothing touched
+    fails_cleanly(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01", "--resume",
+                          "--epochs", "5"], capsys, "was started with --epochs 3, you gave --epochs 5", res, ckpt)
+    fails_cleanly(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01", "--resume",
+                          "--lr-adapter", "1e-4"], capsys, "was started with --lr-adapter 0.003, you gave --lr-adapter 0.0001",
+                  res, ckpt)
+    assert snapshot_of(ckpt) == saved
+    assert run_stage(STAGE, hint) == 0
+    out = capsys.readouterr().out
+    assert "after epoch 1" in out and "epoch 2:" in out and "epoch 3:" in out and "epoch 1:" not in out
+    _same_result(uninterrupted, res)
+    # the same with a bare --resume (no training flags at all) from a copy of the interrupted state
+    res_b, ckpt_b = _fresh(results, tmp_path, "b")
+    monkeypatch.setattr(m, "save_checkpoint", save_then_ctrl_c)
+    assert run_stage(STAGE, argv[:2] + ["--results", res_b, "--checkpoints", ckpt_b] + argv[6:]) == 130
+    monkeypatch.setattr(m, "save_checkpoint", real)
+    assert run_stage(STAGE, ["--data", data, "--results", res_b, "--checkpoints", ckpt_b, "--subject", "sim01",
+                             "--resume"]) == 0
+    _same_result(uninterrupted, res_b)
+
+
+def snapshot_of(folder):
+    from conftest import snapshot
+    return snapshot(folder)
+
+
+def test_a_crash_at_any_step_of_a_save_then_resume_gives_the_uninterrupted_result(trained, uninterrupted, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Every file-system step of the two checkpoint saves after epoch 1's (epoch 2's best/ when it
+    improves, its last/, ...), interrupted in turn, and a torch.save cut off mid-file: --resume then
+    finishes with the very result of the run that was never stopped."""
+    data, results, _ = trained
+    m = load_stage(STAGE)
+    import peft
+    real = dict(replace=os.replace, rmtree=shutil.rmtree, save=torch.save, pretrained=peft.PeftModel.save_pretrained)
+    state = dict(saves=0, steps=0, crash_at=None, torn=False, counting=False)
+
+    def step(name):
+        def f(*a, **k):
+            if state["counting"]:
+                state["steps"] += 1
+                if state["steps"] == state["crash_at"]:
+                    if name == "save" and state["torn"]:  # half a state file on disk, then the crash
+                        open(a[1], "wb").write(b"\x80\x02torn")
+                    raise KeyboardInterrupt
+            return real[name](*a, **k)
+        return f
+    real_save = m.save_checkpoint
+
+    def counted_save(*a):
+        state["saves"] += 1
+        state["counting"] = state["saves"] in (3, 4)  # epoch 1 saved best/ and last/: the next two saves
+        try:
+            return real_save(*a)
+        finally:
+            state["counting"] = False
+    monkeypatch.setattr(os, "replace", step("replace"))
+    monkeypatch.setattr(shutil, "rmtree", step("rmtree"))
+    monkeypatch.setattr(torch, "save", step("save"))
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", step("pretrained"))
+    monkeypatch.setattr(m, "save_checkpoint", counted_save)
+    argv = ["--subject", "sim01", "--epochs", "3"] + FAST[2:]
+
+    def attempt(crash_at, torn=False):
+        res, ckpt = _fresh(results, tmp_path, f"{crash_at}{'t' if torn else ''}")
+        state.update(saves=0, steps=0, crash_at=crash_at, torn=torn)
+        code = run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt] + argv)
+        return code, res, ckpt
+    code, _, _ = attempt(None)  # a dry run counts the steps
+    n_steps = state["steps"]
+    assert code == 0 and n_steps >= 8  # at least last/'s save: rmtree, write model, state, rename x3, cleanup
+    cases = [(k, False) for k in range(1, n_steps + 1)] + [(3, True)]
+    for k, torn in cases:
+        code, res, ckpt = attempt(k, torn)
+        assert code == 130, (k, code)
+        state["crash_at"] = None
+        capsys.readouterr()
+        assert run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--resume"] + argv) == 0, k
+        assert "resuming" in capsys.readouterr().out and os.path.exists(one(f"{res}/03_*.png"))
+        _same_result(uninterrupted, res)
+        assert not any(f.endswith((".tmp", ".old")) for f in os.listdir(one(f"{ckpt}/03_*")))
+
+
+def test_recover_checkpoint_picks_the_newest_complete_copy(tmp_path):
+    m = load_stage(STAGE)
+    folder = str(tmp_path / "last")
+
+    def make(path, epoch, complete=True):
+        os.makedirs(path)
+        open(os.path.join(path, "epoch"), "w").write(str(epoch))
+        if complete:
+            open(os.path.join(path, "state.pt"), "w").write("x")
+    epoch = lambda: open(os.path.join(folder, "epoch")).read()  # noqa: E731
+    assert not m.recover_checkpoint(folder)  # nothing there
+    make(folder + ".old", 1)
+    make(folder + ".tmp", 2)  # crashed between renaming the old copy aside and the new one in
+    assert m.recover_checkpoint(folder) and epoch() == "2" and os.listdir(tmp_path) == ["last"]
+    make(folder + ".tmp", 3, complete=False)  # crashed while writing the next: the current one stays
+    assert m.recover_checkpoint(folder) and epoch() == "2" and os.listdir(tmp_path) == ["last"]
+
+
+def test_each_scenario_of_a_lost_result_gives_a_separate_file(trained, tmp_path):
+    """Another loss replaces nothing: the run's name carries its settings' tag. The same settings
+    replace their own result. Stage 02 on a subset draws its own figure."""
+    data, results, _ = trained
+    out, ckpt = str(tmp_path / "r"), str(tmp_path / "c")
+    shutil.copytree(results, out)
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    assert run_stage(STAGE, ["--data", data, "--results", out, "--checkpoints", ckpt, "--subject", "sim01",
+                             "--loss", "mse"] + FAST[:1] + ["1"] + FAST[2:]) == 0
+    after = os.listdir(out)
+    assert all(os.path.getmtime(os.path.join(out, f)) == t for f, t in before.items())  # nothing replaced
+    new = sorted(set(after) - set(before))
+    assert len(new) == 2 and new[0].startswith("03_sim01_whole_lora_seed0_") and new[0] not in before
+    settings = json.loads(str(common.load_npz(os.path.join(out, [f for f in new if f.endswith(".npz")][0]))["settings"]))
+    assert settings["loss"] == "mse"
 
 
 def test_roi_restricts_the_readout(trained, tmp_path):
@@ -165,54 +327,64 @@ def test_roi_restricts_the_readout(trained, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     assert run_stage(STAGE, ["--data", data, "--results", results, "--checkpoints", ckpt, "--subject", "sim01",
                              "--roi", "AC"] + FAST[:1] + ["1"] + FAST[2:]) == 0
-    out = common.load_npz(f"{results}/03_sim01_AC_lora_seed0.npz")
+    out = common.load_npz(one(f"{results}/03_sim01_AC_lora_seed0_*.npz"))
     ac = common.load_npz(f"{data}/subjects/sim01.npz")["roi_AC"]
     np.testing.assert_array_equal(out["roi_mask"], ac)
     assert np.all(np.isnan(out["test_r_direct"][~ac])) and np.all(np.isfinite(out["test_r_direct"][ac]))
-    state = torch.load(f"{ckpt}/03_sim01_AC_lora_seed0/best/state.pt", weights_only=True)
+    state = torch.load(one(f"{ckpt}/03_sim01_AC_lora_seed0_*") + "/best/state.pt", weights_only=True)
     assert state["readout"]["1.weight"].shape[0] == ac.sum()
 
 
-def test_bad_flags(trained, tmp_path, capsys):
+def test_bad_inputs(trained, tmp_path, capsys):
     data, results, _ = trained
-    base = ["--data", data, "--results", results, "--checkpoints", str(tmp_path)]
-    assert run_stage(STAGE, base + ["--roi", "V1"]) == 1
-    assert "unknown ROI" in capsys.readouterr().err
-    assert run_stage(STAGE, ["--data", data, "--results", str(tmp_path / "none"), "--subject", "sim01"]) == 1
-    assert "02_baseline_ridge.py" in capsys.readouterr().err
+    ckpt = str(tmp_path / "c")
+    fails_cleanly(STAGE, ["--data", data, "--results", results, "--checkpoints", ckpt, "--roi", "V1"], capsys,
+                  "unknown ROI", results, ckpt)
+    # no stage 02 result: the hint carries the user's own folders
+    err = fails_cleanly(STAGE, ["--data", data, "--results", str(tmp_path / "none"), "--subject", "sim01"], capsys,
+                        "no stage 02 result for sim01", str(tmp_path / "none"))
+    assert f"python 02_baseline_ridge.py --data {data} --results {tmp_path / 'none'} --subjects sim01" in err
     empty = tmp_path / "d"
-    import shutil
     shutil.copytree(data, empty, ignore=shutil.ignore_patterns("features"))
     d = common.load_npz(empty / "subjects" / "sim01.npz")
     d["roi_AC"] = np.zeros_like(d["roi_AC"])
     common.save_npz(empty / "subjects" / "sim01.npz", **d)
-    assert run_stage(STAGE, ["--data", str(empty), "--results", results, "--checkpoints", str(tmp_path),
-                             "--subject", "sim01", "--roi", "AC"]) == 1
-    assert "mask of sim01 is empty" in capsys.readouterr().err
+    fails_cleanly(STAGE, ["--data", str(empty), "--results", results, "--checkpoints", ckpt, "--subject", "sim01",
+                          "--roi", "AC"], capsys, "the AC mask of sim01 is empty", results, ckpt)
 
 
 @pytest.mark.parametrize("flags, msg", [
     (["--block-trs", "0"], "--block-trs 0 is out of range: it must be >= 1"),
     (["--epochs", "0"], "--epochs 0 is out of range"),
+    (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
     (["--lora-targets", "q_proj", "nonexistent"], "--lora-targets nonexistent: not a linear layer"),
     (["--train-stride-s", "0.03"], "--train-stride-s 0.03 must be a positive multiple of WavLM's 20 ms frame"),
+    (["--lr-adapter", "0"], "--lr-adapter 0 is out of range: it must be > 0"),
+    (["--lora-dropout", "1"], "--lora-dropout 1 is out of range"),
+    (["--grad-clip", "-1"], "--grad-clip -1 is out of range"),
+    (["--baseline-tag", "zz"], "--baseline-tag 'zz'"),
+    (["--loss", "l1"], "argument --loss: invalid choice: 'l1'"),
+    (["--resume"], "--resume: no checkpoint of 03_sim01_whole_lora_seed0"),
+    (["--init-from", "AC"], "--init-from AC: want exactly one checkpoint 03_sim01_AC_lora_seed0"),
 ])
 def test_bad_ranges_are_one_line_and_write_nothing(trained, tmp_path, capsys, flags, msg):
     data, results, _ = trained
     out, ckpt = str(tmp_path / "r"), str(tmp_path / "c")
-    import shutil
     shutil.copytree(results, out)
-    before = sorted(os.listdir(out))
-    capsys.readouterr()
-    assert run_stage(STAGE, ["--data", data, "--results", out, "--checkpoints", ckpt, "--subject", "sim01"] + flags) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and msg in err, err
-    assert sorted(os.listdir(out)) == before and not os.path.exists(ckpt)
+    err = fails_cleanly(STAGE, ["--data", data, "--results", out, "--checkpoints", ckpt, "--subject", "sim01"] + flags,
+                        capsys, msg, out, ckpt, data)
+    assert not os.path.exists(ckpt)
     if "nonexistent" in flags:  # the message lists what can be adapted
         assert all(name in err for name in ("q_proj", "out_proj", "intermediate_dense", "projection"))
 
 
 # --------------------------------------------------------------------------- --init-from
+
+def _baseline(data, results):
+    """Stage 02's result as the stages read it (common.load_baseline: checked, with its provenance)."""
+    import argparse
+    return common.load_baseline(argparse.Namespace(results=results, data=data), "sim01", common.load_study(data))
+
 
 def _features(model, tiny_study):
     audio = common.load_npz(f"{tiny_study}/stories/story00.npz")["audio"][:16000 * 20]
@@ -230,12 +402,12 @@ def test_init_from_starts_exactly_at_the_checkpoint(trained, tmp_path, full):
         shutil.copytree(results, tmp_path / "r")
         assert run_stage(STAGE, ["--data", data, "--results", str(tmp_path / "r"), "--checkpoints", ckpt,
                                  "--subject", "sim01", "--epochs", "1", "--block-trs", "16"] + mode) == 0
-    source = f"{ckpt}/03_sim01_whole_{'full' if full else 'lora'}_seed0"
-    baseline = common.load_npz(f"{results}/02_baseline_sim01.npz")
+    source = one(f"{ckpt}/03_sim01_whole_{'full' if full else 'lora'}_seed0_*")
+    baseline = _baseline(data, results)
     args = m.get_args(["--roi", "AC", "--init-from", source] + FAST + mode)
-    model, readout, _, origin, init = m.setup_model(args, baseline, 1, 7, "cpu")
+    model, readout, _, prov, init = m.setup_model(args, baseline, 1, 7, "cpu")
     model.eval()  # new LoRA dropout modules start in train mode; compare without dropout
-    assert init == (f"{source}/best", f"sim01_whole_{origin['mode']}_seed0") and readout[1].out_features == 7
+    assert init[:2] == (f"{source}/best", os.path.basename(source)) and readout[1].out_features == 7
     ref = common.load_tuned_wavlm(baseline, f"{source}/best/model", full=full)
     plain = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]))
     ours, theirs, base = _features(model, data), _features(ref, data), _features(plain, data)
@@ -247,28 +419,34 @@ def test_init_from_starts_exactly_at_the_checkpoint(trained, tmp_path, full):
 def test_init_from_run_is_named_and_recorded_and_read_by_stages_04_and_05(trained, tmp_path):
     data, results, ckpt = trained
     out = str(tmp_path / "r")
-    import shutil
     shutil.copytree(results, out)
-    source = f"{ckpt}/03_sim01_whole_lora_seed0"
+    source = one(f"{ckpt}/03_sim01_whole_lora_seed0_*")
+    # --init-from whole: this subject's whole-cortex run of the same seed, found in --checkpoints
     assert run_stage(STAGE, ["--data", data, "--results", out, "--checkpoints", ckpt, "--subject", "sim01",
-                             "--roi", "AC", "--init-from", source] + FAST[:1] + ["1"] + FAST[2:]) == 0
-    name = "03_sim01_AC_lora_seed0_from_sim01_whole_lora_seed0"
-    res = common.load_npz(f"{out}/{name}.npz")
+                             "--roi", "AC", "--init-from", "whole"] + FAST) == 0
+    path = one(f"{out}/03_sim01_AC_lora_seed0_*_from_{os.path.basename(source)[3:]}.npz")
+    res = common.load_npz(path)
     assert str(res["init_from"]) == f"{source}/best" and str(res["roi"]) == "AC"
-    assert os.path.isdir(f"{ckpt}/{name}/best/model")
-    assert str(common.load_npz(f"{out}/03_sim01_whole_lora_seed0.npz")["init_from"]) == ""
+    assert json.loads(str(res["provenance"]))["init_from"]["name"] == os.path.basename(source)
+    assert os.path.isdir(f"{ckpt}/{os.path.basename(path)[:-4]}/best/model")
+    assert str(common.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))["init_from"]) == ""
     assert run_stage("04_cross_subject.py", ["--data", data, "--results", out, "--checkpoints", ckpt, "--roi", "AC",
                                              "--tuned-on", "sim01", "--evaluate-on", "sim01",
-                                             "--init-from", "sim01_whole_lora_seed0"]) == 0
-    cross = common.load_npz(f"{out}/04_cross_subject.npz")
+                                             "--init-from", "whole"]) == 0
+    cross = common.load_npz(one(f"{out}/04_cross_subject_AC_*_from_whole_sim01-on-sim01.npz"))
     np.testing.assert_allclose(cross["test_r_sim01_on_sim01"], res["test_r_tuned"], atol=1e-5)
+    # stage 05 probes that AC run (and the whole-cortex run it started from)
+    assert run_stage("05_linear_probes.py", ["--data", data, "--results", out, "--checkpoints", ckpt,
+                                             "--init-from", "whole", "--n-folds", "2"]) == 0
+    probes = common.load_npz(one(f"{out}/05_probes_*from_whole*.npz"))
+    assert list(probes["runs"]) == ["", os.path.basename(source), os.path.basename(path)[:-4]]
 
 
 def test_init_from_refuses_checkpoints_that_do_not_fit(trained, tmp_path):
     data, results, ckpt = trained
     m = load_stage(STAGE)
-    source = f"{ckpt}/03_sim01_whole_lora_seed0"
-    baseline = common.load_npz(f"{results}/02_baseline_sim01.npz")
+    source = one(f"{ckpt}/03_sim01_whole_lora_seed0_*")
+    baseline = _baseline(data, results)
 
     def refused(flags, base=baseline):
         with pytest.raises(common.StudyError) as e:
@@ -278,12 +456,12 @@ def test_init_from_refuses_checkpoints_that_do_not_fit(trained, tmp_path):
     assert "another LoRA shape" in refused(["--init-from", source, "--lora-rank", "8"])
     assert "another LoRA shape" in refused(["--init-from", source, "--lora-targets", "q_proj", "v_proj"])
     other = dict(baseline, model=np.array("tiny"))  # the random model, not the pretrained one
-    assert "another base model (tiny-pretrained, seed 0) than stage 02's (tiny, seed 0)" in refused(["--init-from", source], other)
+    assert "tuned from another base model (tiny-pretrained) than stage 02's (tiny)" in refused(["--init-from", source], other)
     assert "no stage 03 checkpoint there" in refused(["--init-from", str(tmp_path)])
     old = tmp_path / "old"  # a checkpoint written before origins were recorded
     import shutil
     shutil.copytree(f"{source}/best", old)
     state = torch.load(old / "state.pt", weights_only=True)
-    del state["origin"]
+    del state["provenance"]
     torch.save(state, old / "state.pt")
-    assert "predates --init-from" in refused(["--init-from", str(old)])
+    assert "predates provenance records" in refused(["--init-from", str(old)])

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, one
 
 
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
@@ -16,6 +16,11 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     out = json.load(open(tmp_path / "gpu_check.json"))
     assert out["device"] == "cpu" and out["tests_rc"] == 0  # the CUDA tests skip here, without failing
     assert out["stage02_rc"] == 0 and out["stage03_rc"] == 0
-    assert out["features_audio_s_per_s"] > 0 and out["train_steps_per_s"] > 0 and out["train_audio_s_per_s"] > 0
-    assert out["train_flops_per_step"] > 1e9  # two 32-TR blocks through WavLM and back: billions of FLOPs
-    assert os.path.exists(tmp_path / "results" / "03_sim01_whole_lora_seed0.npz")
+    assert out["features_audio_s_per_s"] > 0 and out["train_steps_per_s"] > 0
+    # a step reads two blocks of 84 s of audio (32 TRs, 4 delays, 3 TRs of Lanczos reach each side):
+    # the two rates must agree on that, or one of them measures something else
+    assert abs(out["train_audio_s_per_s"] / out["train_steps_per_s"] / 168 - 1) < 0.02
+    # two blocks (8,400 frames) through the tiny model's first layer and back: a forward pass is
+    # about 0.2 MFLOP per frame, so a few GFLOP per step, not a few MFLOP (nothing counted) or TFLOP
+    assert 1e9 < out["train_flops_per_step"] < 2e10
+    assert os.path.exists(one(f"{tmp_path}/results/03_sim01_whole_lora_seed0_*.npz"))

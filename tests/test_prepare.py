@@ -9,7 +9,7 @@ import pytest
 from scipy.io import wavfile
 
 import common
-from conftest import TINY, run_stage
+from conftest import TINY, fails_cleanly, run_stage
 
 STAGE = "01_prepare_data.py"
 
@@ -50,6 +50,51 @@ def test_simulated_layout(tiny_study):
     assert truth["semantic_vectors"].shape == (len(truth["vocab"]), 16)
     # function words carry no meaning; content words sit near their category's centroid
     assert np.all(truth["semantic_vectors"][truth["vocab_category"] < 0] == 0)
+
+
+def test_rebuilding_says_what_it_replaces_and_keeps_the_feature_caches(tiny_study, tmp_path, capsys):
+    """Stage 01 over an existing study: the same flags keep every fingerprint (results stay valid),
+    other noise changes only the subjects' fingerprints, and data/features/ survives both."""
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_study, data)
+    cache = tmp_path / "data" / "features" / "some-model" / "story00.npz"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"cached")
+    before = common.load_study(data)
+    capsys.readouterr()
+    assert run_stage(STAGE, ["--data", data] + TINY) == 0
+    assert "every subject identical, so existing results stay valid" in capsys.readouterr().out
+    same = common.load_study(data)
+    assert same["stories_fingerprint"] == before["stories_fingerprint"]
+    assert same["subject_fingerprints"] == before["subject_fingerprints"] and cache.read_bytes() == b"cached"
+    assert run_stage(STAGE, ["--data", data] + TINY + ["--noise-sd", "1.5", "3.0"]) == 0
+    assert "the same stories; subjects sim01, sim02 differ" in capsys.readouterr().out
+    noisier = common.load_study(data)
+    assert noisier["stories_fingerprint"] == before["stories_fingerprint"]
+    assert all(noisier["subject_fingerprints"][s] != before["subject_fingerprints"][s] for s in ("sim01", "sim02"))
+    assert run_stage(STAGE, ["--data", data] + TINY[:-1] + ["4"]) == 0  # another seed: other stories
+    assert "with another study (its stories or splits differ)" in capsys.readouterr().out
+    assert common.load_study(data)["stories_fingerprint"] != before["stories_fingerprint"]
+    assert cache.read_bytes() == b"cached" and not os.path.exists(data + ".old")
+
+
+def test_the_fingerprints_are_of_the_files_contents(tiny_study):
+    """save_npz's fingerprint covers names, dtypes, shapes and bytes: study.npz's record of a
+    subject equals a fresh hash of that subject's file, and one changed value changes it."""
+    import hashlib
+    study = common.load_study(tiny_study)
+
+    def fingerprint(d):
+        h = hashlib.sha1()
+        for k, v in d.items():
+            h.update(f"{k} {v.dtype.str} {v.shape}".encode())
+            h.update(np.ascontiguousarray(v).reshape(-1).view(np.uint8))
+        return h.hexdigest()[:16]
+    d = dict(np.load(f"{tiny_study}/subjects/sim01.npz", allow_pickle=False))
+    assert fingerprint(d) == study["subject_fingerprints"]["sim01"]
+    d["test_resp"] = d["test_resp"].copy()
+    d["test_resp"][0, 0] += 1e-3
+    assert fingerprint(d) != study["subject_fingerprints"]["sim01"]
 
 
 def test_every_voice_speaks_the_same_audio_at_another_time():
@@ -279,16 +324,13 @@ def test_ds003020_unknown_subject(ds, tmp_path, capsys):
     (["--rate", "0"], "--rate 0 is out of range: it must be 80..450 words per minute"),
     (["--n-categories", "99"], "--n-categories 99 is out of range: it must be 1..10"),
     (["--test-repeats", "1"], "--test-repeats 1 is out of range: it must be >= 2"),
+    (["--n-voxels", "many"], "argument --n-voxels: invalid int value: 'many'"),
+    (["--source", "ds0030"], "argument --source: invalid choice: 'ds0030'"),
 ])
 def test_simulated_bad_flags_are_one_line_and_write_nothing(tiny_study, tmp_path, capsys, flags, msg):
     out = str(tmp_path / "data")
     shutil.copytree(tiny_study, out)
-    before = common.load_npz(f"{out}/subjects/sim01.npz")["test_resp"]
-    capsys.readouterr()
-    assert run_stage(STAGE, ["--data", out] + flags) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and msg in err, err
-    np.testing.assert_array_equal(common.load_npz(f"{out}/subjects/sim01.npz")["test_resp"], before)
+    fails_cleanly(STAGE, ["--data", out] + flags, capsys, msg, str(tmp_path))
 
 
 @pytest.mark.parametrize("text, filler", [("{ LG }", True), ("{lg}", True), (" sp ", True), ("SP", True),
