@@ -528,11 +528,13 @@ def masks_from_volumes(thick, roi_volumes, lh, rh):
     return out
 
 
-def build_ds003020(args):
+def find_ds003020(args):
+    """Every file stage 01 reads from a ds003020 root, checked before minutes of reading (also the
+    last step of 00_fetch_ds003020.py). Returns (training stories, respdict)."""
     root = args.ds_root
     if not root or not os.path.isdir(root):
-        raise StudyError(f"--ds-root {root!r} is not a folder; download OpenNeuro ds003020 and pass "
-                         "its root (the folder holding derivative/ and stimuli/)")
+        raise StudyError(f"--ds-root {root!r} is not a folder; fetch ds003020 with `python 00_fetch_ds003020.py "
+                         "--dest PATH` (or download it) and pass its root (the folder holding derivative/ and stimuli/)")
     prep = os.path.join(root, "derivative", "preprocessed_data")
     respdict_path = os.path.join(root, "derivative", "respdict.json")
     if not os.path.exists(respdict_path):
@@ -543,11 +545,22 @@ def build_ds003020(args):
             have = sorted(os.listdir(prep)) if os.path.isdir(prep) else []
             raise StudyError(f"unknown subject {s}: no folder {os.path.join(prep, s)} (found {have})")
     train = choose_stories(args, respdict, respdict_path, prep)
-    names = train + args.val_stories + [args.test_story]
-    for st in names:  # every file there before minutes of reading
+    for st in train + args.val_stories + [args.test_story]:
         for f in (os.path.join(root, "stimuli", f"{st}.wav"), os.path.join(root, "derivative", "TextGrids", f"{st}.TextGrid")):
             if not os.path.exists(f):
                 raise StudyError(f"story {st}: {f} not found (every story needs its wav and TextGrid)")
+    if args.rois_from_pycortex:
+        for s in args.subjects:
+            if not os.path.isdir(os.path.join(root, "derivative", "pycortex-db", s)):
+                raise StudyError(f"--rois-from-pycortex: {os.path.join(root, 'derivative', 'pycortex-db', s)} not found "
+                                 f"(fetch derivative/pycortex-db/{s} of ds003020)")
+    return train, respdict
+
+
+def build_ds003020(args):
+    root = args.ds_root
+    train, respdict = find_ds003020(args)
+    names = train + args.val_stories + [args.test_story]
     if args.rois_from_pycortex:
         rois = {s: pycortex_rois(root, s) for s in args.subjects}
     else:
@@ -569,6 +582,15 @@ def build_ds003020(args):
         prints[st] = save_npz(os.path.join(tmp_out, "stories", f"{st}.npz"), audio=audio, sr=np.int64(SR),
                               tr_times=tr_times, words=words, word_onsets=on, word_offsets=off)
         print(f"  story {st}: {len(audio) / SR:.0f} s, {len(words)} words, {len(tr_times)} TRs")
+    e1000 = os.path.join(root, "derivative", "english1000sm.hf5")
+    if os.path.exists(e1000):  # the semantic probe's targets (stage 05) for the stories' words
+        words = set(np.concatenate([np.load(os.path.join(tmp_out, "stories", f"{st}.npz"))["words"] for st in names]))
+        found, vectors = common.english1000(e1000, words)
+        prints["english1000"] = save_npz(os.path.join(tmp_out, "english1000.npz"), words=found, vectors=vectors)
+        print(f"  English1000 vectors for {len(found)} of the stories' {len(words)} word types -> english1000.npz")
+    else:
+        print(f"  note: {e1000} not found: stage 05's semantic probe will need --word-vectors")
+    prep = os.path.join(root, "derivative", "preprocessed_data")
     for s in args.subjects:
         prints[s] = write_subject(args, s, prep, stories, respdict, rois.get(s, {}), tmp_out)
     if args.rois_from_pycortex:  # reusable as --roi-file without pycortex

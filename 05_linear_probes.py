@@ -2,8 +2,9 @@
 
 The paper's probing analysis (Section 3.4): each word's representation is the mean of a layer's
 frames within the word; ridge probes (the shared ridge_cv, whole stories held out) predict
-  * semantic targets: word vectors (the simulated study's true semantic vectors; on real data
-    GloVe vectors from --word-vectors, words missing from the file counted and skipped),
+  * semantic targets: word vectors (the simulated study's true semantic vectors; on ds003020 the
+    lab's English1000 embedding that stage 01 extracted from derivative/english1000sm.hf5, or the
+    paper's GloVe with --word-vectors glove.6B.300d.txt; words missing from either are skipped),
   * acoustic targets: the word's log-mel energy profile and log duration, from the audio,
   * category (simulated study only): the word's semantic category, scored as accuracy,
 for the frozen baseline, the whole-cortex tuned and the AC-tuned models. Score = mean Pearson r
@@ -11,7 +12,8 @@ over target dimensions of held-out predictions. The paper's finding: more semant
 after whole-cortex tuning; AC tuning keeps the acoustic information.
 
     python 05_linear_probes.py                       # subject: the study's first
-    python 05_linear_probes.py --subject UTS01 --word-vectors glove.6B.300d.txt
+    python 05_linear_probes.py --subject UTS01                    # English1000 (ds003020's own)
+    python 05_linear_probes.py --subject UTS01 --word-vectors glove.6B.300d.txt   # the paper's GloVe
 """
 import json
 import os
@@ -38,7 +40,9 @@ def get_args(argv=None):
                    "a run name, e.g. sim01_whole_lora_seed0")
     p.add_argument("--tag", help="which stage 03 runs when results/ holds runs of several settings: their tag "
                    "(6 hex digits in the name) or 'default'")
-    p.add_argument("--word-vectors", help="GloVe-format text file (word then numbers per line), real data")
+    p.add_argument("--word-vectors", help="real data's semantic targets: a GloVe text file (word then numbers "
+                   "per line; the paper's choice) or an .hf5 in English1000's layout (default on ds003020: the "
+                   "English1000 vectors stage 01 saved in data/english1000.npz)")
     p.add_argument("--n-folds", type=int, default=5, help="folds of whole stories (>= 2)")
     return p.parse_args(argv)
 
@@ -71,6 +75,23 @@ def read_word_vectors(path, vocab):
     if len(dims) > 1:
         raise StudyError(f"{path}: vectors of different lengths {sorted(dims)}")
     return out
+
+
+def real_word_vectors(args, vocab):
+    """{word: vector} for the semantic probe on real data, and where they came from: --word-vectors
+    (GloVe text, or English1000's .hf5 layout), else the English1000 vectors stage 01 extracted."""
+    if args.word_vectors and args.word_vectors.endswith((".hf5", ".h5", ".hdf5")):
+        found, vectors = common.english1000(args.word_vectors, vocab)
+        return dict(zip(found, vectors)), args.word_vectors
+    if args.word_vectors:
+        return read_word_vectors(args.word_vectors, vocab), args.word_vectors
+    path = os.path.join(args.data, "english1000.npz")
+    if not os.path.exists(path):
+        raise StudyError(f"no word vectors for the semantic probe: {path} not found (stage 01 writes it when "
+                         "the dataset has derivative/english1000sm.hf5); fetch that file and rerun stage 01, or "
+                         "pass --word-vectors glove.6B.300d.txt")
+    e = common.load_npz(path)
+    return {str(w): v for w, v in zip(e["words"], e["vectors"])}, f"English1000, {path}"
 
 
 def load_runs(args, subj, study):
@@ -186,16 +207,14 @@ def main(argv=None):
             cats = truth["vocab_category"][idx]
             targets["semantic"] = (content, truth["semantic_vectors"][idx], None)
             targets["category"] = (content, np.eye(cats.max() + 1, dtype=np.float32)[np.maximum(cats, 0)], cats)
-        elif args.word_vectors:
-            vecs = read_word_vectors(args.word_vectors, set(words))
+        else:
+            vecs, source = real_word_vectors(args, set(words))
             known = np.array([w in vecs for w in words])
-            print(f"  word vectors: {known.sum()} of {len(words)} words found, {(~known).sum()} skipped")
+            print(f"  word vectors ({source}): {known.sum()} of {len(words)} words found, {(~known).sum()} skipped")
             if not known.any():
-                raise StudyError(f"no word of the stories is in {args.word_vectors}")
+                raise StudyError(f"no word of the stories is in {source}")
             dim = len(next(iter(vecs.values())))
             targets["semantic"] = (known, np.array([vecs.get(w, np.zeros(dim)) for w in words], np.float32), None)
-        else:
-            print("  note: real data without --word-vectors: the semantic probe is skipped")
         probes = [p_ for p_ in ("semantic", "acoustic", "category") if p_ in targets]
         print(f"stage 05: probes {', '.join(probes)} on {len(words)} words, models {', '.join(args.models)}")
         scores, layers, cnn = [], None, None

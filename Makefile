@@ -17,7 +17,7 @@ LORA := --lr-adapter 3e-3 --lr-readout 1e-3 --epochs 7 --patience 3
 FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 7 --patience 3
 STAGE_ARGS := --data $(DATA) --results $(RESULTS)
 
-.PHONY: demo test 01 02 03 04 05 clean gpu-wheel figures
+.PHONY: demo test 01 02 03 04 05 clean gpu-wheel figures fetch
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,14 @@ figures:
 
 clean:
 	rm -rf $(DATA) $(RESULTS) $(CHECKPOINTS)
+
+# real data: the files of OpenNeuro ds003020 the stages read (about 78 GB for UTS01-UTS03), with
+# openneuro-py (installed here, not by make demo). Rerun to continue an interrupted fetch.
+#   make fetch DS=/data/ds003020 [FETCH_ARGS="--subjects UTS01 --dry-run"]
+DS ?= ds003020
+fetch: $(VENV)/.installed
+	$(PY) -m pip install -q "openneuro-py>=2024.2"
+	$(PY) 00_fetch_ds003020.py --dest $(DS) $(FETCH_ARGS)
 
 # the espeakng-loader wheel bench/gpu_check.sh installs on a GPU machine without network
 gpu-wheel: $(VENV)/.installed

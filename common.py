@@ -5,7 +5,7 @@ Contents, in reading order (section 5 is plumbing: skip it on a first read):
      design_matrix (features -> ridge design), ridge_cv (per-voxel alphas), score_on_test
   2. The speech model: load_wavlm (WavLM whose attention LoRA can reach), add_lora
   3. Features: extract_features (causal windows), story_features (one story, cached)
-  4. Data: load_study, load_subject (lazy), stack_responses, log_mel
+  4. Data: load_study, load_subject (lazy), stack_responses, english1000, log_mel
   5. Plumbing: StudyError, devices, save_npz / load_npz, disk caches, shared flags
   6. Provenance: fingerprints of what each result was built from, settings tags, finding results
 """
@@ -514,6 +514,27 @@ def subject_list(requested, study):
         raise StudyError(f"unknown subject(s) {', '.join(unknown)}: this study has {', '.join(study['subjects'])}")
     return requested or study["subjects"]
 
+def english1000(path, words):
+    """The lab's English1000 embedding (derivative/english1000sm.hf5, as its SemanticModel reads it:
+    `data` is dimensions x words, `vocab` the words as bytes) for `words`, lower-cased: (the words
+    found, their vectors: words x dimensions)."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f or "vocab" not in f:
+                raise StudyError(f"{path} has no 'data' and 'vocab' datasets (found {sorted(f.keys())}); it is not "
+                                 "the English1000 file of ds003020 (derivative/english1000sm.hf5)")
+            vocab = [w.decode() if isinstance(w, bytes) else str(w) for w in f["vocab"][...]]
+            data = f["data"]
+            if data.ndim != 2 or data.shape[1] != len(vocab):
+                raise StudyError(f"{path}: 'data' is {data.shape}, expected dimensions x {len(vocab)} words")
+            index = {w: i for i, w in enumerate(vocab)}
+            found = sorted({w.lower() for w in words} & set(index))
+            vectors = np.asarray(data[...], np.float32)[:, [index[w] for w in found]].T if found else np.zeros((0, data.shape[0]), np.float32)
+    except OSError as e:
+        raise StudyError(f"cannot read {path}: {e}")
+    return np.array(found), vectors
+
 def log_mel(audio, n_bands=8, hop=160, win=400):
     """Log-mel band energies of 16 kHz audio at 100 Hz (frames x bands, frame-centre times): what
     drives the simulated auditory voxels (stage 01) and the acoustic probe targets (stage 05)."""
@@ -636,6 +657,18 @@ def check_window(context_s, stride_s, flags=("--context-s", "--stride-s")):
         if value < lo or abs(value / hop_s - round(value / hop_s)) > 1e-6:
             raise StudyError(f"{flag} {value:g} must be a {'positive' if lo else 'non-negative'} multiple of "
                              f"WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
+
+def load_stage(script):
+    """A stage script as a module (a name starting with a digit cannot be imported): for the
+    fetch script, the bench scripts and the tests. Loaded once per process."""
+    import importlib.util
+    name = "stage_" + os.path.basename(script).replace(".py", "")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)), script))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 def parser(doc):
     """The stages' argparse: a bad flag value is one `error:` line and exit 1, like every other

@@ -1,6 +1,5 @@
 """Shared test helpers: run a stage's main() in-process, and one tiny simulated study per session."""
 import glob
-import importlib.util
 import os
 import sys
 
@@ -18,13 +17,7 @@ TINY = ["--n-subjects", "2", "--n-voxels", "60", "--n-train-stories", "3", "--n-
 
 
 def load_stage(script):
-    name = "stage_" + script.replace(".py", "")
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        sys.modules[name] = mod
-    return sys.modules[name]
+    return common.load_stage(script)
 
 
 def run_stage(script, argv):

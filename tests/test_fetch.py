@@ -1,0 +1,129 @@
+"""00_fetch_ds003020.py: the selection against the published index, the fetch (with a stand-in for
+openneuro-py: no network in the tests) interrupted and continued, and English1000's layout."""
+import json
+import os
+import sys
+import types
+
+import h5py
+import numpy as np
+import pytest
+
+import common
+from conftest import fails_cleanly, load_stage, run_stage
+
+FETCH = "00_fetch_ds003020.py"
+RESPDICT = os.path.join(os.path.dirname(__file__), "fixtures", "ds003020_respdict.json")
+
+
+@pytest.fixture(scope="module")
+def index():
+    return load_stage(FETCH).read_index()
+
+
+def what_stage_01_reads(index, subjects, val, tmp_path):
+    """The files stage 01 (and stage 05, through it) reads for `subjects`, found by stage 01 itself:
+    a tree of empty files in the published layout (every path of the index), the real respdict,
+    and stage 01's own story choice."""
+    root = tmp_path / "ds"
+    for p in index:
+        if p.startswith(("derivative/", "stimuli/")):
+            (root / p).parent.mkdir(parents=True, exist_ok=True)
+            (root / p).touch()
+    (root / "derivative/respdict.json").write_text(open(RESPDICT).read())
+    s01 = load_stage("01_prepare_data.py")
+    args = s01.get_args(["--source", "ds003020", "--ds-root", str(root), "--subjects", *subjects,
+                         "--rois-from-pycortex"] + (["--val-stories", *val] if val else []))
+    train, _ = s01.find_ds003020(args)
+    stories = train + args.val_stories + [args.test_story]
+    reads = {f"derivative/preprocessed_data/{s}/{st}.hf5" for s in subjects for st in stories}
+    reads |= {f"stimuli/{st}.wav" for st in stories} | {f"derivative/TextGrids/{st}.TextGrid" for st in stories}
+    reads |= {"derivative/respdict.json", "derivative/subject_xfms.json", "derivative/english1000sm.hf5"}
+    reads |= {p for p in index for s in subjects if p.startswith(f"derivative/pycortex-db/{s}/")}
+    return reads
+
+
+@pytest.mark.parametrize("subjects, val", [(["UTS01", "UTS02", "UTS03"], None),
+                                          (["UTS01", "UTS09"], ["waitingtogo", "sloth"])])
+def test_the_selection_is_what_stage_01_reads_and_nothing_else(index, subjects, val, tmp_path):
+    m = load_stage(FETCH)
+    plan = m.select(index, subjects, val=val)
+    chosen = {p for files in plan.values() for p in files}
+    assert chosen == what_stage_01_reads(index, subjects, val, tmp_path)
+    assert not any(p.startswith(("sub-", "derivative/freesurfer", "derivative/fmriprep")) for p in chosen)
+    assert sum(sum(f.values()) for f in plan.values()) == sum(index[p] for p in chosen)
+    if len(subjects) == 3:  # the paper's three: 84 stories, ~78 GB by the index
+        assert len(plan["stimuli"]) == 84 and len(plan["responses"]) == 3 * 84
+        assert round(sum(index[p] for p in chosen) / 1e9, 1) == 77.8
+
+
+def test_the_plan_is_printed_before_anything_is_fetched(tmp_path, capsys):
+    assert run_stage(FETCH, ["--dest", str(tmp_path / "ds"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "ds003020 for UTS01 UTS02 UTS03: 84 stories, " in out and "77.8 GB" in out
+    assert not os.path.exists(tmp_path / "ds")
+    fails_cleanly(FETCH, ["--dest", str(tmp_path / "ds"), "--subjects", "UTS11"], capsys, "unknown subject UTS11")
+    fails_cleanly(FETCH, ["--dest", str(tmp_path / "ds"), "--stories", "nosuchstory"], capsys,
+                  "--stories nosuchstory: not a story every subject")
+    fails_cleanly(FETCH, ["--dest", str(tmp_path / "ds"), "--subjects", "UTS01", "UTS05"], capsys,
+                  "the validation/test stories waitingtogo are not shared by UTS01 UTS05")
+
+
+def test_an_interrupted_fetch_continues_and_ends_with_stage_01s_check(index, tmp_path, capsys, monkeypatch):
+    """A stand-in openneuro module writes each included file at its indexed size (sparse, so no disk
+    is used), and is interrupted once half-way. The rerun asks only for the rest and finishes with
+    stage 01 finding everything it reads."""
+    dest = tmp_path / "ds"
+    calls = []
+
+    def download(dataset, target_dir, include):
+        assert dataset == "ds003020"
+        calls.append(list(include))
+        exact = [p for p in include if not p.endswith("/**")]
+        folders = [p[:-2] for p in include if p.endswith("/**")]
+        wanted = [p for p in index if p in exact or any(p.startswith(f) for f in folders)]
+        for k, p in enumerate(wanted):
+            if len(calls) == 1 and k == len(wanted) // 2:
+                raise KeyboardInterrupt
+            path = os.path.join(target_dir, p)
+            if os.path.exists(path) and os.path.getsize(path) == index[p]:
+                continue
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if p == "derivative/respdict.json":
+                open(path, "w").write(open(RESPDICT).read())
+            elif p == "derivative/subject_xfms.json":
+                text = json.dumps({s: f"{s}_auto" for s in ("UTS01", "UTS02")})
+                open(path, "w").write(text.ljust(index[p]))
+            else:
+                with open(path, "wb") as f:
+                    f.truncate(index[p])
+    monkeypatch.setitem(sys.modules, "openneuro", types.SimpleNamespace(download=download))
+    story = "sweetaspie"
+    argv = ["--dest", str(dest), "--subjects", "UTS01", "UTS02", "--stories", story]
+    assert run_stage(FETCH, argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("error: interrupted: rerun the same command") and len(err.strip().splitlines()) == 1
+    assert run_stage(FETCH, argv) == 0
+    out = capsys.readouterr().out
+    assert "to fetch:" in out and "done: stage 01 finds all it reads (1 training stories)" in out
+    assert calls[0] == calls[1]
+    assert "already in" in out and "already in " + str(dest) + ": 0.0 GB" not in out  # the rerun kept the first half
+    assert run_stage(FETCH, argv) == 0  # a third run has nothing to fetch
+    assert len(calls) == 2 and "to fetch: 0.0 GB (0 files)" in capsys.readouterr().out
+
+
+def test_english1000_is_read_as_the_lab_reads_it(tmp_path):
+    """data: dimensions x words, vocab: bytes; words are looked up lower-cased, missing ones left out."""
+    vocab = [b"dog", b"cat", b"house"]
+    data = np.arange(12, dtype=np.float64).reshape(4, 3)
+    path = tmp_path / "english1000sm.hf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("data", data=data)
+        f.create_dataset("vocab", data=np.array(vocab))
+    found, vectors = common.english1000(str(path), {"Dog", "house", "zebra"})
+    assert list(found) == ["dog", "house"]
+    np.testing.assert_array_equal(vectors, data[:, [0, 2]].T)
+    with h5py.File(tmp_path / "bad.hf5", "w") as f:
+        f.create_dataset("embeddings", data=data)
+    with pytest.raises(common.StudyError, match="no 'data' and 'vocab' datasets"):
+        common.english1000(str(tmp_path / "bad.hf5"), {"dog"})
