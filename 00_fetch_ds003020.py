@@ -133,7 +133,7 @@ def main(argv=None):
         stage01 = common.load_stage("01_prepare_data.py")
         defaults = stage01.get_args(["--source", "ds003020"])
         check = SimpleNamespace(**{**vars(defaults), "ds_root": args.dest, "subjects": args.subjects,
-                                   "rois_from_pycortex": not args.no_pycortex, "test_story": args.test_story,
+                                   "rois_from_pycortex": False, "test_story": args.test_story,
                                    "val_stories": args.val_stories or defaults.val_stories})
         train, _ = stage01.find_ds003020(check)
         print(f"done: stage 01 finds all it reads ({len(train)} training stories). Next: python 01_prepare_data.py "

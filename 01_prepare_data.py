@@ -487,16 +487,21 @@ def choose_stories(args, respdict, respdict_path, prep):
     return sorted(shared & set(respdict) - fixed)
 
 
+def import_pycortex():
+    try:
+        import cortex
+    except ImportError:
+        raise StudyError("--rois-from-pycortex needs pycortex, which is not installed (a source build: `pip install "
+                         "numpy cython setuptools-scm wheel && pip install --no-build-isolation pycortex`, or `make "
+                         "pycortex`), or pass --roi-file masks.npz instead")
+    return cortex
+
+
 def pycortex_rois(root, subject):
     """AC/LH/RH column masks of one subject from the dataset's own pycortex database, with
     pycortex's functions: the data's columns are the true voxels of the transform's 'thick' mask
     (in order); AC from the ROI outlines in overlays.svg, as public brain-tuning code reads it."""
-    try:
-        import cortex
-    except ImportError:
-        raise StudyError("--rois-from-pycortex needs pycortex, which is not installed (a source build: "
-                         "`pip install numpy cython setuptools wheel && pip install --no-build-isolation pycortex`), "
-                         "or pass --roi-file masks.npz instead")
+    cortex = import_pycortex()
     db = os.path.join(root, "derivative", "pycortex-db")
     xfms_path = os.path.join(root, "derivative", "subject_xfms.json")
     if not os.path.isdir(os.path.join(db, subject)):
@@ -550,6 +555,7 @@ def find_ds003020(args):
             if not os.path.exists(f):
                 raise StudyError(f"story {st}: {f} not found (every story needs its wav and TextGrid)")
     if args.rois_from_pycortex:
+        import_pycortex()
         for s in args.subjects:
             if not os.path.isdir(os.path.join(root, "derivative", "pycortex-db", s)):
                 raise StudyError(f"--rois-from-pycortex: {os.path.join(root, 'derivative', 'pycortex-db', s)} not found "
