@@ -70,6 +70,11 @@ FUNCTION_WORDS = "the a and of to in was he she it then with that but for".split
 # variants whose audio is the same every time: en-us+f2, +f3 and +f5 add noise seeded from the clock
 VOICES = ["en-us", "en-us+m3", "en-us+f1", "en-us+m7", "en-us+f4", "en-us+m1"]
 KIND_NAMES = np.array(["auditory", "semantic", "mixed", "noise"])
+S1_COLUMNS = 80615  # true voxels of the thick cortical mask of pycortex's S1 (transform fullhead)
+# The demo's budget (make demo from a fresh clone <= 10 min, data/ <= 2 GB) does not hold all 80,615
+# columns (bench/RESULTS.md: ridge is ~0.15 ms per voxel and fit, the demo makes 33 fits; data/ is
+# 26 KB per voxel): the default is the largest uniform sample of the cortex that fits, measured
+S1_DEMO_COLUMNS = 20000
 
 
 def get_args(argv=None):
@@ -79,7 +84,11 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (simulated study)")
     g = p.add_argument_group("simulated study")
     g.add_argument("--n-subjects", type=int, default=3)
-    g.add_argument("--n-voxels", type=int, default=300, help="voxels per subject")
+    g.add_argument("--cortex", choices=["S1", "none"], default="S1", help="S1: voxels on pycortex's example "
+                   "subject's cortex (assets/s1_cortex.npz), ROIs from its overlays; none: the abstract "
+                   "300-voxel study of four voxel kinds")
+    g.add_argument("--n-voxels", type=int, help=f"voxels per subject (S1: a uniform sample of its {S1_COLUMNS:,} "
+                   f"columns, default {S1_DEMO_COLUMNS:,}, the demo's budget; none: default 300)")
     g.add_argument("--n-train-stories", type=int, default=10)
     g.add_argument("--n-val-stories", type=int, default=1)
     g.add_argument("--story-seconds", type=float, default=120.0, help="length of each train/val story")
@@ -95,7 +104,7 @@ def get_args(argv=None):
     g.add_argument("--rate", type=int, default=170, help="speaking rate, words per minute")
     g.add_argument("--semantic-dim", type=int, default=16)
     g.add_argument("--noise-sd", type=float, nargs=2, default=[0.7, 2.0], metavar=("LO", "HI"),
-                   help="per-voxel noise sd range (signal sd = 1), log-uniform")
+                   help="--cortex none: per-voxel noise sd range (signal sd = 1), log-uniform")
     g = p.add_argument_group("ds003020")
     g.add_argument("--ds-root", help="root of the downloaded OpenNeuro ds003020 dataset")
     g.add_argument("--subjects", nargs="+", default=["UTS01", "UTS02", "UTS03"])
@@ -113,9 +122,12 @@ def check_args(args):
     """Ranges of the simulated study's flags, as one clear error each (a study nobody can fit is
     refused here rather than by a traceback in a later stage)."""
     min_s = FIRST_TR_TIME + 10 * TR  # at least 10 TRs after the first response row
+    if args.n_voxels is None:
+        args.n_voxels = 300 if args.cortex == "none" else S1_DEMO_COLUMNS
     checks = [
         ("--n-subjects", args.n_subjects, 1, None, ""),
-        ("--n-voxels", args.n_voxels, 2, None, " (the LH/RH halves need two)"),
+        ("--n-voxels", args.n_voxels, 2, None if args.cortex == "none" else S1_COLUMNS,
+         " (the LH/RH halves need two)" if args.cortex == "none" else " (the columns of S1's cortex)"),
         ("--n-train-stories", args.n_train_stories, 1, None, ""),
         ("--n-val-stories", args.n_val_stories, 1, None, " (stages 02 and 03 choose on them)"),
         ("--story-seconds", args.story_seconds, min_s, None, f" (10 TRs after the first at {FIRST_TR_TIME:g} s)"),
@@ -315,33 +327,25 @@ def build_simulated(args):
     truth = dict(kind_names=KIND_NAMES, vocab=vocab, vocab_category=category, category_names=cat_names,
                  semantic_vectors=sem_vectors, subjects=np.array(subjects))
     n_aco = drives["test"][0].shape[1]
+    asset = None if args.cortex == "none" else cortex_sample(args, rng)
     for subj in subjects:
-        v = args.n_voxels
-        kind = rng.choice(4, size=v, p=[0.25, 0.4, 0.2, 0.15])
-        # each subject mixes the shared latents into its voxels its own way
-        w_aco = (0.5 + rng.standard_normal((n_aco, v))) * np.isin(kind, [0, 2])
-        w_sem = rng.standard_normal((args.semantic_dim, v)) * np.isin(kind, [1, 2])
-
-        def signal(n):  # recomputed when needed: one story's signal in memory at a time
-            return drives[n][0] @ w_aco / np.sqrt(n_aco) + drives[n][1] @ w_sem
-        # the signal's std over every story, in two passes story by story (mean, then deviations)
-        rows = sum(len(d[0]) for d in drives.values())
-        mean = sum(signal(n).sum(0) for n in drives) / rows
-        sd_sig = np.sqrt(sum(((signal(n) - mean) ** 2).sum(0) for n in drives) / rows)
-        sd_sig[sd_sig == 0] = 1
-        noise_sd = np.exp(rng.uniform(*np.log(args.noise_sd), size=v))
+        if asset is None:  # the abstract study: voxels of four kinds, ROIs drawn at random
+            sim = abstract_voxels(args, rng, drives, n_aco)
+        else:  # voxels on S1's cortex: tuning, amplitude and noise as smooth maps over it
+            sim = cortex_voxels(args, rng, drives, n_aco, asset)
+        signal, noise_sd, v = sim["signal"], sim["noise_sd"], len(sim["noise_sd"])
 
         def noisy(x):  # AR(1) noise (rho 0.3): fMRI noise is autocorrelated in time
             e = rng.standard_normal(x.shape)
             for t in range(1, len(e)):
                 e[t] = 0.3 * e[t - 1] + np.sqrt(1 - 0.09) * e[t]
             return x + e * noise_sd
-        test_signal = signal("test") / sd_sig
+        test_signal = signal("test")
 
         def arrays():  # in the order the noise is drawn: responses, test repeats, then ROIs
             for n in drives:
                 if n != "test":
-                    yield f"resp_{n}", zscore(noisy(signal(n) / sd_sig))
+                    yield f"resp_{n}", zscore(noisy(signal(n)))
             repeats = np.empty((args.test_repeats, *test_signal.shape), np.float32)
             for i in range(args.test_repeats):  # one at a time: a float64 stack is 2 GB at UTS01's size
                 repeats[i] = noisy(test_signal)
@@ -349,24 +353,123 @@ def build_simulated(args):
             yield "noise_ceiling", noise_ceiling(repeats)
             yield "test_repeats", repeats
             del repeats
-            order = rng.permutation(v)
-            yield "roi_AC", kind == 0
-            yield "roi_LH", np.isin(np.arange(v), order[:v // 2])
-            yield "roi_RH", np.isin(np.arange(v), order[v // 2:])
+            yield from sim["rois"]().items()
         prints[subj] = save_npz(os.path.join(tmp_out, "subjects", f"{subj}.npz"), arrays(),
-                                constant_voxels=np.zeros(v, bool), nan_voxels=np.zeros(v, bool))
+                                constant_voxels=np.zeros(v, bool), nan_voxels=np.zeros(v, bool),
+                                **({} if asset is None else dict(flat_index=asset["flat_index"],
+                                                                 flat_extents=asset["flat_extents"])))
         # the ceiling from the truth: expected r between the signal and the mean of N noisy repeats
         var_s = test_signal.var(0)
         true_ceiling = np.sqrt(var_s / (var_s + noise_sd ** 2 / args.test_repeats))
-        truth.update({f"{subj}_kind": kind, f"{subj}_test_signal": test_signal.astype(np.float32),
+        truth.update({f"{subj}_kind": sim["kind"], f"{subj}_test_signal": test_signal.astype(np.float32),
                       f"{subj}_noise_sd": noise_sd, f"{subj}_true_ceiling": true_ceiling,
-                      f"{subj}_w_acoustic": w_aco.astype(np.float32),
-                      f"{subj}_w_semantic": w_sem.astype(np.float32)})
+                      f"{subj}_w_acoustic": sim["w_aco"].astype(np.float32),
+                      f"{subj}_w_semantic": sim["w_sem"].astype(np.float32)})
+        if asset is not None:
+            truth.update({f"{subj}_acoustic_amplitude": sim["amp_aco"].astype(np.float32),
+                          f"{subj}_semantic_amplitude": sim["amp_sem"].astype(np.float32)})
+        print(f"  {subj}: {v} voxels, true ceiling mean {true_ceiling.mean():.3f}, "
+              f"above 0.5 for {np.mean(true_ceiling > 0.5):.0%}" + ("" if asset is None else
+              f"; AC {true_ceiling[asset['roi_AC']].mean():.3f}"))
+    if asset is not None:
+        truth.update(columns=asset["columns"], cortex_source=asset["source"])
     truth["test_acoustic_drive"] = drives["test"][0].astype(np.float32)
     truth["test_semantic_drive"] = drives["test"][1].astype(np.float32)
     prints["truth"] = save_npz(os.path.join(tmp_out, "truth.npz"), **truth)
     write_study(tmp_out, "simulated", subjects, names[:n_train], names[n_train:-1], "test", args.seed, prints)
     return tmp_out, subjects, stories
+
+
+def abstract_voxels(args, rng, drives, n_aco):
+    """The abstract study (--cortex none): each voxel is auditory (25%), semantic (40%), mixed (20%)
+    or noise (15%); 'AC' is the auditory kind and LH/RH are random halves."""
+    v = args.n_voxels
+    kind = rng.choice(4, size=v, p=[0.25, 0.4, 0.2, 0.15])
+    # each subject mixes the shared latents into its voxels its own way
+    w_aco = (0.5 + rng.standard_normal((n_aco, v))) * np.isin(kind, [0, 2])
+    w_sem = rng.standard_normal((args.semantic_dim, v)) * np.isin(kind, [1, 2])
+
+    def raw(n):
+        return drives[n][0] @ w_aco / np.sqrt(n_aco) + drives[n][1] @ w_sem
+    sd_sig = signal_sd(raw, drives)
+
+    def rois():
+        order = rng.permutation(v)
+        return {"roi_AC": kind == 0, "roi_LH": np.isin(np.arange(v), order[:v // 2]),
+                "roi_RH": np.isin(np.arange(v), order[v // 2:])}
+    noise_sd = np.exp(rng.uniform(*np.log(args.noise_sd), size=v))
+    return dict(signal=lambda n: raw(n) / sd_sig, noise_sd=noise_sd, kind=kind, w_aco=w_aco, w_sem=w_sem, rois=rois)
+
+
+def signal_sd(raw, drives):
+    """A signal's std per voxel over every story, in two passes story by story (mean, then
+    deviations): one story's signal in memory at a time."""
+    rows = sum(len(d[0]) for d in drives.values())
+    mean = sum(raw(n).sum(0) for n in drives) / rows
+    sd = np.sqrt(sum(((raw(n) - mean) ** 2).sum(0) for n in drives) / rows)
+    sd[sd == 0] = 1
+    return sd
+
+
+# The regime of the study on S1 (docs/methods.md, with the facts it follows): fixed before the
+# claims were measured, and not tuned to make one appear.
+ACOUSTIC_FALLOFF_MM = 12.0   # acoustic amplitude exp(-d / 12 mm), d: distance along cortex to AC
+SEMANTIC_SHARE = 0.25        # share of cortex in the semantic network (its amplitude > 1/2)
+SMOOTH_MM = 15.0             # length scale of the smooth maps (tuning, network, noise)
+NOISE_SD = 2.5               # noise sd against a signal amplitude of 1: single-trial r 0.37 at best
+
+
+def smooth_fields(xyz, rng, n_fields, length_mm, n_waves=256):
+    """n_fields random fields over the cortex, each ~N(0, 1) at every voxel and smooth over
+    `length_mm` (random Fourier features of a Gaussian kernel on the voxels' positions, in mm)."""
+    omega = rng.standard_normal((n_fields, n_waves, 3)) / length_mm
+    phase = rng.uniform(0, 2 * np.pi, (n_fields, n_waves))
+    return np.stack([np.sqrt(2 / n_waves) * np.cos(xyz @ omega[k].T + phase[k]).sum(1) for k in range(n_fields)])
+
+
+def cortex_sample(args, rng):
+    """S1's cortex (assets/s1_cortex.npz, derived from pycortex's S1), or a uniform random sample of
+    --n-voxels of its columns (in their order, so the ROI shares stay true); the flatmap then
+    shows each pixel's nearest sampled column."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "s1_cortex.npz")
+    a = common.load_npz(path, "the S1 cortex asset (assets/make_s1_cortex.py rebuilds it)")
+    n = len(a["roi_AC"])
+    if args.n_voxels >= n:
+        columns = np.arange(n)
+    else:
+        columns = np.sort(rng.choice(n, args.n_voxels, replace=False))
+    from scipy.spatial import cKDTree
+    _, nearest = cKDTree(a["xyz_mm"][columns]).query(a["xyz_mm"])  # each column's nearest sampled one
+    flat = np.where(a["flat_index"] >= 0, nearest[np.maximum(a["flat_index"], 0)], -1).astype(np.int32)
+    return dict({k: a[k][columns] for k in ("roi_AC", "roi_LH", "roi_RH", "xyz_mm", "dist_AC_mm")},
+                columns=columns, flat_index=flat, flat_extents=a["flat_extents"], source=a["source"])
+
+
+def cortex_voxels(args, rng, drives, n_aco, c):
+    """Voxels on S1's cortex. Acoustic tuning in and around AC, its amplitude falling off with the
+    distance along the cortex; semantic tuning over a broad network (a smooth map covering
+    SEMANTIC_SHARE of cortex, weaker inside AC); the tuning itself (which bands, which meanings)
+    a mix of a few smooth maps; noise of about equal size everywhere, so that the signal-to-noise
+    map follows the two amplitudes: high in AC and the language network, low in most of cortex."""
+    amp_aco = np.exp(-c["dist_AC_mm"] / ACOUSTIC_FALLOFF_MM)
+    net = smooth_fields(c["xyz_mm"], rng, 1, 2 * SMOOTH_MM)[0]
+    net = 1 / (1 + np.exp(-3 * (net - np.quantile(net, 1 - SEMANTIC_SHARE))))
+    amp_sem = net * (1 - 0.8 * amp_aco)  # primary auditory cortex carries sound more than meaning
+    maps = smooth_fields(c["xyz_mm"], rng, 4 + 6, SMOOTH_MM)  # 4 acoustic and 6 semantic tuning maps
+    w_aco = 0.5 + rng.standard_normal((n_aco, 4)) @ maps[:4] / 2
+    w_sem = rng.standard_normal((args.semantic_dim, 6)) @ maps[4:] / np.sqrt(6)
+    sd_aco = signal_sd(lambda n: drives[n][0] @ w_aco, drives)
+    sd_sem = signal_sd(lambda n: drives[n][1] @ w_sem, drives)
+
+    def signal(n):
+        return amp_aco * (drives[n][0] @ w_aco) / sd_aco + amp_sem * (drives[n][1] @ w_sem) / sd_sem
+    noise_sd = NOISE_SD * np.exp(0.2 * smooth_fields(c["xyz_mm"], rng, 1, 2 * SMOOTH_MM)[0])
+    amp = np.sqrt(amp_aco ** 2 + amp_sem ** 2)
+    kind = np.where(amp < 0.15, 3, np.where(amp_aco / np.maximum(amp, 1e-9) > 0.85, 0,
+                                            np.where(amp_sem / np.maximum(amp, 1e-9) > 0.85, 1, 2)))
+    rois = {"roi_AC": c["roi_AC"], "roi_LH": c["roi_LH"], "roi_RH": c["roi_RH"]}
+    return dict(signal=signal, noise_sd=noise_sd, kind=kind, w_aco=w_aco, w_sem=w_sem, amp_aco=amp_aco,
+                amp_sem=amp_sem, rois=lambda: rois)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,10 +600,9 @@ def import_pycortex():
     return cortex
 
 
-def pycortex_rois(root, subject):
-    """AC/LH/RH column masks of one subject from the dataset's own pycortex database, with
-    pycortex's functions: the data's columns are the true voxels of the transform's 'thick' mask
-    (in order); AC from the ROI outlines in overlays.svg, as public brain-tuning code reads it."""
+def pycortex_subject(root, subject):
+    """pycortex pointed at the dataset's own database (derivative/pycortex-db) and the subject's
+    transform (derivative/subject_xfms.json, else <subject>_auto): (cortex module, transform)."""
     cortex = import_pycortex()
     db = os.path.join(root, "derivative", "pycortex-db")
     xfms_path = os.path.join(root, "derivative", "subject_xfms.json")
@@ -508,11 +610,43 @@ def pycortex_rois(root, subject):
         raise StudyError(f"{os.path.join(db, subject)} not found: download derivative/pycortex-db/{subject} of ds003020")
     xfm = json.load(open(xfms_path)).get(subject, f"{subject}_auto") if os.path.exists(xfms_path) else f"{subject}_auto"
     cortex.db.filestore, cortex.db._subjects = db, None  # the dataset's own filestore
+    return cortex, xfm
+
+
+def pycortex_rois(root, subject):
+    """AC/LH/RH column masks of one subject from the dataset's own pycortex database, with
+    pycortex's functions: the data's columns are the true voxels of the transform's 'thick' mask
+    (in order); AC from the ROI outlines in overlays.svg, as public brain-tuning code reads it."""
+    cortex, xfm = pycortex_subject(root, subject)
     thick = np.asarray(cortex.db.get_mask(subject, xfm, "thick"), bool)
     ac = cortex.utils.get_roi_masks(subject, xfm, roi_list=["AC"], gm_sampler="cortical-conservative",
                                     threshold=0.9)["AC"]
     lh, rh = cortex.utils.get_hemi_masks(subject, xfm)
     return masks_from_volumes(thick, {"AC": ac}, lh, rh)
+
+
+def pycortex_flatmap(root, subject, height=common.FLAT_HEIGHT):
+    """The flattened cortex as an image of column indices (-1 off cortex), from pycortex's own
+    flatmap cache (the pixel -> voxel weights quickflat draws with): each pixel takes the column
+    with the largest weight, in quickflat's orientation. common.draw_flatmap draws data with it,
+    without pycortex. Returns (flat_index: height x width int32, extents: the flat coordinates)."""
+    cortex, xfm = pycortex_subject(root, subject)
+    from cortex.quickflat import utils as qf
+    thick = np.asarray(cortex.db.get_mask(subject, xfm, "thick"), bool).ravel()
+    column = np.full(thick.size, -1, np.int64)
+    column[thick] = np.arange(thick.sum())
+    mask, extents = qf.get_flatmask(subject, height=height)
+    pixmap = qf.get_flatcache(subject, xfm, height=height).tocoo()
+    keep = column[pixmap.col] >= 0
+    rows, cols, weights = pixmap.row[keep], column[pixmap.col[keep]], pixmap.data[keep]
+    order = np.lexsort((-weights, rows))  # per pixel, the heaviest column first
+    first = np.ones(len(order), bool)
+    first[1:] = rows[order][1:] != rows[order][:-1]
+    pixel = np.full(pixmap.shape[0], -1, np.int64)
+    pixel[rows[order][first]] = cols[order][first]
+    image = np.full(mask.shape, -1, np.int64)
+    image[mask] = pixel
+    return image.T[::-1].astype(np.int32), np.asarray(extents, np.float64)
 
 
 def masks_from_volumes(thick, roi_volumes, lh, rh):
@@ -569,8 +703,9 @@ def build_ds003020(args):
     names = train + args.val_stories + [args.test_story]
     if args.rois_from_pycortex:
         rois = {s: pycortex_rois(root, s) for s in args.subjects}
+        flats = {s: pycortex_flatmap(root, s) for s in args.subjects}  # for the stages' flatmaps
     else:
-        rois = load_npz_rois(args.roi_file, args.subjects)
+        rois, flats = load_npz_rois(args.roi_file, args.subjects), {}
     print(f"  {len(train)} training stories, validation {' '.join(args.val_stories)}, test {args.test_story}")
 
     tmp_out = args.data.rstrip("/") + ".tmp_build"
@@ -598,7 +733,7 @@ def build_ds003020(args):
         print(f"  note: {e1000} not found: stage 05's semantic probe will need --word-vectors")
     prep = os.path.join(root, "derivative", "preprocessed_data")
     for s in args.subjects:
-        prints[s] = write_subject(args, s, prep, stories, respdict, rois.get(s, {}), tmp_out)
+        prints[s] = write_subject(args, s, prep, stories, respdict, rois.get(s, {}), tmp_out, flats.get(s))
     if args.rois_from_pycortex:  # reusable as --roi-file without pycortex
         save_npz(os.path.join(tmp_out, "roi_masks.npz"),
                  **{f"{s}_{name}": m for s, masks in rois.items() for name, m in masks.items()})
@@ -606,7 +741,7 @@ def build_ds003020(args):
     return tmp_out, args.subjects, stories
 
 
-def write_subject(args, s, prep, stories, respdict, rois, tmp_out):
+def write_subject(args, s, prep, stories, respdict, rois, tmp_out, flat=None):
     """One subject's responses, z-scored per story. Voxels with NaN anywhere are set to 0 in every
     story and flagged (the lab's readers apply np.nan_to_num); the test story's `individual_repeats`
     give test_repeats and the noise ceiling, its `data` (the published mean) test_resp."""
@@ -664,6 +799,10 @@ def write_subject(args, s, prep, stories, respdict, rois, tmp_out):
     if missing:
         print(f"  note: {s}: no {', '.join(missing)} mask" + (" (no --roi-file)" if not args.roi_file else
               f" in {args.roi_file}") + "; stages that need them will say so")
+    if flat is not None:
+        if flat[0].max() >= n_vox:
+            raise StudyError(f"the pycortex flatmap of {s} has columns up to {flat[0].max()} but {s} has {n_vox} voxels")
+        out["flat_index"], out["flat_extents"] = flat
     fingerprint = save_npz(os.path.join(tmp_out, "subjects", f"{s}.npz"), constant_voxels=constant,
                            nan_voxels=nonfinite, **out)
     finite = np.isfinite(out["noise_ceiling"])

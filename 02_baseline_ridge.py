@@ -161,6 +161,26 @@ def plot(results, layers, path):
     common.save_figure(fig, path)
 
 
+def plot_flatmaps(results, path):
+    """Each subject's test r on its flattened cortex, AC outlined (the paper's figures are flatmaps);
+    drawn when stage 01 stored the subject's flatmap (the S1 study; ds003020 with --rois-from-pycortex)."""
+    flat = {s: (res, d) for s, (res, d) in results.items() if "flat_index" in d}
+    if not flat:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, len(flat), figsize=(5.5 * len(flat), 3.2), squeeze=False)
+    vmax = max(float(np.quantile(res["test_r"], 0.99)) for res, _ in flat.values())
+    for a, (subj, (res, d)) in zip(ax[0], flat.items()):
+        im = common.draw_flatmap(a, res["test_r"], d["flat_index"], d["flat_extents"], d.get("roi_AC"),
+                                 f"{subj}: test r, layer {int(res['best_layer'])} (AC outlined)",
+                                 cmap="inferno", vmin=0, vmax=vmax)
+    fig.colorbar(im, ax=ax[0].tolist(), shrink=0.7, label="test r")
+    common.save_figure(fig, path)
+    return path
+
+
 def main(argv=None):
     args = get_args(argv)
     common.set_threads(args.threads)
@@ -219,6 +239,7 @@ def main(argv=None):
     subset = "" if subjects == study["subjects"] else "_" + "-".join(subjects)
     figure = os.path.join(args.results, f"02_baseline{tag}{subset}.png")
     plot(results, layers, figure)
+    flatmaps = plot_flatmaps(results, os.path.join(args.results, f"02_flatmaps{tag}{subset}.png"))
     print("\n  subject  best layer  mean r all    AC  non-AC  fraction of ceiling: all    AC  non-AC")
     for subj, (res, subject_data) in results.items():
         m = roi_means(res["test_r"], subject_data)
@@ -227,7 +248,8 @@ def main(argv=None):
         print(f"  {subj:8s} {int(res['best_layer']):10d}  {m['all']:10.3f} {m.get('AC', np.nan):5.3f}"
               f"  {m.get('non-AC', np.nan):6.3f}  {frac['all']:24.2f} {frac.get('AC', np.nan):5.2f}"
               f"  {frac.get('non-AC', np.nan):6.2f}")
-    print(f"\nwrote {args.results}/02_baseline_<subject>{tag}.npz and {os.path.basename(figure)} in {time.time() - t0:.0f} s")
+    print(f"\nwrote {args.results}/02_baseline_<subject>{tag}.npz, {os.path.basename(figure)}"
+          f"{' and ' + os.path.basename(flatmaps) if flatmaps else ''} in {time.time() - t0:.0f} s")
 
 
 def note_replacement(path, prov):

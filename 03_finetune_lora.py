@@ -529,14 +529,18 @@ def run(args, subj, seed, study, device, baseline):
 
 
 def plot(out, subject_data, path):
+    """Tuned against baseline r per voxel, the mean change per ROI and, where stage 01 stored the
+    subject's flatmap, the change on the flattened cortex with AC outlined (the paper's figure)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    flat = "flat_index" in subject_data
+    fig = plt.figure(figsize=(10, 7.5 if flat else 4))
+    ax = [fig.add_subplot(2 if flat else 1, 2, k) for k in (1, 2)]
     b, t = out["test_r_baseline"], out["test_r_tuned"]
     ac = subject_data.get("roi_AC", np.zeros(len(b), bool))
-    ax[0].scatter(b[~ac], t[~ac], s=6, label="non-AC")
-    ax[0].scatter(b[ac], t[ac], s=6, label="AC")
+    ax[0].scatter(b[~ac], t[~ac], s=4, alpha=0.5, label="non-AC")
+    ax[0].scatter(b[ac], t[ac], s=4, alpha=0.7, label="AC")
     lim = [min(b.min(), t.min()), max(b.max(), t.max())]
     ax[0].plot(lim, lim, "k--", lw=1)
     ax[0].set(xlabel="baseline test r", ylabel="tuned test r (linearized)", title=str(out["subject"]))
@@ -546,6 +550,14 @@ def plot(out, subject_data, path):
     ax[1].bar(names, deltas)
     ax[1].axhline(0, color="k", lw=1)
     ax[1].set(ylabel="mean delta r (tuned - baseline)", title=f"{out['roi']} {out['mode']} seed {int(out['seed'])}")
+    if flat:
+        delta = t - b
+        lim = float(np.quantile(np.abs(delta), 0.99)) or 1.0
+        a = fig.add_subplot(2, 1, 2)
+        im = common.draw_flatmap(a, delta, subject_data["flat_index"], subject_data["flat_extents"],
+                                 subject_data.get("roi_AC"), f"delta r, {out['roi']}-tuned {out['mode']} (AC outlined)",
+                                 cmap="RdBu_r", vmin=-lim, vmax=lim)
+        fig.colorbar(im, ax=a, shrink=0.8, label="tuned - baseline r")
     common.save_figure(fig, path)
 
 

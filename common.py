@@ -535,6 +535,21 @@ def english1000(path, words):
         raise StudyError(f"cannot read {path}: {e}")
     return np.array(found), vectors
 
+FLAT_HEIGHT = 512  # pixels of a flatmap's height (pycortex's quickflat draws at 1024 by default)
+
+def draw_flatmap(ax, values, flat_index, extents, outline=None, title="", **imshow):
+    """Per-column values on the flattened cortex (the paper's figures) from a flat_index image
+    (stage 01: pycortex's pixel -> column map, computed once, so no pycortex is needed here).
+    outline: a boolean column mask (e.g. AC) drawn as a contour."""
+    img = np.where(flat_index >= 0, np.asarray(values, np.float64)[np.maximum(flat_index, 0)], np.nan)
+    im = ax.imshow(img, extent=extents, interpolation="nearest", **imshow)
+    if outline is not None:
+        inside = np.where(flat_index >= 0, np.asarray(outline)[np.maximum(flat_index, 0)], False).astype(float)
+        ax.contour(inside[::-1], levels=[0.5], colors="c", linewidths=0.8, extent=extents)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    return im
+
 def log_mel(audio, n_bands=8, hop=160, win=400):
     """Log-mel band energies of 16 kHz audio at 100 Hz (frames x bands, frame-centre times): what
     drives the simulated auditory voxels (stage 01) and the acoustic probe targets (stage 05)."""

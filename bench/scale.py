@@ -75,7 +75,7 @@ for n in args.stories:
     threads = ["--threads", str(args.threads)] if args.threads else []
     common_args = ["--data", data, "--results", results, *threads]
     stage_cmds = {
-        "01": ["01_prepare_data.py", "--data", data, "--n-subjects", "1", "--n-voxels", str(args.voxels),
+        "01": ["01_prepare_data.py", "--data", data, "--cortex", "none", "--n-subjects", "1", "--n-voxels", str(args.voxels),
                "--n-val-stories", "2", "--story-trs", *map(str, story_trs),
                "--test-seconds", str(11.0 + 2.0 * (counts[TEST] - 1) + 1.0)],
         "02": ["02_baseline_ridge.py", *common_args],

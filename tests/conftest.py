@@ -12,7 +12,7 @@ import common  # noqa: E402
 
 common.set_threads(2)
 
-TINY = ["--n-subjects", "2", "--n-voxels", "60", "--n-train-stories", "3", "--n-val-stories", "1",
+TINY = ["--cortex", "none", "--n-subjects", "2", "--n-voxels", "60", "--n-train-stories", "3", "--n-val-stories", "1",
         "--story-seconds", "60", "--test-seconds", "60", "--seed", "3"]
 
 
@@ -38,7 +38,7 @@ def tiny_study(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_study(tmp_path_factory):
-    """The default simulated study (what `make demo` builds): a few seconds."""
+    """The default simulated study (what `make demo` builds: S1's cortex)."""
     data = str(tmp_path_factory.mktemp("default") / "data")
     assert run_stage("01_prepare_data.py", ["--data", data]) == 0
     return data

@@ -16,7 +16,7 @@ import torch
 import common
 from conftest import load_stage, one, run_stage
 
-STUDY = ["--n-subjects", "1", "--n-voxels", "40", "--n-train-stories", "2", "--n-val-stories", "1",
+STUDY = ["--cortex", "none", "--n-subjects", "1", "--n-voxels", "40", "--n-train-stories", "2", "--n-val-stories", "1",
          "--story-seconds", "32", "--test-seconds", "32", "--seed", "5"]
 
 
