@@ -72,9 +72,9 @@ VOICES = ["en-us", "en-us+m3", "en-us+f1", "en-us+m7", "en-us+f4", "en-us+m1"]
 KIND_NAMES = np.array(["auditory", "semantic", "mixed", "noise"])
 S1_COLUMNS = 80615  # true voxels of the thick cortical mask of pycortex's S1 (transform fullhead)
 # The demo's budget (make demo from a fresh clone <= 10 min, data/ <= 2 GB) does not hold all 80,615
-# columns (bench/RESULTS.md: ridge is ~0.15 ms per voxel and fit, the demo makes 33 fits; data/ is
-# 26 KB per voxel): the default is the largest uniform sample of the cortex that fits, measured
-S1_DEMO_COLUMNS = 20000
+# columns: ridge costs ~0.15 ms per voxel and fit and the demo makes 33 fits; make demo took 10 min
+# 38 s with 20,000 (bench/RESULTS.md). The default is the largest uniform sample that fits
+S1_DEMO_COLUMNS = 12000
 
 
 def get_args(argv=None):

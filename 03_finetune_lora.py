@@ -36,7 +36,7 @@ from common import StudyError
 ROIS = ("whole", "AC", "LH", "RH")
 # what a run depends on besides its subject, ROI, seed and stage 02 result: its name carries a tag
 # when one differs from the defaults, and --resume continues with the saved values
-TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "layer", "lora_rank", "lora_alpha", "lora_dropout",
+TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "norm", "layer", "lora_rank", "lora_alpha", "lora_dropout",
                   "lora_targets", "bottleneck", "lr_adapter", "lr_readout", "grad_clip", "block_trs",
                   "batch_blocks", "train_context_s", "train_stride_s")
 
@@ -70,6 +70,8 @@ def get_parser():
                    help="linear layers to adapt (paper: q_proj k_proj v_proj); others: out_proj, "
                    "intermediate_dense, output_dense, projection (the CNN -> transformer feature projection)")
     g.add_argument("--bottleneck", type=int, default=100, help="readout width; 0 = one linear map")
+    g.add_argument("--norm", choices=["block", "none"], default="block", help="block: z-score each feature over "
+                   "the training block before the delays (the paper's InstanceNorm); none: leave it out")
     g.add_argument("--lr-adapter", type=float, default=1e-4, help="learning rate of LoRA (or all) weights")
     g.add_argument("--lr-readout", type=float, default=1e-4, help="learning rate of the readout")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
@@ -171,19 +173,21 @@ def block_features(model, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=
     return torch.as_tensor(feats[0], device=story["audio"].device), times + a / sr, grid
 
 
-def readout_head(readout, frames, times, grid, delays=(1, 2, 3, 4)):
+def readout_head(readout, frames, times, grid, delays=(1, 2, 3, 4), norm="block"):
     """Frames -> differentiable Lanczos to the grid -> per-feature norm -> delays -> readout."""
     x = common.lanczos_interp(frames, times, grid)
-    # Per-feature normalisation over the block: stage 02 z-scores per story, but a block of 32 TRs
-    # is all the model sees in one step, so it is normalised on its own (docs/methods.md)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    if norm == "block":
+        # Per-feature normalisation over the block (the paper's readout starts with an InstanceNorm):
+        # stage 02 z-scores per story, but a block of 32 TRs is all one step sees, so it is
+        # normalised on its own (docs/methods.md measures what it changes: --norm none)
+        x = (x - x.mean(0)) / (x.std(0) + 1e-5)
     before, after = delay_reach(delays)
     return readout(common.make_delayed(x, delays)[before:len(grid) - after])
 
 
 def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
     """Predicted responses of rows i0..i1 of one story, differentiable through WavLM."""
-    return readout_head(readout, *block_features(model, story, i0, i1, layer, args, delays, grad), delays)
+    return readout_head(readout, *block_features(model, story, i0, i1, layer, args, delays, grad), delays, args.norm)
 
 
 def load_stories(model, data, names, device):

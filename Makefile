@@ -17,12 +17,20 @@ LORA := --lr-adapter 3e-3 --lr-readout 1e-3 --epochs 7 --patience 3
 FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 7 --patience 3
 STAGE_ARGS := --data $(DATA) --results $(RESULTS)
 
-.PHONY: demo test 01 02 03 04 05 clean gpu-wheel figures fetch
+.PHONY: demo test 01 02 03 04 05 clean gpu-wheel figures fetch pycortex quick
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
+
+# pycortex builds from source (Cython, a C compiler); the demo runs without it (assets/s1_cortex.npz)
+$(VENV)/.pycortex: $(VENV)/.installed requirements-pycortex.txt
+	$(PY) -m pip install -q cython setuptools-scm wheel
+	$(PY) -m pip install -q --no-build-isolation -r requirements-pycortex.txt
+	touch $@
+
+pycortex: $(VENV)/.pycortex
 
 demo: 01 02 03 04 05
 
@@ -47,7 +55,24 @@ demo: 01 02 03 04 05
 05: $(VENV)/.installed
 	$(PY) 05_linear_probes.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ)
 
-test: $(VENV)/.installed
+# The student's loop: change a stage, then `make quick EXP=mine`: stages 01-05 for one subject and one
+# seed into experiments/$(EXP)/ with the demo's settings (sim01 is the demo's own sim01, and the
+# demo's feature caches are reused when present), then compare.py against the demo's results.
+# Any stage's flags pass through: make quick EXP=mse ARGS03="--loss mse" (ARGS01 ... ARGS05).
+EXP ?= quick
+SEED ?= 0
+QUICK := experiments/$(EXP)
+QUICK_ARGS := --data $(QUICK)/data --results $(QUICK)/results
+quick: $(VENV)/.installed
+	$(PY) 01_prepare_data.py --data $(QUICK)/data --n-subjects 1 $(ARGS01)
+	if [ -d $(DATA)/features ] && [ ! -d $(QUICK)/data/features ]; then cp -r $(DATA)/features $(QUICK)/data/; fi
+	$(PY) 02_baseline_ridge.py $(QUICK_ARGS) $(ARGS02)
+	$(PY) 03_finetune_lora.py $(QUICK_ARGS) --checkpoints $(QUICK)/checkpoints --subject sim01 --seed $(SEED) $(LORA) $(ARGS03)
+	$(PY) 04_cross_subject.py $(QUICK_ARGS) --checkpoints $(QUICK)/checkpoints --seed $(SEED) $(ARGS04)
+	$(PY) 05_linear_probes.py $(QUICK_ARGS) --checkpoints $(QUICK)/checkpoints --seed $(SEED) --models baseline whole $(ARGS05)
+	if [ -d $(RESULTS) ]; then $(PY) compare.py $(RESULTS) $(QUICK)/results --out $(QUICK)/results/compare.png; fi
+
+test: $(VENV)/.installed $(VENV)/.pycortex
 	$(PY) -m pytest -q tests
 
 # the README's figures, from the last demo run
@@ -60,7 +85,7 @@ figures:
 	cp $(wildcard $(RESULTS)/05_probes_??????.png) figures/05_probes.png
 
 clean:
-	rm -rf $(DATA) $(RESULTS) $(CHECKPOINTS)
+	rm -rf $(DATA) $(RESULTS) $(CHECKPOINTS) experiments
 
 # real data: the files of OpenNeuro ds003020 the stages read (about 78 GB for UTS01-UTS03), with
 # openneuro-py (installed here, not by make demo). Rerun to continue an interrupted fetch.

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import common
+from conftest import run_stage
 
 
 def lanczos_reference(data, oldtime, newtime, window=3, cutoff_mult=1.0):
@@ -78,20 +79,37 @@ def test_zscore_and_pearson():
     assert common.pearson_r(a, np.ones_like(a))[0] == 0
 
 
-def test_noise_ceiling_agrees_with_known_truth(default_study):
-    """On the simulated study the estimate from repeats matches the ceiling implied by the true
-    noise-free signal and noise level."""
-    truth = common.load_npz(f"{default_study}/truth.npz")
+@pytest.fixture(scope="module")
+def abstract_study(tmp_path_factory):
+    """The abstract 300-voxel study (--cortex none): every voxel's noise sd 0.7-2 times its signal's."""
+    data = str(tmp_path_factory.mktemp("abstract") / "data")
+    assert run_stage("01_prepare_data.py", ["--data", data, "--cortex", "none"]) == 0
+    return data
+
+
+@pytest.mark.parametrize("which", ["abstract", "S1"])
+def test_noise_ceiling_agrees_with_known_truth(which, abstract_study, default_study):
+    """On the simulated studies the estimate from repeats matches the ceiling implied by the true
+    noise-free signal and noise level. On S1's cortex most voxels have little signal, where 10
+    repeats of a 115-TR story estimate the ceiling loosely (as on real data): there the check is
+    on the voxels whose true ceiling is above 0.5, and the estimate's correlation with the truth."""
+    data = abstract_study if which == "abstract" else default_study
+    truth = common.load_npz(f"{data}/truth.npz")
     for subj in truth["subjects"]:
-        s = common.load_npz(f"{default_study}/subjects/{subj}.npz")
+        s = common.load_npz(f"{data}/subjects/{subj}.npz")
         est = common.noise_ceiling(s["test_repeats"])
         np.testing.assert_allclose(est, s["noise_ceiling"], atol=1e-6)
         true = truth[f"{subj}_true_ceiling"]
-        assert np.abs(est - true).mean() < 0.05
-        assert np.corrcoef(est, true)[0, 1] > 0.9
         # and the empirical r between the truth and the mean of repeats
         emp = common.pearson_r(truth[f"{subj}_test_signal"], s["test_repeats"].mean(0))
-        assert np.abs(emp - true).mean() < 0.05
+        if which == "abstract":
+            assert np.abs(est - true).mean() < 0.05 and np.corrcoef(est, true)[0, 1] > 0.9
+            assert np.abs(emp - true).mean() < 0.05
+        else:
+            good = true > 0.5
+            assert 0.2 < good.mean() < 0.4  # the regime: most of cortex has little signal
+            assert np.abs(est - true)[good].mean() < 0.07 and np.corrcoef(est, true)[0, 1] > 0.75
+            assert np.abs(emp - true)[good].mean() < 0.05
 
 
 def test_noise_ceiling_limits():

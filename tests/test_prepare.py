@@ -316,7 +316,8 @@ def test_ds003020_unknown_subject(ds, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, msg", [
-    (["--n-voxels", "-3"], "--n-voxels -3 is out of range: it must be >= 2"),
+    (["--n-voxels", "-3", "--cortex", "none"], "--n-voxels -3 is out of range: it must be >= 2"),
+    (["--n-voxels", "90000"], "--n-voxels 90000 is out of range: it must be 2..80615 (the columns of S1's cortex)"),
     (["--story-seconds", "1"], "--story-seconds 1 is out of range: it must be >= 31"),
     (["--test-seconds", "5"], "--test-seconds 5 is out of range: it must be >= 31"),
     (["--n-subjects", "0"], "--n-subjects 0 is out of range: it must be >= 1"),
