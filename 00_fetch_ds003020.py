@@ -29,6 +29,10 @@ PREP = "derivative/preprocessed_data"
 
 
 def get_args(argv=None):
+    return get_parser().parse_args(argv)
+
+
+def get_parser():
     p = common.parser(__doc__)
     p.add_argument("--dest", required=True, help="folder to fetch into (the --ds-root of stage 01)")
     p.add_argument("--subjects", nargs="+", default=["UTS01", "UTS02", "UTS03"], help="default: the paper's three")
@@ -41,7 +45,7 @@ def get_args(argv=None):
     p.add_argument("--no-english1000", action="store_true", help="skip derivative/english1000sm.hf5 (stage 05's "
                    "semantic probe then needs --word-vectors)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    return p.parse_args(argv)
+    return p
 
 
 def read_index(path=INDEX):

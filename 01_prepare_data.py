@@ -30,9 +30,10 @@ from common import StudyError, digest, fail, log_mel, noise_ceiling, pearson_r, 
 
 SR = 16000
 TR = 2.0
-# ds003020 bookkeeping (HuthLab/deep-fMRI-dataset): the sound starts 10 s into the scan, TR times are
-# mid-TR, and 10 TRs at the start and 5 at the end are trimmed, so response row i sits at
-# 2.0 * i + 11.0 s after the start of the story's wav, and the hf5 holds respdict[story] - 20 rows.
+# ds003020 bookkeeping (HuthLab/deep-fMRI-dataset): the lab simulates respdict[story] - 5 TR times
+# (load_simulated_trfiles), mid-TR, with the sound starting 10 s into the scan (so the first at
+# -9 s); its features are then trimmed by 10 TRs at the start and 5 at the end ([5+5:-5]). So the
+# hf5 holds respdict[story] - 5 - 15 = respdict - 20 rows, row i at 2.0 * i + 11.0 s into the wav.
 FIRST_TR_TIME = 11.0
 TRIM_TRS = 20
 # the lab's filler tokens of the TextGrid word tier (HuthLab/deep-fMRI-dataset), compared after
@@ -78,19 +79,24 @@ S1_DEMO_COLUMNS = 12000
 
 
 def get_args(argv=None):
+    return get_parser().parse_args(argv)
+
+
+def get_parser():
     p = common.parser(__doc__)
     p.add_argument("--data", default="data", help="output folder (default: data/)")
-    p.add_argument("--source", choices=["simulated", "ds003020"], default="simulated")
+    p.add_argument("--source", choices=["simulated", "ds003020"], default="simulated",
+                   help="simulated: the embedded study (no download); ds003020: the real data (--ds-root)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (simulated study)")
     g = p.add_argument_group("simulated study")
-    g.add_argument("--n-subjects", type=int, default=3)
+    g.add_argument("--n-subjects", type=int, default=3, help="simulated subjects (sim01, sim02, ...)")
     g.add_argument("--cortex", choices=["S1", "none"], default="S1", help="S1: voxels on pycortex's example "
                    "subject's cortex (assets/s1_cortex.npz), ROIs from its overlays; none: the abstract "
                    "300-voxel study of four voxel kinds")
     g.add_argument("--n-voxels", type=int, help=f"voxels per subject (S1: a uniform sample of its {S1_COLUMNS:,} "
                    f"columns, default {S1_DEMO_COLUMNS:,}, the demo's budget; none: default 300)")
-    g.add_argument("--n-train-stories", type=int, default=10)
-    g.add_argument("--n-val-stories", type=int, default=1)
+    g.add_argument("--n-train-stories", type=int, default=10, help="training stories")
+    g.add_argument("--n-val-stories", type=int, default=1, help="validation stories (pick layers and epochs)")
     g.add_argument("--story-seconds", type=float, default=120.0, help="length of each train/val story")
     g.add_argument("--test-seconds", type=float, default=240.0, help="length of the test story")
     g.add_argument("--story-trs", type=int, nargs="+", help="TRs of each train then validation story (the "
@@ -102,20 +108,20 @@ def get_args(argv=None):
                    help="content words per category (<= 20); more words = harder to learn (README)")
     g.add_argument("--n-voices", type=int, default=1, help=f"espeak voices (<= {len(VOICES)})")
     g.add_argument("--rate", type=int, default=170, help="speaking rate, words per minute")
-    g.add_argument("--semantic-dim", type=int, default=16)
+    g.add_argument("--semantic-dim", type=int, default=16, help="dimensions of the words' semantic vectors")
     g.add_argument("--noise-sd", type=float, nargs=2, default=[0.7, 2.0], metavar=("LO", "HI"),
                    help="--cortex none: per-voxel noise sd range (signal sd = 1), log-uniform")
     g = p.add_argument_group("ds003020")
     g.add_argument("--ds-root", help="root of the downloaded OpenNeuro ds003020 dataset")
-    g.add_argument("--subjects", nargs="+", default=["UTS01", "UTS02", "UTS03"])
+    g.add_argument("--subjects", nargs="+", default=["UTS01", "UTS02", "UTS03"], help="subjects (default: the paper's)")
     g.add_argument("--val-stories", nargs="+", default=DS_VAL_STORIES,
                    help=f"stories that pick the best layer / epoch (default: {' '.join(DS_VAL_STORIES)})")
-    g.add_argument("--test-story", default="wheretheressmoke")
+    g.add_argument("--test-story", default="wheretheressmoke", help="the story heard 10 times, held out")
     g = g.add_mutually_exclusive_group()
     g.add_argument("--roi-file", help="npz with boolean masks <subject>_AC, <subject>_LH, <subject>_RH")
     g.add_argument("--rois-from-pycortex", action="store_true",
                    help="AC/LH/RH masks from the dataset's derivative/pycortex-db (needs pycortex installed)")
-    return p.parse_args(argv)
+    return p
 
 
 def check_args(args):

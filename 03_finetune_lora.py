@@ -36,8 +36,8 @@ from common import StudyError
 ROIS = ("whole", "AC", "LH", "RH")
 # what a run depends on besides its subject, ROI, seed and stage 02 result: its name carries a tag
 # when one differs from the defaults, and --resume continues with the saved values
-TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "norm", "layer", "lora_rank", "lora_alpha", "lora_dropout",
-                  "lora_targets", "bottleneck", "lr_adapter", "lr_readout", "grad_clip", "block_trs",
+TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "norm", "tune_stories", "layer", "lora_rank",
+                  "lora_alpha", "lora_dropout", "lora_targets", "bottleneck", "lr_adapter", "lr_readout", "grad_clip", "block_trs",
                   "batch_blocks", "train_context_s", "train_stride_s")
 
 
@@ -79,6 +79,8 @@ def get_parser():
     g.add_argument("--block-trs", type=int, default=32, help="TRs per training example (normalised as one "
                    "block: see readout_head)")
     g.add_argument("--batch-blocks", type=int, default=2, help="examples per optimizer step")
+    g.add_argument("--tune-stories", type=int, help="tune on the first N training stories only (default: all); "
+                   "the linearized scoring still fits on every training story, as stage 02 did")
     g.add_argument("--train-context-s", type=float, default=0.0,
                    help="past audio per training window, in seconds (stage 02 and the evaluation use 16; 0 "
                    "keeps training 5x cheaper: the forward pass dominates the cost, docs/methods.md)")
@@ -119,7 +121,8 @@ def check_args(args):
     common.check_ranges([("--block-trs", args.block_trs, 1, None), ("--batch-blocks", args.batch_blocks, 1, None),
                          ("--epochs", args.epochs, 1, None), ("--patience", args.patience, 1, None),
                          ("--lora-rank", args.lora_rank, 1, None), ("--bottleneck", args.bottleneck, 0, None),
-                         ("--lora-dropout", args.lora_dropout, 0, 0.99), ("--layer", args.layer or 0, 0, None)])
+                         ("--lora-dropout", args.lora_dropout, 0, 0.99), ("--layer", args.layer or 0, 0, None),
+                         ("--tune-stories", args.tune_stories or 1, 1, None)])
     for flag, value in (("--lr-adapter", args.lr_adapter), ("--lr-readout", args.lr_readout),
                         ("--lora-alpha", args.lora_alpha), ("--grad-clip", args.grad_clip)):
         if not value > 0:
@@ -404,7 +407,7 @@ def train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, 
     """Epochs of shuffled blocks with the spatial-correlation loss; after each, the validation
     stories' mean r picks the best epoch (early stopping with --patience). best/ is saved before
     last/, so a crash between the two only repeats an epoch (the same numbers: seeded)."""
-    blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
+    blocks = [(s, i) for s in study["train"][:args.tune_stories] for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
     history, start = dict(val_r=[], loss=[]), 0
     if args.resume:
         recover_checkpoint(os.path.join(ckpt, "best"))
@@ -510,7 +513,7 @@ def run(args, subj, seed, study, device, baseline):
         print(f"  note: starting {name} again: its earlier checkpoint (same settings) is replaced")
         shutil.rmtree(ckpt)
     stories = load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device)
-    resp = {s: torch.as_tensor(subject_data[f"resp_{s}"][:, mask], device=device) for s in study["train"]}
+    resp = {s: torch.as_tensor(subject_data[f"resp_{s}"][:, mask], device=device) for s in study["train"][:args.tune_stories]}
     val_resp = {s: subject_data[f"resp_{s}"][:, mask] for s in study["val"]}
     history = train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, layer, seed, device, study,
                     delays)
@@ -577,6 +580,8 @@ def main(argv=None):
         device = common.pick_device(args.device)
         study = common.load_study(args.data)
         subjects = common.subject_list(args.subject, study)
+        if args.tune_stories and args.tune_stories > len(study["train"]):
+            raise StudyError(f"--tune-stories {args.tune_stories}: the study has {len(study['train'])} training stories")
         for subj in subjects:
             baseline = common.load_baseline(args, subj, study, common.baseline_tag_flag(args.baseline_tag))
             for seed in args.seeds or [args.seed]:

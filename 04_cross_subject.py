@@ -29,6 +29,10 @@ ROIS = ("whole", "AC", "LH", "RH")
 
 
 def get_args(argv=None):
+    return get_parser().parse_args(argv)
+
+
+def get_parser():
     p = common.parser(__doc__)
     common.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="stage 03's checkpoint folder")
@@ -41,7 +45,7 @@ def get_args(argv=None):
                    "subject's whole-cortex run) or a run name, e.g. sim01_whole_lora_seed0")
     p.add_argument("--tag", help="which stage 03 runs when results/ holds runs of several settings: their tag "
                    "(6 hex digits in the name) or 'default'")
-    return p.parse_args(argv)
+    return p
 
 
 def check_args(args):

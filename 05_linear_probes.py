@@ -29,6 +29,10 @@ MODELS = ("baseline", "whole", "AC")
 
 
 def get_args(argv=None):
+    return get_parser().parse_args(argv)
+
+
+def get_parser():
     p = common.parser(__doc__)
     common.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="stage 03's checkpoint folder")
@@ -44,7 +48,7 @@ def get_args(argv=None):
                    "per line; the paper's choice) or an .hf5 in English1000's layout (default on ds003020: the "
                    "English1000 vectors stage 01 saved in data/english1000.npz)")
     p.add_argument("--n-folds", type=int, default=5, help="folds of whole stories (>= 2)")
-    return p.parse_args(argv)
+    return p
 
 
 def check_args(args):

@@ -79,8 +79,9 @@ test: $(VENV)/.installed $(VENV)/.pycortex
 # (the demo's runs carry the tag of its LORA settings in their names: one match each after make demo)
 figures:
 	mkdir -p figures
-	cp $(RESULTS)/02_baseline.png figures/02_baseline.png
+	cp $(RESULTS)/02_baseline.png $(RESULTS)/02_flatmaps.png figures/
 	cp $(wildcard $(RESULTS)/03_$(SUBJ)_whole_lora_seed0_??????.png) figures/03_whole_lora.png
+	cp $(wildcard $(RESULTS)/03_$(SUBJ)_AC_lora_seed0_??????.png) figures/03_AC_lora.png
 	cp $(wildcard $(RESULTS)/04_cross_subject_??????.png) figures/04_cross_subject.png
 	cp $(wildcard $(RESULTS)/05_probes_??????.png) figures/05_probes.png
 

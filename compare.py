@@ -22,10 +22,14 @@ from common import StudyError
 
 
 def get_args(argv=None):
+    return get_parser().parse_args(argv)
+
+
+def get_parser():
     p = common.parser(__doc__)
     p.add_argument("paths", nargs="+", help="results folders or 03_*.npz files; the first is the reference")
     p.add_argument("--out", help="figure path (default: compare.png in the first folder)")
-    return p.parse_args(argv)
+    return p
 
 
 def load_runs(paths):
@@ -47,14 +51,15 @@ def load_runs(paths):
 
 def kind(run):
     p = run["prov"]
-    return (p["subject"], p["roi"], p["mode"], (p.get("init_from") or {}).get("name", "").split("_seed")[0])
+    source = (p.get("init_from") or {}).get("name", "")
+    return (p["subject"], p["roi"], p["mode"], f"from {source.split('_')[2]}" if source else "")
 
 
 def summarise(group, ac_masks):
     gains = np.array([g["delta"].mean() for g in group])
     ac = ac_masks.get(group[0]["prov"]["subject"])
     split = [(g["delta"][ac].mean(), g["delta"][~ac].mean()) for g in group] if ac is not None else []
-    return dict(n=len(group), gain=gains.mean(), sd=gains.std(ddof=1) if len(gains) > 1 else np.nan,
+    return dict(n=len(group), gain=gains.mean(), sd=gains.std() if len(gains) > 1 else np.nan,
                 ac=np.mean([a for a, _ in split]) if split else np.nan,
                 non_ac=np.mean([b for _, b in split]) if split else np.nan,
                 best=[g["best"] for g in group], epochs=[len(g["val"]) for g in group], base=group[0]["base"])
@@ -93,6 +98,10 @@ def main(argv=None):
             print(f"{' '.join(x for x in k if x):36s} {tag or 'default':7s} {s['n']:5d} {s['gain']:+8.4f} "
                   f"{s['sd']:7.4f} {s['ac']:+8.4f} {s['non_ac']:+8.4f}  "
                   + " ".join(f"{b}/{e}" for b, e in zip(s["best"], s["epochs"])) + f"   [{args.paths[folder]}]")
+        last = [(b == e) for _, _, _, s, _ in rows for b, e in zip(s["best"], s["epochs"])]
+        if any(last):
+            print(f"\nthe best epoch was the last in {sum(last)} of {len(last)} runs: those may have stopped while "
+                  "still improving (more --epochs would tell)")
         print()
         for k, tag, folder, s, group in rows:
             ref, ref_prov, ref_stories = refs[k]

@@ -136,3 +136,11 @@ def test_streamed_npz_and_stacked_responses_equal_the_plain_ones(tiny_study, tmp
     mask = d["roi_AC"]
     assert np.array_equal(common.stack_responses(d, study["train"], mask), ref[:, mask])
     assert common.array_shape(d, f"resp_{study['train'][0]}") == d[f"resp_{study['train'][0]}"].shape
+
+
+@pytest.mark.parametrize("script", ["00_fetch_ds003020.py", "01_prepare_data.py", "02_baseline_ridge.py",
+                                    "03_finetune_lora.py", "04_cross_subject.py", "05_linear_probes.py", "compare.py"])
+def test_every_flag_says_what_it_does(script):
+    parser = common.load_stage(script).get_parser()
+    silent = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not silent, f"{script}: flags without help text: {silent}"
