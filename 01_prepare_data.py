@@ -851,7 +851,7 @@ def describe_replacement(data, new):
     if not os.path.exists(old_path):
         return f"{data}/ exists but holds no study: replacing it"
     try:
-        old, now = np.load(old_path, allow_pickle=False), np.load(os.path.join(new, "study.npz"), allow_pickle=False)
+        old, now = common.load_npz(old_path), common.load_npz(os.path.join(new, "study.npz"))
         if "stories_fingerprint" not in old:
             return f"replacing {data}/ (an older layout without fingerprints: rerun stages 02-05 on the new study)"
         if str(old["stories_fingerprint"]) != str(now["stories_fingerprint"]):
@@ -862,7 +862,7 @@ def describe_replacement(data, new):
         changed = [str(s) for s in now["subjects"] if s not in same]
         return (f"replacing {data}/: the same stories; " + (f"subjects {', '.join(changed)} differ (their results will "
                 "be refused until rerun)" if changed else "every subject identical, so existing results stay valid"))
-    except (ValueError, OSError, KeyError) as e:
+    except (StudyError, KeyError) as e:
         return f"replacing {data}/ (its study.npz could not be read: {e})"
 
 

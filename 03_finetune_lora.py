@@ -122,7 +122,7 @@ def check_args(args):
                          ("--epochs", args.epochs, 1, None), ("--patience", args.patience, 1, None),
                          ("--lora-rank", args.lora_rank, 1, None), ("--bottleneck", args.bottleneck, 0, None),
                          ("--lora-dropout", args.lora_dropout, 0, 0.99), ("--layer", args.layer or 0, 0, None),
-                         ("--tune-stories", args.tune_stories or 1, 1, None)])
+                         ("--tune-stories", 1 if args.tune_stories is None else args.tune_stories, 1, None)])
     for flag, value in (("--lr-adapter", args.lr_adapter), ("--lr-readout", args.lr_readout),
                         ("--lora-alpha", args.lora_alpha), ("--grad-clip", args.grad_clip)):
         if not value > 0:
@@ -259,6 +259,12 @@ def read_state(folder):
     return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
 
 
+def run_folder(path):
+    """The run's checkpoint folder of a path to it or to its best/ or last/."""
+    path = os.path.normpath(path)
+    return os.path.dirname(path) if os.path.basename(path) in ("best", "last") else path
+
+
 def load_model_weights(folder, model, full):
     """A checkpoint's WavLM weights (full) or LoRA adapters into the run's own model."""
     from safetensors.torch import load_file
@@ -317,8 +323,7 @@ def init_checkpoint(path, prov):
         raise StudyError(f"--init-from {path} has another LoRA shape (rank {theirs['settings']['lora_rank']}, alpha "
                          f"{theirs['settings']['lora_alpha']:g}, targets {' '.join(theirs['settings']['lora_targets'])}) "
                          "than this run; pass the same --lora-rank, --lora-alpha and --lora-targets")
-    run_dir = os.path.dirname(folder) if os.path.basename(folder) in ("best", "last") else folder
-    return folder, os.path.basename(run_dir), common.digest(theirs)
+    return folder, os.path.basename(run_folder(folder)), common.digest(theirs)
 
 
 def resume_args(args, explicit, subj, seed):
@@ -326,9 +331,7 @@ def resume_args(args, explicit, subj, seed):
     subject's runs of the ROI, mode and seed asked for; a flag given now that differs from the saved
     value is an error naming both. No checkpoint to continue is an error, never a fresh start."""
     mode = "full" if args.full_finetune else "lora"
-    wanted_init = None if args.init_from is None else os.path.basename(os.path.normpath(
-        os.path.dirname(args.init_from.rstrip("/")) if args.init_from.rstrip("/").endswith(("best", "last"))
-        else args.init_from))
+    wanted_init = None if args.init_from is None else os.path.basename(run_folder(args.init_from))
     found = []
     for name, _, src in common.find_runs(args.checkpoints, subj, args.roi, mode, seed, ""):
         if common.init_matches(src, wanted_init, subj) and recover_checkpoint(os.path.join(args.checkpoints, name, "last")):
@@ -500,13 +503,14 @@ def run(args, subj, seed, study, device, baseline):
     ckpt = os.path.join(args.checkpoints, name)
     result = os.path.join(args.results, f"{name}.npz")
     if args.resume:
-        saved = read_state(os.path.join(ckpt, "last"))["provenance"]
+        last = read_state(os.path.join(ckpt, "last"))
+        saved = last["provenance"]
         if common.digest(saved) != common.digest(prov):
             why = [k for k in ("stories", "subject_data", "baseline", "model_fingerprint", "init_from") if saved.get(k) != prov.get(k)]
             raise StudyError(f"--resume: {ckpt} was trained from other inputs ({', '.join(why) or 'settings'} differ: the "
                              "study, stage 02 or the run it started from changed since); start it again without --resume")
         if os.path.exists(result) and str(common.load_npz(result).get("fingerprint")) == common.digest(prov) \
-                and read_state(os.path.join(ckpt, "last"))["epoch"] + 1 >= args.epochs:
+                and last["epoch"] + 1 >= args.epochs:
             print(f"  {name}: already finished, {result} is its result")
             return name, common.load_npz(result), subject_data
     elif os.path.exists(ckpt):

@@ -117,7 +117,7 @@ def main(argv=None):
         subj_data = {s: common.load_subject(args.data, s, study) for s in evaluated_on}
         print(f"stage 04: models tuned on {', '.join(tuned_on)} evaluated on {', '.join(evaluated_on)}")
         mean_delta = np.zeros((len(tuned_on), len(evaluated_on)), np.float32)
-        out, used = {}, {}
+        out, used, loaded = {}, {}, {}  # loaded: stage 02 results by (subject, tag), read once
         for i, a in enumerate(tuned_on):
             model, run = load_tuned(args, a, study, device)
             used[a] = run
@@ -125,7 +125,10 @@ def main(argv=None):
                 raise StudyError("the runs differ in settings: " + ", ".join(f"{r['name']}" for r in used.values())
                                  + "; choose one setting with --tag TAG")
             base_tag = run["provenance"]["baseline"]["tag"]
-            baselines = {b: common.load_baseline(args, b, study, base_tag) for b in evaluated_on}
+            for b in evaluated_on:
+                if (b, base_tag) not in loaded:
+                    loaded[b, base_tag] = common.load_baseline(args, b, study, base_tag)
+            baselines = {b: loaded[b, base_tag] for b in evaluated_on}
             for b, base in baselines.items():
                 if base["provenance"]["model_fingerprint"] != run["provenance"]["model_fingerprint"]:
                     raise StudyError(f"{base['path']} was fit on another base model than {run['name']} was tuned "

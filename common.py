@@ -674,8 +674,9 @@ def check_window(context_s, stride_s, flags=("--context-s", "--stride-s")):
                              f"WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
 
 def load_stage(script):
-    """A stage script as a module (a name starting with a digit cannot be imported): for the
-    fetch script, the bench scripts and the tests. Loaded once per process."""
+    """A script of this repository (a path from its root) as a module: stage names start with a
+    digit, so `import` cannot. For the fetch script, bench/, models/ and the tests. Loaded once per
+    process and registered in sys.modules (so its functions pickle for stage 01's worker pool)."""
     import importlib.util
     name = "stage_" + os.path.basename(script).replace(".py", "")
     if name not in sys.modules:

@@ -12,7 +12,6 @@ job: the lab's stride runs the model on ~151 s of audio per second of story).
 """
 import argparse
 import contextlib
-import importlib.util
 import io
 import os
 import sys
@@ -24,9 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("stage02", os.path.join(ROOT, "02_baseline_ridge.py"))
-stage02 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage02)
+stage02 = common.load_stage("02_baseline_ridge.py")
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", default="data")

@@ -7,7 +7,6 @@ by a precomputed tensor) / (time of the full steps). Also prints steps per secon
     .venv/bin/python bench/finetune.py [--data data] [--steps 10] [--device cpu]
 """
 import argparse
-import importlib.util
 import os
 import resource
 import sys
@@ -20,9 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("stage03", os.path.join(ROOT, "03_finetune_lora.py"))
-stage03 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage03)
+stage03 = common.load_stage("03_finetune_lora.py")
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", default="data")

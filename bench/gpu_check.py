@@ -87,10 +87,7 @@ out["stage03_rc"], out["stage03_s"] = timed([py, "03_finetune_lora.py", *io, "--
 save()
 
 # 4. throughput, measured in this process after a warm-up
-import importlib.util  # noqa: E402
-spec = importlib.util.spec_from_file_location("stage03", os.path.join(ROOT, "03_finetune_lora.py"))
-s03 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(s03)
+s03 = common.load_stage("03_finetune_lora.py")
 st = common.load_study(data)
 
 

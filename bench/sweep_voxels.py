@@ -7,7 +7,6 @@ how much validation r the subset's choice loses, and the time against the full s
         --results /tmp/brainwavlm_scale/12stories/results --sizes 1000 5000 20000
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -26,9 +25,7 @@ p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
 p.add_argument("--draws", type=int, default=5)
 args = p.parse_args()
 common.set_threads()
-spec = importlib.util.spec_from_file_location("stage02", os.path.join(ROOT, "02_baseline_ridge.py"))
-s02 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(s02)
+s02 = common.load_stage("02_baseline_ridge.py")
 
 study = common.load_study(args.data)
 base = common.load_npz(os.path.join(args.results, f"02_baseline_{args.subject}.npz"))

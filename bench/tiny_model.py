@@ -13,7 +13,6 @@ a model whose per-frame layer norms make it blind to loudness is bounded by the 
 """
 import argparse
 import contextlib
-import importlib.util
 import io
 import os
 import sys
@@ -25,9 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("stage02", os.path.join(ROOT, "02_baseline_ridge.py"))
-stage02 = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage02)
+stage02 = common.load_stage("02_baseline_ridge.py")
 
 VARIANTS = {  # name: changes to common.tiny_config()
     "default": {},

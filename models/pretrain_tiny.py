@@ -26,7 +26,6 @@ models/pretrain_tiny.png (training curve and probe).
 """
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -40,16 +39,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-
-
-def stage(script):
-    """A numbered stage as a module (its file name starts with a digit, so no plain import)."""
-    name = "stage_" + script[:-3]
-    if name not in sys.modules:  # registered, so its functions pickle for stage 01's worker pool
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 def get_args(argv=None):
@@ -84,7 +73,7 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 def make_corpus(args, rng):
-    s01 = stage("01_prepare_data.py")
+    s01 = common.load_stage("01_prepare_data.py")
     vocab, category, _, _ = s01.make_vocabulary(
         types.SimpleNamespace(n_categories=len(s01.CATEGORIES), words_per_category=args.words_per_category,
                               semantic_dim=16), rng)
@@ -190,7 +179,7 @@ def pretrain(args, model, cnn, units, train_ids, held_ids, rng, log=print):
 def word_probe(model, stories, cnn, vocab):
     """Word identity from each layer: a ridge probe (stage 05's, whole stories held out) on each word
     token's mean frame; accuracy over the held-out stories' tokens."""
-    s05 = stage("05_linear_probes.py")
+    s05 = common.load_stage("05_linear_probes.py")
     X, y, groups = [], [], []
     for g, (st, c) in enumerate(zip(stories, cnn)):
         X.append(s05.word_representations(model, st, c, 16.0, 4.0))

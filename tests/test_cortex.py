@@ -12,10 +12,7 @@ from conftest import ROOT, load_stage
 @pytest.fixture(scope="module")
 def s1(tmp_path_factory):
     """A dataset root in ds003020's layout whose pycortex-db is pycortex's S1 ({"S1": "fullhead"})."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_s1_cortex", f"{ROOT}/assets/make_s1_cortex.py")
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+    m = common.load_stage("assets/make_s1_cortex.py")
     root = m.s1_root(str(tmp_path_factory.mktemp("s1")))
     return m, root
 

@@ -362,6 +362,8 @@ def test_bad_inputs(trained, tmp_path, capsys):
     (["--lr-adapter", "0"], "--lr-adapter 0 is out of range: it must be > 0"),
     (["--lora-dropout", "1"], "--lora-dropout 1 is out of range"),
     (["--grad-clip", "-1"], "--grad-clip -1 is out of range"),
+    (["--tune-stories", "0"], "--tune-stories 0 is out of range: it must be >= 1"),
+    (["--tune-stories", "9"], "--tune-stories 9: the study has 3 training stories"),
     (["--baseline-tag", "zz"], "--baseline-tag 'zz'"),
     (["--loss", "l1"], "argument --loss: invalid choice: 'l1'"),
     (["--resume"], "--resume: no checkpoint of 03_sim01_whole_lora_seed0"),

@@ -1,5 +1,4 @@
 """models/pretrain_tiny.py: the recipe learns, the masking masks, and the committed model is what it says."""
-import importlib.util
 import json
 import os
 
@@ -7,14 +6,10 @@ import numpy as np
 import torch
 
 import common
-from conftest import ROOT
 
 
 def recipe():
-    spec = importlib.util.spec_from_file_location("pretrain_tiny", os.path.join(ROOT, "models", "pretrain_tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return common.load_stage("models/pretrain_tiny.py")
 
 
 def test_masked_frames_are_replaced_and_only_they_change_the_input():
