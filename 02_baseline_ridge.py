@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 import common
-from common import StudyError
+from lib import anatomy, plumbing, provenance, scoring
+from lib.plumbing import StudyError
 
 DEFAULT_STRIDE_S = 4.0  # chosen from bench/features.py (README): 32x cheaper than the lab's 0.1 s
 
@@ -30,8 +31,8 @@ SETTINGS = ("model", "model_seed", "layers", "context_s", "stride_s", "delays", 
 
 
 def get_parser():
-    p = common.parser(__doc__)
-    common.add_common_args(p)
+    p = plumbing.parser(__doc__)
+    plumbing.add_common_args(p)
     p.add_argument("--model", default="tiny-pretrained", help="'tiny-pretrained' (this repository's "
                    "self-supervised tiny WavLM, models/), 'tiny' (random init) or a WavLM id/folder, "
                    "e.g. microsoft/wavlm-base-plus")
@@ -60,8 +61,8 @@ def get_args(argv=None):
 
 def check_args(args):
     """Every flag's range, before any model or data is loaded: one clear error each."""
-    common.check_window(args.context_s, args.stride_s)
-    common.check_ranges([("--sweep-voxels", args.sweep_voxels, 0, None), ("--n-folds", args.n_folds, 2, None),
+    plumbing.check_window(args.context_s, args.stride_s)
+    plumbing.check_ranges([("--sweep-voxels", args.sweep_voxels, 0, None), ("--n-folds", args.n_folds, 2, None),
                          ("--delays", max(args.delays), None, common.PAD_TRS)])
     if min(args.alphas) <= 0:
         raise StudyError(f"--alphas {min(args.alphas):g} is out of range: ridge penalties must be > 0")
@@ -76,15 +77,21 @@ def settings(args):
     return out
 
 
-def feature_cache_dir(data, name, seed, context_s, stride_s):
-    """This stage's feature cache for one model at one window setting, e.g.
-    data/features/tiny_seed0/context16s_stride4s/ (each setting keeps its own)."""
-    tag = f"tiny_seed{seed}" if name == "tiny" else name.strip("/").replace("/", "--")  # a folder-safe name
-    return os.path.join(data, "features", tag, f"context{context_s:g}s_stride{stride_s:g}s")
-
-
 def stack(features, stories, layer, delays):
     return np.vstack([common.design_matrix(features[s][layer], delays) for s in stories])
+
+
+def story_features(model, fingerprint, study, args):
+    """Every story's hidden states, downsampled to its TRs (layers x (PAD_TRS + TRs) x hidden), cached
+    under data/features/<model>/context<C>s_stride<S>s/ (one folder per window setting)."""
+    cache = plumbing.feature_cache_dir(args.data, args.model, args.model_seed, args.context_s, args.stride_s)
+    features, stories = {}, study["train"] + study["val"] + [study["test"]]
+    for i, s in enumerate(stories):
+        print(f"  features {i + 1}/{len(stories)}: {s}", flush=True)
+        features[s] = common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
+                                            args.context_s, args.stride_s, args.refresh_features, progress=True,
+                                            data=args.data)
+    return features
 
 
 def fit_and_score(features, subject_data, study, layers, args, device):
@@ -96,7 +103,7 @@ def fit_and_score(features, subject_data, study, layers, args, device):
     voxels, so a subset picks it at a fraction of the cost); the final fit always sees every voxel."""
     train, val = study["train"], study["val"]
     Y_fit = common.stack_responses(subject_data, train + val)
-    n_train = sum(common.array_shape(subject_data, f"resp_{s}")[0] for s in train)
+    n_train = sum(plumbing.array_shape(subject_data, f"resp_{s}")[0] for s in train)
     n_vox = Y_fit.shape[1]
     sweep = np.arange(n_vox)
     if args.sweep_voxels and args.sweep_voxels < n_vox:
@@ -122,21 +129,17 @@ def fit_and_score(features, subject_data, study, layers, args, device):
                 alphas=alphas, sweep_voxels=sweep), W
 
 
-def roi_masks(subject_data, n_voxels):
-    """All voxels, plus AC and non-AC where the study has an AC mask."""
-    masks = {"all": np.ones(n_voxels, bool)}
-    if "roi_AC" in subject_data:
-        masks["AC"], masks["non-AC"] = subject_data["roi_AC"], ~subject_data["roi_AC"]
-    return masks
-
-
-def roi_means(r, subject_data):
-    return {k: float(np.mean(r[m])) if m.any() else np.nan for k, m in roi_masks(subject_data, len(r)).items()}
-
-
-def frac_ceiling(r, ceiling):
-    ok = np.isfinite(ceiling) & (ceiling > 0.1)  # ratios to a near-zero ceiling are meaningless
-    return float(np.mean(r[ok]) / np.mean(ceiling[ok])) if ok.any() else np.nan
+def print_table(results):
+    """Each subject's best layer and mean test r, over all voxels, AC and the rest, and as a fraction
+    of the noise ceiling."""
+    print("\n  subject  best layer  mean r all    AC  non-AC  fraction of ceiling: all    AC  non-AC")
+    for subj, (res, subject_data) in results.items():
+        m = scoring.roi_means(res["test_r"], subject_data)
+        frac = {k: scoring.frac_ceiling(res["test_r"][v], subject_data["noise_ceiling"][v])
+                for k, v in scoring.roi_masks(subject_data, len(res["test_r"])).items()}
+        print(f"  {subj:8s} {int(res['best_layer']):10d}  {m['all']:10.3f} {m.get('AC', np.nan):5.3f}"
+              f"  {m.get('non-AC', np.nan):6.3f}  {frac['all']:24.2f} {frac.get('AC', np.nan):5.2f}"
+              f"  {frac.get('non-AC', np.nan):6.2f}")
 
 
 def plot(results, layers, path):
@@ -152,13 +155,13 @@ def plot(results, layers, path):
     rois = ["all", "AC", "non-AC"]
     width = 0.8 / len(results)
     for i, (subj, (res, subject_data)) in enumerate(results.items()):
-        m = roi_means(res["test_r"], subject_data)
+        m = scoring.roi_means(res["test_r"], subject_data)
         ax[1].bar(np.arange(len(rois)) + i * width, [m.get(k, np.nan) for k in rois], width, label=subj)
     ax[1].set_xticks(np.arange(len(rois)) + width * (len(results) - 1) / 2, rois)
     ax[1].set(ylabel="mean test r", title="Best layer, test story, by ROI")
     ax[2].plot([0, 1], [0, 1], "k--", lw=1)
     ax[2].set(xlabel="noise ceiling", ylabel="test r", title="Test r against the noise ceiling")
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def plot_flatmaps(results, path):
@@ -173,27 +176,27 @@ def plot_flatmaps(results, path):
     fig, ax = plt.subplots(1, len(flat), figsize=(5.5 * len(flat), 3.2), squeeze=False)
     vmax = max(float(np.quantile(res["test_r"], 0.99)) for res, _ in flat.values())
     for a, (subj, (res, d)) in zip(ax[0], flat.items()):
-        im = common.draw_flatmap(a, res["test_r"], d["flat_index"], d["flat_extents"], d.get("roi_AC"),
+        im = anatomy.draw_flatmap(a, res["test_r"], d["flat_index"], d["flat_extents"], d.get("roi_AC"),
                                  f"{subj}: test r, layer {int(res['best_layer'])} (AC outlined)",
                                  cmap="inferno", vmin=0, vmax=vmax)
     fig.colorbar(im, ax=ax[0].tolist(), shrink=0.7, label="test r")
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
     return path
 
 
 def main(argv=None):
     args = get_args(argv)
-    common.set_threads(args.threads)
+    plumbing.set_threads(args.threads)
     t0 = time.time()
     try:
         check_args(args)
-        device = common.pick_device(args.device)
+        device = plumbing.pick_device(args.device)
         study = common.load_study(args.data)
-        subjects = common.subject_list(args.subjects, study)
+        subjects = plumbing.subject_list(args.subjects, study)
         subject_files = {s: common.load_subject(args.data, s, study) for s in subjects}
         defaults = settings(get_args([]))
-        tag = common.settings_tag(settings(args), defaults)
-        flags = common.as_flags(settings(args), defaults)
+        tag = provenance.settings_tag(settings(args), defaults)
+        flags = provenance.as_flags(settings(args), defaults)
         print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {device}"
               + (f"; settings {' '.join(flags)} -> files tagged {tag[1:]}" if tag else ""))
         model = common.load_wavlm(args.model, args.model_seed, device)
@@ -201,70 +204,41 @@ def main(argv=None):
         layers = args.layers if args.layers else list(range(n_states))
         if any(not 0 <= layer < n_states for layer in layers):
             raise StudyError(f"--layers {' '.join(map(str, layers))}: {args.model} has hidden states 0..{n_states - 1}")
-        cache = feature_cache_dir(args.data, args.model, args.model_seed, args.context_s, args.stride_s)
-        fingerprint = common.model_fingerprint(model)
-        features = {}
-        stories = study["train"] + study["val"] + [study["test"]]
-        for i, s in enumerate(stories):
-            print(f"  features {i + 1}/{len(stories)}: {s}", flush=True)
-            features[s] = common.story_features(model, fingerprint, cache,
-                                                os.path.join(args.data, "stories", f"{s}.npz"), args.context_s,
-                                                args.stride_s, args.refresh_features, progress=True, data=args.data)
+        fingerprint = plumbing.model_fingerprint(model)
+        features = story_features(model, fingerprint, study, args)
         results = {}
         for subj in subjects:
             subject_data = subject_files[subj]
-            n_vox = common.array_shape(subject_data, "test_resp")[1]
+            n_vox = plumbing.array_shape(subject_data, "test_resp")[1]
             print(f"  subject {subj}: {n_vox} voxels, ridge per layer", flush=True)
             res, W = fit_and_score(features, subject_data, study, layers, args, device)
             if args.save_weights:  # apart from the results: stages 03-05 read those whole
-                common.save_npz(os.path.join(args.results, f"02_weights_{subj}{tag}.npz"), weights=W)
+                plumbing.save_npz(os.path.join(args.results, f"02_weights_{subj}{tag}.npz"), weights=W)
             del W
             # what this result was built from: later stages check it before using it
             prov = dict(stage="02", subject=subj, stories=study["stories_fingerprint"],
                         subject_data=study["subject_fingerprints"][subj], model=args.model,
                         model_fingerprint=fingerprint, settings=settings(args), tag=tag[1:], flags=flags)
             path = os.path.join(args.results, f"02_baseline_{subj}{tag}.npz")
-            note_replacement(path, prov)
-            common.save_npz(path, **res, layers=np.array(layers), noise_ceiling=subject_data["noise_ceiling"],
-                            model=np.array(args.model), model_seed=np.int64(args.model_seed),
-                            context_s=np.float64(args.context_s), stride_s=np.float64(args.stride_s),
-                            delays=np.array(args.delays), alpha_grid=np.array(args.alphas, np.float64),
-                            n_folds=np.int64(args.n_folds), provenance=np.array(json.dumps(prov, sort_keys=True)))
+            provenance.note_replacement(path, prov)
+            plumbing.save_npz(path, **res, layers=np.array(layers), noise_ceiling=subject_data["noise_ceiling"],
+                              model=np.array(args.model), model_seed=np.int64(args.model_seed),
+                              context_s=np.float64(args.context_s), stride_s=np.float64(args.stride_s),
+                              delays=np.array(args.delays), alpha_grid=np.array(args.alphas, np.float64),
+                              n_folds=np.int64(args.n_folds), provenance=np.array(json.dumps(prov, sort_keys=True)))
             results[subj] = (res, subject_data)
     except StudyError as e:
-        common.fail(e)
+        plumbing.fail(e)
     except KeyboardInterrupt:
-        common.fail("interrupted: subjects finished before it are saved; rerun the same command", 130)
+        plumbing.fail("interrupted: subjects finished before it are saved; rerun the same command", 130)
     # a subset of subjects draws its own figure: it never replaces the full one
     subset = "" if subjects == study["subjects"] else "_" + "-".join(subjects)
     figure = os.path.join(args.results, f"02_baseline{tag}{subset}.png")
     plot(results, layers, figure)
     flatmaps = plot_flatmaps(results, os.path.join(args.results, f"02_flatmaps{tag}{subset}.png"))
-    print("\n  subject  best layer  mean r all    AC  non-AC  fraction of ceiling: all    AC  non-AC")
-    for subj, (res, subject_data) in results.items():
-        m = roi_means(res["test_r"], subject_data)
-        frac = {k: frac_ceiling(res["test_r"][v], subject_data["noise_ceiling"][v])
-                for k, v in roi_masks(subject_data, len(res["test_r"])).items()}
-        print(f"  {subj:8s} {int(res['best_layer']):10d}  {m['all']:10.3f} {m.get('AC', np.nan):5.3f}"
-              f"  {m.get('non-AC', np.nan):6.3f}  {frac['all']:24.2f} {frac.get('AC', np.nan):5.2f}"
-              f"  {frac.get('non-AC', np.nan):6.2f}")
+    print_table(results)
     print(f"\nwrote {args.results}/02_baseline_<subject>{tag}.npz, {os.path.basename(figure)}"
           f"{' and ' + os.path.basename(flatmaps) if flatmaps else ''} in {time.time() - t0:.0f} s")
-
-
-def note_replacement(path, prov):
-    """Rerunning the same settings replaces its own result; say so when it was built from other
-    inputs (another study or other model weights): stage 03 runs scored against it become stale."""
-    if not os.path.exists(path):
-        return
-    try:
-        old = json.loads(str(common.load_npz(path).get("provenance", "{}")))
-    except StudyError:
-        old = {}
-    if common.digest(old) != common.digest(prov):
-        why = ("another study" if old.get("stories") != prov["stories"] or old.get("subject_data") != prov["subject_data"]
-               else "other model weights" if old.get("model_fingerprint") != prov["model_fingerprint"] else "other inputs")
-        print(f"  note: replacing {path}, built from {why}: stage 03 runs scored against it will be refused until rerun")
 
 
 if __name__ == "__main__":

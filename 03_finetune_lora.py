@@ -24,16 +24,16 @@ import copy
 import json
 import os
 import re
-import shutil
 import time
 
 import numpy as np
 import torch
 
 import common
-from common import StudyError
+from lib import anatomy, checkpoints, plumbing, provenance
+from lib.checkpoints import ROIS
+from lib.plumbing import StudyError
 
-ROIS = ("whole", "AC", "LH", "RH")
 # what a run depends on besides its subject, ROI, seed and stage 02 result: its name carries a tag
 # when one differs from the defaults, and --resume continues with the saved values
 TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "norm", "tune_stories", "layer", "lora_rank",
@@ -42,8 +42,8 @@ TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "norm", "tune_s
 
 
 def get_parser():
-    p = common.parser(__doc__)
-    common.add_common_args(p)
+    p = plumbing.parser(__doc__)
+    plumbing.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder (default: checkpoints/)")
     p.add_argument("--subject", nargs="+", help="subjects to tune on, one run each (default: every subject)")
     p.add_argument("--roi", default="whole", help=f"voxels the loss sees: {'|'.join(ROIS)} (Section 3.2)")
@@ -107,18 +107,14 @@ def run_tag(args, baseline):
     """'' for the defaults' settings against stage 02's defaults' result, else '_' + 6 hex digits."""
     mine = dict(run_settings(args), baseline=baseline["tag"])
     mine.pop("full_finetune")
-    return common.settings_tag(mine, dict(DEFAULTS, baseline=""))
+    return provenance.settings_tag(mine, dict(DEFAULTS, baseline=""))
 
-
-# ---------------------------------------------------------------------------------------------
-# The end-to-end model: WavLM layer -> norm -> Lanczos -> delays -> bottleneck readout
-# ---------------------------------------------------------------------------------------------
 
 def check_args(args):
     """Every flag's range, before any data or model is loaded: one clear error each."""
     if args.roi not in ROIS:
         raise StudyError(f"unknown ROI {args.roi!r}: choose one of {', '.join(ROIS)}")
-    common.check_ranges([("--block-trs", args.block_trs, 1, None), ("--batch-blocks", args.batch_blocks, 1, None),
+    plumbing.check_ranges([("--block-trs", args.block_trs, 1, None), ("--batch-blocks", args.batch_blocks, 1, None),
                          ("--epochs", args.epochs, 1, None), ("--patience", args.patience, 1, None),
                          ("--lora-rank", args.lora_rank, 1, None), ("--bottleneck", args.bottleneck, 0, None),
                          ("--lora-dropout", args.lora_dropout, 0, 0.99), ("--layer", args.layer or 0, 0, None),
@@ -127,7 +123,7 @@ def check_args(args):
                         ("--lora-alpha", args.lora_alpha), ("--grad-clip", args.grad_clip)):
         if not value > 0:
             raise StudyError(f"{flag} {value:g} is out of range: it must be > 0")
-    common.check_window(args.train_context_s, args.train_stride_s, ("--train-context-s", "--train-stride-s"))
+    plumbing.check_window(args.train_context_s, args.train_stride_s, ("--train-context-s", "--train-stride-s"))
     if args.baseline_tag not in (None, "default") and not re.fullmatch(r"[0-9a-f]{6}", args.baseline_tag):
         raise StudyError(f"--baseline-tag {args.baseline_tag!r}: a tag is 'default' or 6 hex digits, as in "
                          "02_baseline_<subject>_<tag>.npz")
@@ -143,231 +139,22 @@ def check_lora_targets(model, targets):
                          f"choose from {' '.join(linear)}")
 
 
-def make_readout(n_in, n_vox, bottleneck):
-    if bottleneck:
-        return torch.nn.Sequential(torch.nn.Linear(n_in, bottleneck), torch.nn.Linear(bottleneck, n_vox))
-    return torch.nn.Linear(n_in, n_vox)
-
-
-def delay_reach(delays):
-    """TRs the delays read before and after a block (a negative delay reads later rows)."""
-    return max(0, max(delays)), max(0, -min(delays))
-
-
-def block_features(model, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
-    """WavLM frames (frames x hidden, on the story's clock) covering rows i0..i1 of one story, plus
-    the TR grid the readout needs (rows i0 - max(delays) .. i1). Differentiable through WavLM."""
-    tr = np.mean(np.diff(story["tr_times"]))
-    before, after = delay_reach(delays)
-    grid = story["tr_times"][0] + tr * np.arange(i0 - before, i1 + after)  # rows feeding the delays, too
-    half = 3 * tr  # the Lanczos window reaches 3 TRs each side
-    sr = 16000
-    # segment edges on the story's own window grid (multiples of the stride), plus whole windows of
-    # past context: the block's features are then exactly the whole story's at the same setting
-    step = int(round(args.train_stride_s * sr))
-    ctx = int(np.ceil(args.train_context_s / args.train_stride_s)) * step
-    a = max(0, int((grid[0] - half) * sr) // step * step - ctx)
-    b = min(len(story["audio"]), -(-int((grid[-1] + half) * sr + common.FRAME_WIN) // step) * step + common.FRAME_WIN)
-    cnn = story.get("cnn")  # the frozen CNN's output, computed once per story (local CNNs)
-    if cnn is not None:
-        cnn = cnn[a // common.FRAME_HOP:a // common.FRAME_HOP + common.n_frames(b - a)]
-    feats, times = common.extract_features(model, story["audio"][a:b], layers=[layer], grad=grad, cnn=cnn,
-                                           context_s=args.train_context_s, stride_s=args.train_stride_s)
-    return torch.as_tensor(feats[0], device=story["audio"].device), times + a / sr, grid
-
-
-def readout_head(readout, frames, times, grid, delays=(1, 2, 3, 4), norm="block"):
-    """Frames -> differentiable Lanczos to the grid -> per-feature norm -> delays -> readout."""
-    x = common.lanczos_interp(frames, times, grid)
-    if norm == "block":
-        # Per-feature normalisation over the block (the paper's readout starts with an InstanceNorm):
-        # stage 02 z-scores per story, but a block of 32 TRs is all one step sees, so it is
-        # normalised on its own (docs/methods.md measures what it changes: --norm none)
-        x = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    before, after = delay_reach(delays)
-    return readout(common.make_delayed(x, delays)[before:len(grid) - after])
-
-
-def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
-    """Predicted responses of rows i0..i1 of one story, differentiable through WavLM."""
-    return readout_head(readout, *block_features(model, story, i0, i1, layer, args, delays, grad), delays, args.norm)
-
-
-def load_stories(model, data, names, device):
-    """Audio and TR times of each story on `device`, plus the frozen CNN's output when it is
-    frame-local (common.story_cnn), computed once (and cached on disk for the next run) rather than
-    in every block of every epoch."""
-    stories = {}
-    for s in names:
-        story_file = common.load_npz(os.path.join(data, "stories", f"{s}.npz"))
-        audio = torch.as_tensor(story_file["audio"], device=device)
-        stories[s] = dict(audio=audio, tr_times=story_file["tr_times"], cnn=common.story_cnn(model, audio, data, s))
-    return stories
-
-
-def spatial_corr_loss(pred, y):
-    """-(1/T) sum_t corr_voxels(pred[t], y[t]): the paper's loss; blind to each TR's scale."""
-    p = pred - pred.mean(1, keepdim=True)
-    q = y - y.mean(1, keepdim=True)
-    r = (p * q).sum(1) / (p.norm(dim=1) * q.norm(dim=1) + 1e-8)
-    return -r.mean()
-
-
 def predict_story(model, readout, story, layer, args, delays):
+    """A whole story's predicted responses, block by block (no gradient)."""
     rows = len(story["tr_times"])
     with torch.no_grad():
-        return torch.cat([predict_block(model, readout, story, i, min(rows, i + args.block_trs), layer, args,
-                                        delays, grad=False) for i in range(0, rows, args.block_trs)]).cpu().numpy()
+        return torch.cat([common.predict_block(model, readout, story, i, min(rows, i + args.block_trs), layer, args,
+                                               delays, grad=False) for i in range(0, rows, args.block_trs)]).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: peft adapter (or full model) + readout, optimizer, RNG state, history, provenance
-# ---------------------------------------------------------------------------------------------
-
-def save_checkpoint(folder, model, readout, opt, epoch, history, prov):
-    """Write <folder>.tmp completely (state.pt last, itself by rename), then swap it in: the old copy
-    is renamed aside before the new one takes its place and removed after. At any instant one
-    complete copy exists, and recover_checkpoint finds it."""
-    tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(os.path.join(tmp, "model"))  # peft: adapter_config.json + adapter_model.safetensors
-    torch.save(dict(readout=readout.state_dict(), opt=opt.state_dict(), epoch=epoch, history=history,
-                    torch_rng=torch.get_rng_state(), provenance=prov), os.path.join(tmp, "state.pt.part"))
-    os.replace(os.path.join(tmp, "state.pt.part"), os.path.join(tmp, "state.pt"))  # now tmp is complete
-    if os.path.isdir(folder):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_checkpoint(folder):
-    """After a crash mid-save: the newest complete copy (folder, then .tmp, then .old) goes in
-    place and the leftovers are removed. True if a complete checkpoint is there."""
-    for copy_ in (folder, folder + ".tmp", folder + ".old"):
-        if os.path.exists(os.path.join(copy_, "state.pt")):
-            if copy_ != folder:
-                shutil.rmtree(folder, ignore_errors=True)
-                os.replace(copy_, folder)
-            break
-    for leftover in (folder + ".tmp", folder + ".old"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    return os.path.exists(os.path.join(folder, "state.pt"))
-
-
-def read_state(folder):
-    return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
-
-
-def run_folder(path):
-    """The run's checkpoint folder of a path to it or to its best/ or last/."""
-    path = os.path.normpath(path)
-    return os.path.dirname(path) if os.path.basename(path) in ("best", "last") else path
-
-
-def load_model_weights(folder, model, full):
-    """A checkpoint's WavLM weights (full) or LoRA adapters into the run's own model."""
-    from safetensors.torch import load_file
-    if full:
-        common.base_wavlm(model).load_state_dict(load_file(os.path.join(folder, "model", "model.safetensors")))
-    else:
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, load_file(os.path.join(folder, "model", "adapter_model.safetensors")))
-
-
-def load_weights(folder, model, readout, full):
-    """Load a checkpoint into the run's own model and readout (the optimizer keeps pointing at them)."""
-    load_model_weights(folder, model, full)
-    state = read_state(folder)
-    readout.load_state_dict(state["readout"])
-    return state
-
-
-def init_source(args, subj, seed):
-    """--init-from as a checkpoint folder: a path, or an ROI word naming this subject's run of that
-    ROI with the same mode and seed in --checkpoints (the only one; several are an error)."""
-    wanted = args.init_from.rstrip("/")
-    if wanted not in ROIS:
-        return wanted
-    mode = "full" if args.full_finetune else "lora"
-    runs = [n for n, _, src in common.find_runs(args.checkpoints, subj, wanted, mode, seed, "") if src is None]
-    if len(runs) != 1:
-        found = f"{len(runs)} of them: {', '.join(runs)}" if runs else "none"
-        raise StudyError(f"--init-from {wanted}: want exactly one checkpoint {common.run_name(subj, wanted, mode, seed)}"
-                         f"[_<tag>] in {args.checkpoints}/, found {found}; pass the folder itself")
-    return os.path.join(args.checkpoints, runs[0])
-
-
-def init_checkpoint(path, prov):
-    """The best epoch of the stage 03 run at `path` (its folder, or its best/ or last/), checked to
-    fit this run: same study, same base model weights, same mode, same LoRA shape. Returns
-    (folder, its run name, its provenance fingerprint)."""
-    folder = os.path.join(path, "best") if os.path.isdir(os.path.join(path, "best")) else path
-    if not os.path.exists(os.path.join(folder, "state.pt")):
-        raise StudyError(f"--init-from {path}: no stage 03 checkpoint there ({os.path.join(folder, 'state.pt')} "
-                         "not found); pass a folder like checkpoints/03_<subject>_whole_lora_seed0, or an ROI")
-    theirs = read_state(folder).get("provenance")
-    if theirs is None:
-        raise StudyError(f"--init-from {path}: the checkpoint predates provenance records (no record of its "
-                         "base model or study); rerun that stage 03 run")
-    if theirs["stories"] != prov["stories"]:
-        raise StudyError(f"--init-from {path} was tuned on another study (its stories differ from this data's)")
-    if theirs["model_fingerprint"] != prov["model_fingerprint"]:
-        raise StudyError(f"--init-from {path} was tuned from another base model ({theirs['model']}) than "
-                         f"stage 02's ({prov['model']}) or other weights of it")
-    if theirs["mode"] != prov["mode"]:
-        raise StudyError(f"--init-from {path} is a {theirs['mode']} checkpoint; this run is {prov['mode']}"
-                         f" ({'drop' if prov['mode'] == 'full' else 'add'} --full-finetune)")
-    shape = ("lora_rank", "lora_alpha", "lora_targets")
-    if prov["mode"] == "lora" and [theirs["settings"][k] for k in shape] != [prov["settings"][k] for k in shape]:
-        raise StudyError(f"--init-from {path} has another LoRA shape (rank {theirs['settings']['lora_rank']}, alpha "
-                         f"{theirs['settings']['lora_alpha']:g}, targets {' '.join(theirs['settings']['lora_targets'])}) "
-                         "than this run; pass the same --lora-rank, --lora-alpha and --lora-targets")
-    return folder, os.path.basename(run_folder(folder)), common.digest(theirs)
-
-
-def resume_args(args, explicit, subj, seed):
-    """--resume: the run's own settings from its last checkpoint. The checkpoint is found among this
-    subject's runs of the ROI, mode and seed asked for; a flag given now that differs from the saved
-    value is an error naming both. No checkpoint to continue is an error, never a fresh start."""
-    mode = "full" if args.full_finetune else "lora"
-    wanted_init = None if args.init_from is None else os.path.basename(run_folder(args.init_from))
-    found = []
-    for name, _, src in common.find_runs(args.checkpoints, subj, args.roi, mode, seed, ""):
-        if common.init_matches(src, wanted_init, subj) and recover_checkpoint(os.path.join(args.checkpoints, name, "last")):
-            found.append((name, read_state(os.path.join(args.checkpoints, name, "last"))["provenance"]))
-    if not found:
-        others = sorted(os.path.basename(f) for f in common.glob.glob(os.path.join(args.checkpoints, f"03_{subj}_*"))
-                        if os.path.isdir(f))
-        raise StudyError(f"--resume: no checkpoint of {common.run_name(subj, args.roi, mode, seed)}[_<tag>] in "
-                         f"{args.checkpoints}/ to continue{' (there: ' + ', '.join(others) + ')' if others else ''}; "
-                         "start the run without --resume")
-    mine = run_settings(args)
-    fits = [(n, p) for n, p in found if all(p["settings"].get(k) == mine[k] for k in explicit if k in mine)]
-    if not fits:
-        name, prov = found[0]
-        k = next(k for k in explicit if k in mine and prov["settings"].get(k) != mine[k])
-        saved = common.as_flags({k: prov["settings"].get(k)}, {}) or [f"--{k.replace('_', '-')} {prov['settings'].get(k)}"]
-        raise StudyError(f"--resume: {args.checkpoints}/{name} was started with {saved[0]}, you gave "
-                         f"{(common.as_flags({k: mine[k]}, {}) or ['no --' + k.replace('_', '-')])[0]}; drop the flag "
-                         "to continue it with its own, or start a new run without --resume")
-    if len(fits) > 1:
-        raise StudyError("--resume: several runs fit: " + "; ".join(f"{n} ({' '.join(p['flags']) or 'defaults'})"
-                         for n, p in fits) + "; give the flags of the one to continue")
-    resumed = copy.copy(args)
-    for k, v in fits[0][1]["settings"].items():
-        setattr(resumed, k, v)
-    return resumed
-
-
-# ---------------------------------------------------------------------------------------------
-# One run: train, keep the best epoch, evaluate linearized and end to end
+# One run: set up -> train -> evaluate the best epoch (linearized and end to end) -> save
 # ---------------------------------------------------------------------------------------------
 
 def roi_mask(args, subject_data, subj):
     """The voxels the loss sees (Section 3.2: whole cortex, AC, LH or RH)."""
     if args.roi == "whole":
-        return np.ones(common.array_shape(subject_data, "test_resp")[1], bool)
+        return np.ones(plumbing.array_shape(subject_data, "test_resp")[1], bool)
     if f"roi_{args.roi}" not in subject_data:
         raise StudyError(f"{args.data}/subjects/{subj}.npz has no {args.roi} mask; for ds003020 pass "
                          "--roi-file or --rois-from-pycortex to 01_prepare_data.py")
@@ -388,8 +175,8 @@ def setup_model(args, baseline, seed, n_vox, device, prov=None):
     model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
     prov = dict(prov or dict(stories=baseline["provenance"]["stories"], settings=run_settings(args)),
                 model=str(baseline["model"]), model_seed=int(baseline["model_seed"]),
-                mode="full" if args.full_finetune else "lora", model_fingerprint=common.model_fingerprint(model))
-    init = init_checkpoint(args.init_from, prov) if args.init_from else None
+                mode="full" if args.full_finetune else "lora", model_fingerprint=plumbing.model_fingerprint(model))
+    init = checkpoints.init_checkpoint(args.init_from, prov) if args.init_from else None
     if args.full_finetune:
         for n, p_ in model.named_parameters():
             p_.requires_grad = not n.startswith("feature_extractor")
@@ -397,10 +184,10 @@ def setup_model(args, baseline, seed, n_vox, device, prov=None):
         check_lora_targets(model, args.lora_targets)
         model = common.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets)
     if init:
-        load_model_weights(init[0], model, args.full_finetune)
+        checkpoints.load_model_weights(init[0], model, args.full_finetune)
     torch.manual_seed(seed)  # the readout starts the same whether LoRA or full fine-tuning came before
     n_delays = len(common.ridge_recipe(baseline)["delays"])
-    readout = make_readout(model.config.hidden_size * n_delays, n_vox, args.bottleneck).to(device)
+    readout = common.make_readout(model.config.hidden_size * n_delays, n_vox, args.bottleneck).to(device)
     opt = torch.optim.Adam([{"params": [p_ for p_ in model.parameters() if p_.requires_grad], "lr": args.lr_adapter},
                             {"params": readout.parameters(), "lr": args.lr_readout}])
     return model, readout, opt, prov, init
@@ -413,12 +200,7 @@ def train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, 
     blocks = [(s, i) for s in study["train"][:args.tune_stories] for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
     history, start = dict(val_r=[], loss=[]), 0
     if args.resume:
-        recover_checkpoint(os.path.join(ckpt, "best"))
-        state = load_weights(os.path.join(ckpt, "last"), model, readout, args.full_finetune)
-        opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["torch_rng"])
-        history, start = state["history"], state["epoch"] + 1
-        print(f"  resuming {name} after epoch {start}")
+        history, start = checkpoints.resume(ckpt, model, readout, opt, args.full_finetune)
     for epoch in range(start, args.epochs):
         if history["val_r"] and epoch - 1 - int(np.argmax(history["val_r"])) >= args.patience:
             print(f"  early stop: no better validation r for {args.patience} epochs")
@@ -427,16 +209,16 @@ def train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, 
         order = np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))  # seeded, resumable
         losses = []
         steps = range(0, len(order), args.batch_blocks)
-        bar = common.progress_bar(steps, f"  {name} epoch {epoch + 1}")
+        bar = plumbing.progress_bar(steps, f"  {name} epoch {epoch + 1}")
         for k in bar:
             opt.zero_grad()
             for j in order[k:k + args.batch_blocks]:
                 s, i0 = blocks[j]
                 i1 = min(len(stories[s]["tr_times"]), i0 + args.block_trs)
-                with common.autocast(device):
-                    pred = predict_block(model, readout, stories[s], i0, i1, layer, args, delays).float()
+                with plumbing.autocast(device):
+                    pred = common.predict_block(model, readout, stories[s], i0, i1, layer, args, delays).float()
                 y = resp[s][i0:i1]
-                loss = spatial_corr_loss(pred, y) if args.loss == "corr" else torch.mean((pred - y) ** 2)
+                loss = common.spatial_corr_loss(pred, y) if args.loss == "corr" else torch.mean((pred - y) ** 2)
                 (loss / args.batch_blocks).backward()
                 losses.append(loss.item())
             torch.nn.utils.clip_grad_norm_([p_ for g in opt.param_groups for p_ in g["params"]], args.grad_clip)
@@ -452,8 +234,8 @@ def train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, 
         print(f"  {name} epoch {epoch + 1}: loss {np.mean(losses):.4f}, val r {val_r:.4f}"
               f"{'  (best)' if best == epoch else ''}", flush=True)
         if best == epoch:
-            save_checkpoint(os.path.join(ckpt, "best"), model, readout, opt, epoch, history, prov)
-        save_checkpoint(os.path.join(ckpt, "last"), model, readout, opt, epoch, history, prov)
+            checkpoints.save_checkpoint(os.path.join(ckpt, "best"), model, readout, opt, epoch, history, prov)
+        checkpoints.save_checkpoint(os.path.join(ckpt, "last"), model, readout, opt, epoch, history, prov)
     return history
 
 
@@ -462,13 +244,13 @@ def evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, laye
     voxels only). Linearized (Section 3.1): its features through stage 02's exact ridge recipe, so
     the gain over the baseline compares like with like; those features are cached for stage 04.
     Returns (direct r, linearized r, the ridge's per-voxel alphas)."""
-    load_weights(os.path.join(ckpt, "best"), model, readout, args.full_finetune)
+    checkpoints.load_weights(os.path.join(ckpt, "best"), model, readout, args.full_finetune)
     model.eval()
     direct = np.full(len(mask), np.nan, np.float32)
     predicted = predict_story(model, readout, stories[study["test"]], layer, args, delays)
     direct[mask] = common.pearson_r(subject_data["test_resp"][:, mask], predicted)
     cache = os.path.join(args.data, "features", name)
-    fingerprint = common.model_fingerprint(model)
+    fingerprint = plumbing.model_fingerprint(model)
     features = {s: common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
                                          float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True,
                                          top_layer=layer, cnn=stories[s]["cnn"])[layer]
@@ -480,63 +262,67 @@ def evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, laye
 
 
 def run(args, subj, seed, study, device, baseline):
-    """One run: set up the model, train it, evaluate its best epoch, save results and a figure."""
+    """One run: set up the model, train it, evaluate its best epoch, save the result and a figure."""
     subject_data = common.load_subject(args.data, subj, study)
     mask = roi_mask(args, subject_data, subj)
     layer = args.layer if args.layer is not None else int(baseline["best_layer"])
     delays = common.ridge_recipe(baseline)["delays"]  # the end-to-end model uses stage 02's delays
-    tag = run_tag(args, baseline)
-    prov = dict(stage="03", subject=subj, roi=args.roi, seed=seed, stories=study["stories_fingerprint"],
-                subject_data=study["subject_fingerprints"][subj], settings=run_settings(args), tag=tag[1:],
-                flags=common.as_flags(run_settings(args), DEFAULTS),
-                baseline=dict(file=os.path.basename(baseline["path"]), tag=baseline["tag"],
-                              fingerprint=baseline["fingerprint"]))
     if args.init_from:
         args = copy.copy(args)
-        args.init_from = init_source(args, subj, seed)
+        args.init_from = checkpoints.init_source(args, subj, seed)
+    prov = run_provenance(args, subj, seed, study, baseline)
     model, readout, opt, prov, init = setup_model(args, baseline, seed, int(mask.sum()), device, prov)
     if not 0 <= layer <= model.config.num_hidden_layers:
         raise StudyError(f"--layer {layer}: the model has hidden states 0..{model.config.num_hidden_layers}")
-    prov["init_from"] = dict(name=init[1], fingerprint=init[2]) if init else None
-    name = common.run_name(subj, args.roi, prov["mode"], seed, tag, init[1] if init else None)
-    prov["flags"] += [f"--init-from {args.init_from}"] if init else []
+    name, finished = open_run(args, subj, seed, prov, init)  # its name; a finished --resume returns its result
+    if finished is not None:
+        return name, finished, subject_data
     ckpt = os.path.join(args.checkpoints, name)
-    result = os.path.join(args.results, f"{name}.npz")
-    if args.resume:
-        last = read_state(os.path.join(ckpt, "last"))
-        saved = last["provenance"]
-        if common.digest(saved) != common.digest(prov):
-            why = [k for k in ("stories", "subject_data", "baseline", "model_fingerprint", "init_from") if saved.get(k) != prov.get(k)]
-            raise StudyError(f"--resume: {ckpt} was trained from other inputs ({', '.join(why) or 'settings'} differ: the "
-                             "study, stage 02 or the run it started from changed since); start it again without --resume")
-        if os.path.exists(result) and str(common.load_npz(result).get("fingerprint")) == common.digest(prov) \
-                and last["epoch"] + 1 >= args.epochs:
-            print(f"  {name}: already finished, {result} is its result")
-            return name, common.load_npz(result), subject_data
-    elif os.path.exists(ckpt):
-        print(f"  note: starting {name} again: its earlier checkpoint (same settings) is replaced")
-        shutil.rmtree(ckpt)
-    stories = load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device)
+
+    stories = common.load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device)
     resp = {s: torch.as_tensor(subject_data[f"resp_{s}"][:, mask], device=device) for s in study["train"][:args.tune_stories]}
     val_resp = {s: subject_data[f"resp_{s}"][:, mask] for s in study["val"]}
     history = train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, layer, seed, device, study,
                     delays)
     del resp  # the ridge below reads the responses again: never hold them twice (UTS01: ~10 GB each)
-
     direct, tuned, tuned_alphas = evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, layer,
                                            study, baseline, device, delays)
+
     out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, alphas_tuned=tuned_alphas, test_r_direct=direct,
                val_r_by_epoch=np.array(history["val_r"], np.float32), loss_by_epoch=np.array(history["loss"], np.float32),
                best_epoch=np.int64(int(np.argmax(history["val_r"])) + 1), layer=np.int64(layer), roi_mask=mask,
                roi=np.array(args.roi), mode=np.array(prov["mode"]), seed=np.int64(seed), subject=np.array(subj),
                init_from=np.array(init[0] if init else ""), delays=np.array(delays),
                settings=np.array(json.dumps(run_settings(args), sort_keys=True)),
-               provenance=np.array(json.dumps(prov, sort_keys=True)), fingerprint=np.array(common.digest(prov)))
-    if os.path.exists(result) and str(common.load_npz(result).get("fingerprint")) != out["fingerprint"]:
-        print(f"  note: replacing {result}, made from other inputs (the study or stage 02 changed since)")
+               provenance=np.array(json.dumps(prov, sort_keys=True)), fingerprint=np.array(provenance.digest(prov)))
+    result = os.path.join(args.results, f"{name}.npz")
+    provenance.note_replaced_run(result, out["fingerprint"])
     plot(out, subject_data, os.path.join(args.results, f"{name}.png"))
-    common.save_npz(result, **out)  # last: a run with its result file is finished (--resume skips it)
+    plumbing.save_npz(result, **out)  # last: a run with its result file is finished (--resume skips it)
     return name, out, subject_data
+
+
+def run_provenance(args, subj, seed, study, baseline):
+    """What a run is built from (lib/provenance.py): the study, the subject's file, its settings and
+    the stage 02 result it is scored against; setup_model adds the base model, open_run the run it
+    started from."""
+    return dict(stage="03", subject=subj, roi=args.roi, seed=seed, stories=study["stories_fingerprint"],
+                subject_data=study["subject_fingerprints"][subj], settings=run_settings(args),
+                tag=run_tag(args, baseline)[1:], flags=provenance.as_flags(run_settings(args), DEFAULTS),
+                baseline=dict(file=os.path.basename(baseline["path"]), tag=baseline["tag"],
+                              fingerprint=baseline["fingerprint"]))
+
+
+def open_run(args, subj, seed, prov, init):
+    """The run's name (lib/provenance.py) and, with --resume, its checks (lib/checkpoints.py):
+    (name, the finished run's result or None)."""
+    prov["init_from"] = dict(name=init[1], fingerprint=init[2]) if init else None
+    tag = "_" + prov["tag"] if prov["tag"] else ""
+    name = provenance.run_name(subj, args.roi, prov["mode"], seed, tag, init[1] if init else None)
+    prov["flags"] += [f"--init-from {args.init_from}"] if init else []
+    finished = checkpoints.start(os.path.join(args.checkpoints, name), os.path.join(args.results, f"{name}.npz"),
+                                 prov, args.resume, args.epochs)
+    return name, finished
 
 
 def plot(out, subject_data, path):
@@ -565,47 +351,47 @@ def plot(out, subject_data, path):
         delta = t - b
         lim = float(np.quantile(np.abs(delta), 0.99)) or 1.0
         a = fig.add_subplot(2, 1, 2)
-        im = common.draw_flatmap(a, delta, subject_data["flat_index"], subject_data["flat_extents"],
+        im = anatomy.draw_flatmap(a, delta, subject_data["flat_index"], subject_data["flat_extents"],
                                  subject_data.get("roi_AC"), f"delta r, {out['roi']}-tuned {out['mode']} (AC outlined)",
                                  cmap="RdBu_r", vmin=-lim, vmax=lim)
         fig.colorbar(im, ax=a, shrink=0.8, label="tuned - baseline r")
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
-    explicit = common.explicit_flags(p, argv)
-    common.set_threads(args.threads)
+    explicit = provenance.explicit_flags(p, argv)
+    plumbing.set_threads(args.threads)
     t0 = time.time()
     rows, current = [], {}
     try:
         check_args(args)
-        device = common.pick_device(args.device)
+        device = plumbing.pick_device(args.device)
         study = common.load_study(args.data)
-        subjects = common.subject_list(args.subject, study)
+        subjects = plumbing.subject_list(args.subject, study)
         if args.tune_stories and args.tune_stories > len(study["train"]):
             raise StudyError(f"--tune-stories {args.tune_stories}: the study has {len(study['train'])} training stories")
         for subj in subjects:
-            baseline = common.load_baseline(args, subj, study, common.baseline_tag_flag(args.baseline_tag))
+            baseline = provenance.load_baseline(args, subj, study, provenance.baseline_tag_flag(args.baseline_tag))
             for seed in args.seeds or [args.seed]:
-                run_args = resume_args(args, explicit, subj, seed) if args.resume else args
+                run_args = checkpoints.resume_args(args, explicit, subj, seed, run_settings) if args.resume else args
                 current.update(subject=subj, seed=seed, args=run_args)
                 print(f"stage 03: {subj}, roi {args.roi}, {'full fine-tuning' if args.full_finetune else 'LoRA'},"
                       f" seed {seed}, device {device}", flush=True)
                 rows.append(run(run_args, subj, seed, study, device, baseline))
     except StudyError as e:
-        common.fail(e)
+        plumbing.fail(e)
     except KeyboardInterrupt:
         if not current:
-            common.fail("interrupted before any training; nothing was written", 130)
+            plumbing.fail("interrupted before any training; nothing was written", 130)
         a = current["args"]
-        common.fail("interrupted: continue with " + common.command(
+        plumbing.fail("interrupted: continue with " + provenance.command(
             "03_finetune_lora.py", a, f"--subject {current['subject']}", f"--seed {current['seed']}",
             "" if a.roi == "whole" else f"--roi {a.roi}", "--full-finetune" if a.full_finetune else "",
             f"--init-from {args.init_from}" if args.init_from else "",
             f"--baseline-tag {args.baseline_tag}" if args.baseline_tag else "",
-            *common.as_flags(run_settings(a), dict(DEFAULTS, full_finetune=a.full_finetune)), "--resume"), 130)
+            *provenance.as_flags(run_settings(a), dict(DEFAULTS, full_finetune=a.full_finetune)), "--resume"), 130)
     print("\n  run                                   best epoch  mean delta r  (AC)    direct r")
     for name, out, subject_data in rows:
         delta = out["test_r_tuned"] - out["test_r_baseline"]

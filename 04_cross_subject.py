@@ -22,10 +22,9 @@ import time
 import numpy as np
 
 import common
-from common import StudyError
-
-
-ROIS = ("whole", "AC", "LH", "RH")
+from lib import checkpoints, plumbing, provenance
+from lib.checkpoints import ROIS
+from lib.plumbing import StudyError
 
 
 def get_args(argv=None):
@@ -33,8 +32,8 @@ def get_args(argv=None):
 
 
 def get_parser():
-    p = common.parser(__doc__)
-    common.add_common_args(p)
+    p = plumbing.parser(__doc__)
+    plumbing.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="stage 03's checkpoint folder")
     p.add_argument("--tuned-on", nargs="+", help="subjects whose tuned models to use (default: all)")
     p.add_argument("--evaluate-on", nargs="+", help="subjects to evaluate on (default: all)")
@@ -53,26 +52,6 @@ def check_args(args):
         raise StudyError(f"unknown ROI {args.roi!r}: choose one of {', '.join(ROIS)}")
     if args.tag not in (None, "default") and not re.fullmatch(r"[0-9a-f]{6}", args.tag):
         raise StudyError(f"--tag {args.tag!r}: a tag is 'default' or the 6 hex digits in a run's name")
-
-
-def load_tuned(args, subj, study, device):
-    """The best epoch of the stage 03 run of `subj` asked for (checked by common.load_run), and its
-    checkpoint, checked to be that run's: (model, run)."""
-    mode = "full" if args.full_finetune else "lora"
-    run = common.load_run(args, subj, args.roi, mode, args.seed, args.init_from,
-                          common.baseline_tag_flag(args.tag), study)
-    best = os.path.join(args.checkpoints, run["name"], "best")
-    state = os.path.join(best, "state.pt")
-    if not os.path.exists(state):
-        raise StudyError(f"{run['path']} has no checkpoint ({state} not found): was --checkpoints "
-                         f"{args.checkpoints} the folder of that run?")
-    import torch
-    if common.digest(torch.load(state, weights_only=True).get("provenance")) != run["fingerprint"]:
-        raise StudyError(f"{best} is not the checkpoint of {run['path']} (another run of the same name was "
-                         "trained since): rerun it with " + common.command("03_finetune_lora.py", args,
-                                                                          f"--subject {subj}", *run["provenance"]["flags"]))
-    model = common.load_tuned_wavlm(run["baseline"], os.path.join(best, "model"), args.full_finetune, device)
-    return model.eval(), run
 
 
 def output_name(args, study, tuned_on, evaluated_on, tag):
@@ -101,25 +80,25 @@ def plot(mean_delta, tuned_on, evaluated_on, path):
     ax.set_yticks(range(len(tuned_on)), tuned_on)
     ax.set(xlabel="evaluated on", ylabel="tuned on", title="mean delta r over the baseline (test story)")
     fig.colorbar(im, ax=ax)
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def main(argv=None):
     args = get_args(argv)
-    common.set_threads(args.threads)
+    plumbing.set_threads(args.threads)
     t0 = time.time()
     try:
         check_args(args)
-        device = common.pick_device(args.device)
+        device = plumbing.pick_device(args.device)
         study = common.load_study(args.data)
-        tuned_on = common.subject_list(args.tuned_on, study)
-        evaluated_on = common.subject_list(args.evaluate_on, study)
+        tuned_on = plumbing.subject_list(args.tuned_on, study)
+        evaluated_on = plumbing.subject_list(args.evaluate_on, study)
         subj_data = {s: common.load_subject(args.data, s, study) for s in evaluated_on}
         print(f"stage 04: models tuned on {', '.join(tuned_on)} evaluated on {', '.join(evaluated_on)}")
         mean_delta = np.zeros((len(tuned_on), len(evaluated_on)), np.float32)
         out, used, loaded = {}, {}, {}  # loaded: stage 02 results by (subject, tag), read once
         for i, a in enumerate(tuned_on):
-            model, run = load_tuned(args, a, study, device)
+            model, run = checkpoints.load_tuned(args, a, study, device)
             used[a] = run
             if len({r["tag"] for r in used.values()}) > 1:  # a matrix compares like with like
                 raise StudyError("the runs differ in settings: " + ", ".join(f"{r['name']}" for r in used.values())
@@ -127,14 +106,14 @@ def main(argv=None):
             base_tag = run["provenance"]["baseline"]["tag"]
             for b in evaluated_on:
                 if (b, base_tag) not in loaded:
-                    loaded[b, base_tag] = common.load_baseline(args, b, study, base_tag)
+                    loaded[b, base_tag] = provenance.load_baseline(args, b, study, base_tag)
             baselines = {b: loaded[b, base_tag] for b in evaluated_on}
             for b, base in baselines.items():
                 if base["provenance"]["model_fingerprint"] != run["provenance"]["model_fingerprint"]:
                     raise StudyError(f"{base['path']} was fit on another base model than {run['name']} was tuned "
                                      f"from: rerun it with {base['rebuild']}")
             layer, stories = int(run["layer"]), study["train"] + study["val"] + [study["test"]]
-            fp = common.model_fingerprint(model)
+            fp = plumbing.model_fingerprint(model)
             features = {s: common.story_features(model, fp, os.path.join(args.data, "features", run["name"]),
                                                  os.path.join(args.data, "stories", f"{s}.npz"),
                                                  float(run["baseline"]["context_s"]), float(run["baseline"]["stride_s"]),
@@ -150,14 +129,14 @@ def main(argv=None):
                 print(f"  tuned on {a}, evaluated on {b}: mean r {r.mean():.4f} (baseline "
                       f"{baselines[b]['test_r'].mean():.4f}), delta {delta.mean():+.4f}", flush=True)
     except StudyError as e:
-        common.fail(e)
+        plumbing.fail(e)
     except KeyboardInterrupt:
-        common.fail("interrupted: nothing was written; rerun the same command", 130)
+        plumbing.fail("interrupted: nothing was written; rerun the same command", 130)
     tag = next(iter(used.values()))["tag"]
     name = output_name(args, study, tuned_on, evaluated_on, tag)
     prov = dict(stage="04", stories=study["stories_fingerprint"], runs={a: r["fingerprint"] for a, r in used.items()},
                 baselines={k[len("baseline_"):]: str(v) for k, v in out.items() if k.startswith("baseline_")})
-    common.save_npz(os.path.join(args.results, f"{name}.npz"), tuned_on=np.array(tuned_on),
+    plumbing.save_npz(os.path.join(args.results, f"{name}.npz"), tuned_on=np.array(tuned_on),
                     evaluated_on=np.array(evaluated_on), mean_delta_r=mean_delta, roi=np.array(args.roi),
                     mode=np.array("full" if args.full_finetune else "lora"), seed=np.int64(args.seed),
                     runs=np.array([r["name"] for r in used.values()]),

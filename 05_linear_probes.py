@@ -23,7 +23,8 @@ import time
 import numpy as np
 
 import common
-from common import StudyError
+from lib import checkpoints, ds003020, plumbing, probing, provenance, speech
+from lib.plumbing import StudyError
 
 MODELS = ("baseline", "whole", "AC")
 
@@ -33,8 +34,8 @@ def get_args(argv=None):
 
 
 def get_parser():
-    p = common.parser(__doc__)
-    common.add_common_args(p)
+    p = plumbing.parser(__doc__)
+    plumbing.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="stage 03's checkpoint folder")
     p.add_argument("--subject", help="whose tuned models to probe (default: the study's first subject)")
     p.add_argument("--models", nargs="+", default=list(MODELS), help=f"any of {', '.join(MODELS)}: the frozen "
@@ -55,61 +56,25 @@ def check_args(args):
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         raise StudyError(f"unknown model(s) {' '.join(unknown)}: choose from {', '.join(MODELS)}")
-    common.check_ranges([("--n-folds", args.n_folds, 2, None)])
+    plumbing.check_ranges([("--n-folds", args.n_folds, 2, None)])
     if args.tag not in (None, "default") and not re.fullmatch(r"[0-9a-f]{6}", args.tag):
         raise StudyError(f"--tag {args.tag!r}: a tag is 'default' or the 6 hex digits in a run's name")
     if args.word_vectors and not os.path.exists(args.word_vectors):
         raise StudyError(f"--word-vectors {args.word_vectors} not found")
 
 
-def read_word_vectors(path, vocab):
-    """Vectors for the words in `vocab` from a GloVe text file (others are not kept in memory)."""
-    if not os.path.exists(path):
-        raise StudyError(f"--word-vectors {path} not found")
-    out = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                parts = line.rstrip().split(" ")
-                if parts[0] in vocab:
-                    out[parts[0]] = np.array(parts[1:], dtype=np.float32)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise StudyError(f"{path} line {n} is not 'word number number ...' ({e}); pass a GloVe text file")
-    dims = {len(v) for v in out.values()}
-    if len(dims) > 1:
-        raise StudyError(f"{path}: vectors of different lengths {sorted(dims)}")
-    return out
-
-
-def real_word_vectors(args, vocab):
-    """{word: vector} for the semantic probe on real data, and where they came from: --word-vectors
-    (GloVe text, or English1000's .hf5 layout), else the English1000 vectors stage 01 extracted."""
-    if args.word_vectors and args.word_vectors.endswith((".hf5", ".h5", ".hdf5")):
-        found, vectors = common.english1000(args.word_vectors, vocab)
-        return dict(zip(found, vectors)), args.word_vectors
-    if args.word_vectors:
-        return read_word_vectors(args.word_vectors, vocab), args.word_vectors
-    path = os.path.join(args.data, "english1000.npz")
-    if not os.path.exists(path):
-        raise StudyError(f"no word vectors for the semantic probe: {path} not found (stage 01 writes it when "
-                         "the dataset has derivative/english1000sm.hf5); fetch that file and rerun stage 01, or "
-                         "pass --word-vectors glove.6B.300d.txt")
-    e = common.load_npz(path)
-    return {str(w): v for w, v in zip(e["words"], e["vectors"])}, f"English1000, {path}"
-
-
 def load_runs(args, subj, study):
-    """The stage 03 runs to probe ({'whole': run, 'AC': run}), each checked by common.load_run, and
+    """The stage 03 runs to probe ({'whole': run, 'AC': run}), each checked by provenance.load_run, and
     the stage 02 result they were scored against (all runs must share it)."""
     runs = {}
     for which in [m for m in args.models if m != "baseline"]:
-        runs[which] = common.load_run(args, subj, which, "lora", args.seed, args.init_from if which == "AC" else None,
-                                      common.baseline_tag_flag(args.tag), study)
+        runs[which] = provenance.load_run(args, subj, which, "lora", args.seed, args.init_from if which == "AC" else None,
+                                      provenance.baseline_tag_flag(args.tag), study)
     bases = {r["baseline"]["path"] for r in runs.values()}
     if len(bases) > 1:
         raise StudyError(f"the runs were scored against different stage 02 results ({', '.join(sorted(bases))}); "
                          "choose runs of one setting with --tag")
-    base = next(iter(runs.values()))["baseline"] if runs else common.load_baseline(args, subj, study)
+    base = next(iter(runs.values()))["baseline"] if runs else provenance.load_baseline(args, subj, study)
     return runs, base
 
 
@@ -120,7 +85,7 @@ def load_model(args, which, run, base, device):
     if not os.path.isdir(os.path.join(best, "model")):
         raise StudyError(f"{run['path']} has no checkpoint ({best}/model not found): was --checkpoints "
                          f"{args.checkpoints} the folder of that run?")
-    return common.load_tuned_wavlm(base, os.path.join(best, "model"), full=False, device=device)
+    return checkpoints.load_tuned_wavlm(base, os.path.join(best, "model"), full=False, device=device)
 
 
 def output_name(args, study, subj, tag):
@@ -131,45 +96,15 @@ def output_name(args, study, subj, tag):
     return "_".join(["05_probes"] + [p for p in parts if p])
 
 
-def word_representations(model, story, cnn, context_s, stride_s):
-    """(layers x words x hidden): each layer's frames averaged within each word's span. cnn: the
-    story's frozen CNN output (common.story_cnn), the same for every model compared."""
-    feats, times = common.extract_features(model, story["audio"], context_s=context_s, stride_s=stride_s, cnn=cnn)
-    out = np.zeros((len(feats), len(story["words"]), feats[0].shape[1]), np.float32)
-    for w, (a, b) in enumerate(zip(story["word_onsets"], story["word_offsets"])):
-        sel = (times >= a) & (times <= b)
-        if not sel.any():  # a word shorter than a frame: its nearest frame
-            sel = np.abs(times - (a + b) / 2) == np.abs(times - (a + b) / 2).min()
-        for li, f in enumerate(feats):
-            out[li, w] = f[sel].mean(0)
-    return out
-
-
 def acoustic_targets(story):
     """Per word: mean log-mel energy in 8 bands over its span, and its log duration."""
-    mel, t = common.log_mel(story["audio"])
+    mel, t = speech.log_mel(story["audio"])
     rows = []
     for a, b in zip(story["word_onsets"], story["word_offsets"]):
         sel = (t >= a) & (t <= b)
         sel = sel if sel.any() else np.abs(t - (a + b) / 2) == np.abs(t - (a + b) / 2).min()
         rows.append(np.concatenate([mel[sel].mean(0), [np.log(b - a)]]))
     return np.array(rows, np.float32)
-
-
-def probe(X, Y, groups, n_folds, classes=None):
-    """Ridge probe with whole stories held out: mean r over target dims, or accuracy for classes."""
-    stories = np.unique(groups)
-    folds = np.array_split(stories, min(n_folds, len(stories)))
-    pred = np.zeros_like(Y)
-    for held in folds:
-        te = np.isin(groups, held)
-        mu, sd = X[~te].mean(0), X[~te].std(0) + 1e-6
-        ym, ys = Y[~te].mean(0), Y[~te].std(0) + 1e-6
-        W, _, _ = common.ridge_cv((X[~te] - mu) / sd, (Y[~te] - ym) / ys, n_folds=5)
-        pred[te] = ((X[te] - mu) / sd) @ W * ys + ym
-    if classes is not None:
-        return float(np.mean(np.argmax(pred, 1) == classes))
-    return float(np.mean(common.pearson_r(Y, pred)))
 
 
 def plot(scores, models, layers, probes, path):
@@ -183,28 +118,28 @@ def plot(scores, models, layers, probes, path):
             ax[k].plot(layers, scores[m, :, k], "o-", label=model)
         ax[k].set(xlabel="hidden state", ylabel="accuracy" if name == "category" else "mean r", title=f"{name} probe")
         ax[k].legend()
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def main(argv=None):
     args = get_args(argv)
-    common.set_threads(args.threads)
+    plumbing.set_threads(args.threads)
     t0 = time.time()
     try:
         check_args(args)
-        device = common.pick_device(args.device)
+        device = plumbing.pick_device(args.device)
         study = common.load_study(args.data)
         subj = args.subject or study["subjects"][0]
-        common.subject_list([subj], study)
+        plumbing.subject_list([subj], study)
         runs, base = load_runs(args, subj, study)
         names = study["train"] + study["val"] + [study["test"]]
-        stories = {s: common.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in names}
+        stories = {s: plumbing.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in names}
         words = np.concatenate([stories[s]["words"] for s in names])
         groups = np.concatenate([[i] * len(stories[s]["words"]) for i, s in enumerate(names)])
         acoustic = np.concatenate([acoustic_targets(stories[s]) for s in names])
         targets = {"acoustic": (np.ones(len(words), bool), acoustic, None)}
         if study["source"] == "simulated":
-            truth = common.load_npz(os.path.join(args.data, "truth.npz"))
+            truth = plumbing.load_npz(os.path.join(args.data, "truth.npz"))
             index = {w: i for i, w in enumerate(truth["vocab"])}
             idx = np.array([index[w] for w in words])
             content = truth["vocab_category"][idx] >= 0  # function words carry no meaning here
@@ -212,7 +147,7 @@ def main(argv=None):
             targets["semantic"] = (content, truth["semantic_vectors"][idx], None)
             targets["category"] = (content, np.eye(cats.max() + 1, dtype=np.float32)[np.maximum(cats, 0)], cats)
         else:
-            vecs, source = real_word_vectors(args, set(words))
+            vecs, source = ds003020.real_word_vectors(args, set(words))
             known = np.array([w in vecs for w in words])
             print(f"  word vectors ({source}): {known.sum()} of {len(words)} words found, {(~known).sum()} skipped")
             if not known.any():
@@ -226,7 +161,7 @@ def main(argv=None):
             model = load_model(args, which, runs.get(which), base, device)
             if cnn is None:  # the CNN is frozen in stage 03, so one pass serves every model
                 cnn = {s: common.story_cnn(model, stories[s]["audio"], args.data, s) for s in names}
-            reps = np.concatenate([word_representations(model, stories[s], cnn[s], float(base["context_s"]),
+            reps = np.concatenate([probing.word_representations(model, stories[s], cnn[s], float(base["context_s"]),
                                                         float(base["stride_s"])) for s in names], axis=1)
             layers = list(range(reps.shape[0]))
             per_layer = []
@@ -234,21 +169,21 @@ def main(argv=None):
                 row = []
                 for name in probes:
                     sel, Y, classes = targets[name]
-                    row.append(probe(reps[li][sel], Y[sel], groups[sel], args.n_folds,
+                    row.append(probing.probe(reps[li][sel], Y[sel], groups[sel], args.n_folds,
                                      None if classes is None else classes[sel]))
                 per_layer.append(row)
                 print(f"  {which:8s} layer {li}: " + ", ".join(f"{n} {v:.3f}" for n, v in zip(probes, row)), flush=True)
             scores.append(per_layer)
     except StudyError as e:
-        common.fail(e)
+        plumbing.fail(e)
     except KeyboardInterrupt:
-        common.fail("interrupted: nothing was written; rerun the same command", 130)
+        plumbing.fail("interrupted: nothing was written; rerun the same command", 130)
     scores = np.array(scores, np.float32)
     tag = next(iter(runs.values()))["tag"] if runs else ""
     name = output_name(args, study, subj, f"{tag}")
     prov = dict(stage="05", stories=study["stories_fingerprint"], subject=subj, baseline=base["fingerprint"],
                 runs={k: r["fingerprint"] for k, r in runs.items()}, word_vectors=args.word_vectors, n_folds=args.n_folds)
-    common.save_npz(os.path.join(args.results, f"{name}.npz"), models=np.array(args.models),
+    plumbing.save_npz(os.path.join(args.results, f"{name}.npz"), models=np.array(args.models),
                     layers=np.array(layers), probes=np.array(probes), scores=scores, subject=np.array(subj),
                     runs=np.array([runs[m]["name"] if m in runs else "" for m in args.models]),
                     provenance=np.array(json.dumps(prov, sort_keys=True)))

@@ -1,39 +1,30 @@
-"""Shared pieces of the BrainWavLM study: what two or more stages use.
-
-Contents, in reading order (section 5 is plumbing: skip it on a first read):
-  1. Encoding-model numerics: lanczos_interp, make_delayed, zscore, pearson_r, noise_ceiling,
-     design_matrix (features -> ridge design), ridge_cv (per-voxel alphas), score_on_test
+"""The science the five stages share, in reading order (the machinery is in lib/: README map).
+  1. The encoding model (the Huth lab's recipe): lanczos_interp, make_delayed, zscore, pearson_r,
+     noise_ceiling, design_matrix, ridge_cv (per-voxel alphas), score_on_test (the test story)
   2. The speech model: load_wavlm (WavLM whose attention LoRA can reach), add_lora
   3. Features: extract_features (causal windows), story_features (one story, cached)
-  4. Data: load_study, load_subject (lazy), stack_responses, english1000, log_mel
-  5. Plumbing: StudyError, devices, save_npz / load_npz, disk caches, shared flags
-  6. Provenance: fingerprints of what each result was built from, settings tags, finding results
+  4. BrainWavLM end to end (Section 2.3): frames -> Lanczos -> norm -> delays -> readout; the loss
+  5. The study's files: load_study, load_subject (lazy), stack_responses
 """
-import argparse
-import glob
-import hashlib
-import itertools
 import json
 import os
-import re
-import sys
-import tempfile
-import warnings
+import types
 
 import numpy as np
 import torch
 
-# peft's save_pretrained calls a transformers method deprecated in v5; nothing a user can act on
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+from lib.plumbing import (StudyError, array_shape, autocast, cached_npz, check_window, from_pretrained, load_npz,
+                          model_fingerprint, pick_device, progress_bar, sha1)
+
+SR = 16000  # WavLM's audio rate; stage 01 resamples every story to it
 
 
-# ==== 1. Encoding-model numerics (the Huth lab's recipe): numpy in, numpy out, float32 ====
+# ==== 1. The encoding model (the Huth lab's recipe): numpy in, numpy out, float32 ====
 
 def lanczos_interp(data, old_times, new_times, window=3, cutoff_mult=1.0):
-    """Resample `data` (old_times x features) to new_times with the Lanczos-windowed sinc of the
-    lab's lanczosinterp2D, cutoff = cutoff_mult / mean spacing of new_times. Not normalised (as the
-    lab's: z-scoring absorbs the scale). numpy in, float32 out; a torch tensor (..., old_times,
-    features) in, a differentiable tensor out (stage 03 trains through it)."""
+    """Resample `data` (old_times x features) to new_times with the lab's lanczosinterp2D: a
+    Lanczos-windowed sinc, cutoff = cutoff_mult / mean spacing of new_times, not normalised (z-scoring
+    absorbs the scale). numpy in, float32 out; a torch tensor in, a differentiable tensor out."""
     new_times = np.asarray(new_times, dtype=np.float64)
     cutoff = cutoff_mult / np.mean(np.diff(new_times))
     t = (new_times[:, None] - np.asarray(old_times, dtype=np.float64)[None, :]) * cutoff
@@ -46,9 +37,8 @@ def lanczos_interp(data, old_times, new_times, window=3, cutoff_mult=1.0):
     return (k @ np.asarray(data, dtype=np.float64)).astype(np.float32)
 
 def make_delayed(x, delays=(1, 2, 3, 4)):
-    """Copies of x (TRs x features, numpy or torch) shifted later by each delay, zero-padded, side by
-    side: row t holds x[t - d] for each d, the stimulus d TRs before the response (hemodynamic lag).
-    A negative delay reads later rows, as in the lab's make_delayed."""
+    """Copies of x (TRs x features, numpy or torch) shifted by each delay, zero-padded, side by side:
+    row t holds x[t - d], the stimulus d TRs before the response (a negative d reads later rows)."""
     n, zeros = x.shape[-2], (torch.zeros_like if torch.is_tensor(x) else np.zeros_like)
     out = [zeros(x) for _ in delays]
     for shifted, d in zip(out, delays):
@@ -86,9 +76,8 @@ def pearson_r(a, b):
 
 def noise_ceiling(repeats):
     """Per-voxel ceiling on the r any model can reach against the mean of `repeats` (repeats x TRs x
-    voxels): CC_max of Schoppe et al. (2016) from the signal power of Sahani & Linden (2003). With
-    y_n = s + e_n: SP = (N var(mean) - mean var(y_n)) / (N - 1), CC_max = sqrt(SP / var(mean)); a
-    negative SP (a pure-noise voxel) gives 0."""
+    voxels): CC_max of Schoppe et al. (2016) from the signal power of Sahani & Linden (2003), SP = (N
+    var(mean) - mean var(y_n)) / (N - 1), CC_max = sqrt(SP / var(mean)); 0 where SP < 0 (pure noise)."""
     repeats = np.asarray(repeats)
     if repeats.ndim != 3 or repeats.shape[0] < 2:
         raise ValueError("noise_ceiling needs (repeats >= 2, TRs, voxels)")
@@ -110,9 +99,8 @@ def downsample_to_trs(feats, feat_times, tr_times):
     return lanczos_interp(feats, feat_times, np.concatenate([pad, tr_times]))
 
 def design_matrix(ds, delays=(1, 2, 3, 4)):
-    """Downsampled features (PAD_TRS + TRs rows) -> z-scored -> delayed, one row per response TR.
-    As in the lab's recipe, mean and std come from the response rows; the pad rows (partly before
-    the sound) get the same scaling, and the delays read them."""
+    """Downsampled features (PAD_TRS + TRs rows) -> z-scored -> delayed, one row per response TR. As
+    the lab's, mean and std come from the response rows; the pad rows, which the delays read, too."""
     if max(delays) > PAD_TRS:
         raise StudyError(f"delays up to {PAD_TRS} TRs are supported (got {max(delays)})")
     x = np.asarray(ds, dtype=np.float32)
@@ -130,16 +118,12 @@ def contiguous_folds(n_samples, n_folds=5):
 
 def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu", voxel_batch=None):
     """Ridge X -> Y with one alpha per voxel (column of Y), picked by K-fold CV on contiguous blocks.
-
-    min ||Y - X W||^2 + alpha ||W||^2 for every alpha from one eigendecomposition of each fold's
-    X^T X = V S^2 V^T: W = V diag(1 / (s^2 + alpha)) V^T X^T Y. Each alpha is scored by the Pearson r
-    of held-out predictions (mean over folds); the best per voxel (ties to the larger, as himalaya)
-    is refit on all rows. No intercept: z-score X and Y first. The lab's bootstrap_ridge alpha `a`
-    (solver s / (s^2 + a^2)) is a^2 here. Fast because X^T Y is formed once (a fold's is that minus
-    its held-out rows' part), r's numerator needs no prediction and each alpha's prediction norm
-    comes from the held-out rows' Gram matrix. Voxels go in batches (one batch of Y < 256 MB).
-    Returns (weights: features x voxels, best_alphas: voxels, cv_r: alphas x voxels).
-    """
+    Every alpha from one eigendecomposition per fold (X^T X = V S^2 V^T, W = V (S^2 + alpha)^-1 V^T
+    X^T Y), scored by the Pearson r of held-out predictions (mean over folds); each voxel's best
+    (ties to the larger, as himalaya) is refit on all rows. No intercept: z-score X and Y first. The
+    lab's bootstrap_ridge alpha a is a^2 here. X^T Y is formed once, r's numerator needs no
+    prediction, prediction norms come from Gram matrices; voxels go in batches (Y batch < 256 MB).
+    Returns (weights: features x voxels, best_alphas: voxels, cv_r: alphas x voxels)."""
     dev = torch.device(device)
     X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
     if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
@@ -154,8 +138,8 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu", voxel_bat
     gram = None if wide else X64.T @ X64
 
     def eig_basis(rows):
-        """Eigenvalues and eigenvectors of X[rows]^T X[rows]. With fewer rows than features, from
-        the rows x rows Gram matrix: X^T Y lies in the span of X's rows, which is all we need."""
+        """Eigenpairs of X[rows]^T X[rows]; with fewer rows than features, from the rows x rows Gram
+        matrix (X^T Y lies in the span of X's rows)."""
         if not wide:  # the whole Gram matrix minus the rows left out
             rest = torch.as_tensor(np.setdiff1d(np.arange(X.shape[0]), rows), device=dev)
             lam, V = torch.linalg.eigh(gram - X64[rest].T @ X64[rest])
@@ -207,11 +191,9 @@ def ridge_predict(X, W, device="cpu", voxel_batch=20000):
         out[:, v0:v0 + Wb.shape[1]] = (Xt @ Wb).cpu().numpy()
     return out
 
-def score_on_test(features, subject_data, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5,
-                  Y=None):
-    """Stage 02's recipe for one layer: ridge (per-voxel alpha) on the train + validation stories,
-    Pearson r per voxel on the test story. features[story]: that layer's downsample_to_trs output.
-    Y: the train + validation responses, if the caller holds them. Returns (test_r, weights, alphas)."""
+def score_on_test(features, subject_data, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5, Y=None):
+    """Stage 02's recipe for one layer: ridge on the train + validation stories (Y: their responses,
+    if the caller holds them), Pearson r per voxel on the test story. Returns (test_r, W, alphas)."""
     fit = study["train"] + study["val"]
     X = np.vstack([design_matrix(features[s], delays) for s in fit])
     Y = stack_responses(subject_data, fit) if Y is None else Y
@@ -225,7 +207,6 @@ def ridge_recipe(baseline):
     return dict(delays=tuple(int(x) for x in baseline["delays"]), n_folds=int(baseline.get("n_folds", 5)),
                 alphas=np.asarray(baseline.get("alpha_grid", ALPHAS), np.float64))
 
-
 # ==== 2. The speech model: WavLM with attention that LoRA can reach ====
 
 FRAME_HOP = 320  # WavLM's CNN strides multiply to 320 samples: one frame per 20 ms at 16 kHz
@@ -233,25 +214,21 @@ FRAME_WIN = 400  # receptive field of one frame, in samples
 PRETRAINED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "wavlm-tiny-pretrained")
 
 def tiny_config(hidden=96, layers=3, heads=4, conv=128):
-    """A small WavLM (~0.6M parameters): wavlm-base-plus's architecture and frame rate, narrower and
-    shallower, with a per-frame (layer-norm) CNN. No conv biases and 128 CNN channels: what suited
-    the simulated auditory voxels best in bench/tiny_model.py (docs/methods.md)."""
+    """A small WavLM (~0.6M parameters): wavlm-base-plus's architecture and frame rate, narrower,
+    with a per-frame (layer-norm) CNN, no conv biases, 128 channels (bench/tiny_model.py's best)."""
     from transformers import WavLMConfig
     return WavLMConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                        intermediate_size=2 * hidden, conv_dim=(conv,) * 7, feat_extract_norm="layer",
                        conv_bias=False, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
-                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                       feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0,
-                       apply_spec_augment=False, num_buckets=64, max_bucket_distance=200)
+                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+                       layerdrop=0.0, mask_time_prob=0.0, apply_spec_augment=False, num_buckets=64,
+                       max_bucket_distance=200)
 
 def _attention_forward(self, hidden_states, attention_mask=None, position_bias=None, index=0, **kwargs):
-    """WavLM self-attention that calls q_proj/k_proj/v_proj/out_proj as modules.
-
-    Stock transformers hands those weights straight to F.multi_head_attention_forward, so LoRA
-    wrappers around the modules are never called: PEFT then trains nothing, silently. This does the
-    same maths (gated relative position bias as an additive mask, padding masked out) through the
-    modules and scaled_dot_product_attention.
-    """
+    """WavLM self-attention that calls q_proj/k_proj/v_proj/out_proj as modules. Stock transformers
+    hands their weights straight to F.multi_head_attention_forward, so LoRA wrappers are never called
+    and PEFT trains nothing, silently. Same maths (gated relative position bias as an additive mask,
+    padding masked out) through the modules and scaled_dot_product_attention."""
     bsz, tgt_len, _ = hidden_states.size()
     if position_bias is None:
         position_bias = self.compute_bias(tgt_len, tgt_len)
@@ -271,17 +248,15 @@ def _attention_forward(self, hidden_states, attention_mask=None, position_bias=N
 
 def make_lora_able(model):
     """Route every WavLM attention through _attention_forward (see there). Returns the model."""
-    import types
     for module in model.modules():
         if type(module).__name__ == "WavLMAttention":
             module.forward = types.MethodType(_attention_forward, module)
     return model
 
 def load_wavlm(name="tiny", seed=0, device=None, config=None):
-    """`tiny`: a seeded random tiny WavLM (from `config`, default tiny_config()); `tiny-pretrained`:
-    models/wavlm-tiny-pretrained, this repository's self-supervised one; else a Hugging Face id or
-    folder (e.g. microsoft/wavlm-base-plus). LayerDrop and SpecAugment off, CNN frozen, attention
-    LoRA-able; returned in eval mode on `device`."""
+    """`tiny`: a seeded random tiny WavLM (`config`, default tiny_config()); `tiny-pretrained`: this
+    repository's self-supervised one (models/); else a Hugging Face id or folder (e.g.
+    microsoft/wavlm-base-plus). LayerDrop and SpecAugment off, CNN frozen, attention LoRA-able, eval mode."""
     from transformers import WavLMModel
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr: noise around our one-line errors
@@ -290,16 +265,7 @@ def load_wavlm(name="tiny", seed=0, device=None, config=None):
         torch.manual_seed(seed)
         model = WavLMModel(config if config is not None else tiny_config())
     else:
-        kw = dict(layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)
-        try:  # a local folder or the local cache first: no network wait when the weights are here
-            model = WavLMModel.from_pretrained(name, local_files_only=True, **kw)
-        except (OSError, ValueError):
-            try:
-                model = WavLMModel.from_pretrained(name, **kw)
-            except (OSError, ValueError) as e:
-                raise StudyError(f"could not load WavLM {name!r} ({str(e).splitlines()[0]}). Pass a local folder "
-                                 f"with config.json and the weights, or download it once on a machine with "
-                                 f"internet: `hf download {name}` (then it loads offline from the cache)")
+        model = from_pretrained(WavLMModel, name, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)
     model.config.layerdrop, model.config.apply_spec_augment = 0.0, False
     model.freeze_feature_encoder()
     return make_lora_able(model).to(pick_device(device)).eval()
@@ -313,24 +279,6 @@ def base_wavlm(model):
     """The WavLMModel inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
-def load_tuned_wavlm(baseline, folder, full, device=None):
-    """A stage 03 checkpoint: stage 02's base WavLM (`baseline`: its results npz) with the saved
-    peft adapter, or with the fully fine-tuned weights when `full`."""
-    model = load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
-    if full:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-        return model
-    from peft import PeftModel
-    return PeftModel.from_pretrained(model, folder).to(pick_device(device)).eval()
-
-def autocast(device):
-    """bf16 autocast on CUDA, nothing on CPU (float32 there: reproducible to the bit)."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 # ==== 3. Features: causal windows over a story, Lanczos-downsampled to its TRs ====
 
 def cnn_features(model, audio):
@@ -339,13 +287,11 @@ def cnn_features(model, audio):
         return base_wavlm(model).feature_extractor(audio).transpose(1, 2)
 
 def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None, mask=None, mask_embed=None):
-    """WavLM from CNN output: [input to layer 1, output of layer 1, ..., of n_layers] (the first
-    n_layers + 1 of transformers' hidden_states); the layers above are never run. mask (batch x
-    frames, bool): those frames' features become mask_embed, for masked-prediction pretraining
-    (models/pretrain_tiny.py; transformers ignores mask_time_indices once SpecAugment is off)."""
+    """WavLM from CNN output: [input to layer 1, output of layer 1, ..., of n_layers] (transformers'
+    hidden_states; the layers above never run). mask (batch x frames): those frames become mask_embed,
+    for models/pretrain_tiny.py (transformers ignores mask_time_indices once SpecAugment is off)."""
     m = base_wavlm(model)
-    enc = m.encoder
-    h, _ = m.feature_projection(cnn)
+    enc, (h, _) = m.encoder, m.feature_projection(cnn)
     if mask is not None:
         h = torch.where(mask[..., None], mask_embed.to(h.dtype), h)
     h = h + enc.pos_conv_embed(h)
@@ -359,11 +305,10 @@ def n_frames(n_samples):
     return (n_samples - FRAME_WIN) // FRAME_HOP + 1
 
 def story_cnn(model, audio, data=None, story=None):
-    """A local (layer-norm) CNN's output for a whole story (frames x channels). Each frame depends on
-    its own 25 ms only, so a slice of it starting at a multiple of 320 samples is what the CNN gives
-    for that slice of audio: the frozen CNN runs once per story, not once per window (None for
-    group-norm CNNs such as wavlm-base-plus's, which normalise over their input). With `data` and
-    `story`, cached in <data>/features/cnn-<hash of the CNN>/: stages 02, 03 and 05 share one pass."""
+    """A local (layer-norm) CNN's output for a whole story (frames x channels): each frame sees only
+    its own 25 ms, so the frozen CNN runs once per story, not per window (None for group-norm CNNs
+    such as wavlm-base-plus's, which normalise over their input). With `data` and `story`, cached in
+    <data>/features/cnn-<hash of the CNN>/: stages 02, 03 and 05 share one pass."""
     m = base_wavlm(model)
     if m.config.feat_extract_norm != "layer":
         return None
@@ -381,17 +326,13 @@ def story_cnn(model, audio, data=None, story=None):
 
 def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, batch_size=8,
                      grad=False, progress=False, cnn=None):
-    """Causal WavLM features of one story, from sliding windows.
-
-    WavLM's attention is bidirectional, so causality comes from the windows: each spans `context_s
-    + stride_s` seconds, moves by `stride_s` and keeps the frames of its last `stride_s` seconds, so
-    each kept frame has `context_s` of past audio (where the story has it) and under `stride_s` of
-    future. stride_s=0.1 is the lab's 16 s / 0.1 s recipe; it costs (context_s + stride_s) /
-    stride_s model-seconds per audio second. A layer-norm CNN runs once per story (`cnn`: story_cnn's
-    output, if the caller has it), a group-norm CNN per window (it normalises over its input).
-    Returns (feats, times): feats[i] (frames x hidden, float32; a tensor on the model's device when
-    grad) is hidden state layers[i] (0 = input to the first layer); times: frame centres in s.
-    """
+    """Causal WavLM features of one story. WavLM's attention is bidirectional, so causality comes
+    from sliding windows: each spans context_s + stride_s seconds, moves by stride_s and keeps its
+    last stride_s seconds of frames (context_s of past audio, under stride_s of future). The lab's
+    recipe is 16 s / 0.1 s; the cost is (context_s + stride_s) / stride_s model-seconds per second.
+    cnn: story_cnn's output, if the caller has it. Returns (feats, times): feats[i] (frames x hidden;
+    a tensor on the model's device when grad) is hidden state layers[i] (0: the first layer's
+    input); times: frame centres in seconds."""
     m = base_wavlm(model)
     if sr != 16000:
         raise StudyError(f"WavLM needs 16 kHz audio, got {sr} Hz; resample first (stage 01 does)")
@@ -433,10 +374,9 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
 
 def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False, progress=False,
                    top_layer=None, cnn=None, data=None):
-    """Hidden states 0..top_layer (default: all) of one story, downsample_to_trs'd: (layers x
-    (PAD_TRS + TRs) x hidden), cached in <cache_dir>/<story>.npz under the model's fingerprint, the
-    window settings, the audio and the TR times. cnn: the story's story_cnn output, if the caller
-    has it; else computed (and cached under `data`)."""
+    """Hidden states 0..top_layer (default: all) of one story, downsample_to_trs'd (layers x (PAD_TRS
+    + TRs) x hidden), cached in <cache_dir>/<story>.npz under the model's fingerprint, the window,
+    the audio and the TR times. cnn: the story's story_cnn output (else computed, cached in `data`)."""
     name = os.path.basename(story_npz)[:-4]
     story = load_npz(story_npz, "story file")
     n_states = base_wavlm(model).config.num_hidden_layers + 1 if top_layer is None else top_layer + 1
@@ -450,13 +390,73 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
         return np.stack([downsample_to_trs(f, times, story["tr_times"]) for f in feats])
     return cached_npz(os.path.join(cache_dir, f"{name}.npz"), key, compute, "ds", refresh)
 
+# ==== 4. BrainWavLM, end to end: WavLM layer -> Lanczos -> norm -> delays -> readout ====
 
-# ==== 4. Data: the study, a subject's responses (read lazily), acoustics ====
+def make_readout(n_in, n_vox, bottleneck):
+    if bottleneck:
+        return torch.nn.Sequential(torch.nn.Linear(n_in, bottleneck), torch.nn.Linear(bottleneck, n_vox))
+    return torch.nn.Linear(n_in, n_vox)
+
+def delay_reach(delays):  # TRs the delays read before and after a block (a negative delay reads later rows)
+    return max(0, max(delays)), max(0, -min(delays))
+
+def block_features(model, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
+    """WavLM frames (frames x hidden, on the story's clock) covering rows i0..i1 of one story, plus
+    the TR grid the readout needs (rows i0 - max(delays) .. i1). Differentiable through WavLM."""
+    tr = np.mean(np.diff(story["tr_times"]))
+    before, after = delay_reach(delays)
+    grid = story["tr_times"][0] + tr * np.arange(i0 - before, i1 + after)  # rows feeding the delays, too
+    half = 3 * tr  # the Lanczos window reaches 3 TRs each side
+    # segment edges on the story's own window grid (multiples of the stride), plus whole windows of
+    # past context: the block's features are then exactly the whole story's at the same setting
+    step = int(round(args.train_stride_s * SR))
+    ctx = int(np.ceil(args.train_context_s / args.train_stride_s)) * step
+    a = max(0, int((grid[0] - half) * SR) // step * step - ctx)
+    b = min(len(story["audio"]), -(-int((grid[-1] + half) * SR + FRAME_WIN) // step) * step + FRAME_WIN)
+    cnn = story.get("cnn")  # the frozen CNN's output, computed once per story (local CNNs)
+    if cnn is not None:
+        cnn = cnn[a // FRAME_HOP:a // FRAME_HOP + n_frames(b - a)]
+    feats, times = extract_features(model, story["audio"][a:b], layers=[layer], grad=grad, cnn=cnn,
+                                    context_s=args.train_context_s, stride_s=args.train_stride_s)
+    return torch.as_tensor(feats[0], device=story["audio"].device), times + a / SR, grid
+
+def readout_head(readout, frames, times, grid, delays=(1, 2, 3, 4), norm="block"):
+    """Frames -> differentiable Lanczos to the grid -> per-feature norm -> delays -> readout."""
+    x = lanczos_interp(frames, times, grid)
+    if norm == "block":
+        # Per-feature normalisation over the block (the paper's readout starts with an InstanceNorm): a
+        # block is all one step sees, so it is normalised on its own (docs/methods.md: --norm none)
+        x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    before, after = delay_reach(delays)
+    return readout(make_delayed(x, delays)[before:len(grid) - after])
+
+def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
+    """Predicted responses of rows i0..i1 of one story, differentiable through WavLM."""
+    return readout_head(readout, *block_features(model, story, i0, i1, layer, args, delays, grad), delays, args.norm)
+
+def spatial_corr_loss(pred, y):
+    """-(1/T) sum_t corr_voxels(pred[t], y[t]): the paper's loss; blind to each TR's scale."""
+    p = pred - pred.mean(1, keepdim=True)
+    q = y - y.mean(1, keepdim=True)
+    r = (p * q).sum(1) / (p.norm(dim=1) * q.norm(dim=1) + 1e-8)
+    return -r.mean()
+
+def load_stories(model, data, names, device):
+    """Audio and TR times of each story on `device`, plus the frozen CNN's output when it is
+    frame-local (story_cnn), computed once (and cached on disk for the next run) rather than
+    in every block of every epoch."""
+    stories = {}
+    for s in names:
+        story_file = load_npz(os.path.join(data, "stories", f"{s}.npz"))
+        audio = torch.as_tensor(story_file["audio"], device=device)
+        stories[s] = dict(audio=audio, tr_times=story_file["tr_times"], cnn=story_cnn(model, audio, data, s))
+    return stories
+
+# ==== 5. The study's files (README, "Data layout") ====
 
 def load_study(data):
-    """study.npz as a dict of plain Python values, with the fingerprints stage 01 recorded (of the
-    stories and splits, of each subject's file): every result records them, and each stage refuses
-    results built from another study. A missing or old-layout file is a StudyError."""
+    """study.npz as plain Python values: the splits, and the fingerprints stage 01 recorded (of the
+    stories and splits, of each subject's file) that every result records (lib/provenance.py)."""
     path = os.path.join(data, "study.npz")
     if not os.path.exists(path):
         raise StudyError(f"{path} not found: build the data first with `python 01_prepare_data.py --data {data}`")
@@ -474,8 +474,8 @@ def load_study(data):
                 subject_fingerprints=dict(zip(subjects, (str(f) for f in saved["subject_fingerprints"]))))
 
 def load_subject(data, subject, study):
-    """subjects/<subject>.npz, checked for every response the stages need, opened lazily: d[key]
-    reads that one array from disk (UTS01's responses are ~10 GB; no stage holds them twice)."""
+    """subjects/<subject>.npz, checked for every response the stages need, opened lazily: d[key] reads
+    one array (UTS01's responses are ~10 GB; no stage holds them twice)."""
     path = os.path.join(data, "subjects", f"{subject}.npz")
     if subject not in study["subjects"] or not os.path.exists(path):
         raise StudyError(f"unknown subject {subject!r}: {data} has {', '.join(study['subjects'])}")
@@ -489,382 +489,12 @@ def load_subject(data, subject, study):
                          "rebuild the data with 01_prepare_data.py")
     return d
 
-def array_shape(d, key):
-    """Shape of d[key] without reading the array when d is an open npz (its .npy header only)."""
-    if not hasattr(d, "zip"):
-        return d[key].shape
-    with d.zip.open(f"{key}.npy") as f:
-        major, _ = np.lib.format.read_magic(f)
-        return (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)[0]
-
 def stack_responses(d, stories, voxels=None):
-    """The responses of `stories` one under the other (TRs x voxels, float32), read story by story
-    into one preallocated array (the peak is the stack, not stack plus parts). voxels: a boolean
-    mask or index array of the columns to keep."""
+    """The responses of `stories` one under the other (TRs x voxels, float32; voxels: the columns to
+    keep), read story by story into one preallocated array: the peak is the stack, not stack + parts."""
     rows = [array_shape(d, f"resp_{s}")[0] for s in stories]
     columns = np.arange(array_shape(d, f"resp_{stories[0]}")[1])[slice(None) if voxels is None else voxels]
     out = np.empty((sum(rows), len(columns)), np.float32)
     for s, row, n in zip(stories, np.cumsum([0] + rows), rows):
         out[row:row + n] = d[f"resp_{s}"] if voxels is None else d[f"resp_{s}"][:, voxels]
     return out
-
-def subject_list(requested, study):
-    unknown = [s for s in requested or [] if s not in study["subjects"]]
-    if unknown:
-        raise StudyError(f"unknown subject(s) {', '.join(unknown)}: this study has {', '.join(study['subjects'])}")
-    return requested or study["subjects"]
-
-def english1000(path, words):
-    """The lab's English1000 embedding (derivative/english1000sm.hf5, as its SemanticModel reads it:
-    `data` is dimensions x words, `vocab` the words as bytes) for `words`, lower-cased: (the words
-    found, their vectors: words x dimensions)."""
-    import h5py
-    try:
-        with h5py.File(path, "r") as f:
-            if "data" not in f or "vocab" not in f:
-                raise StudyError(f"{path} has no 'data' and 'vocab' datasets (found {sorted(f.keys())}); it is not "
-                                 "the English1000 file of ds003020 (derivative/english1000sm.hf5)")
-            vocab = [w.decode() if isinstance(w, bytes) else str(w) for w in f["vocab"][...]]
-            data = f["data"]
-            if data.ndim != 2 or data.shape[1] != len(vocab):
-                raise StudyError(f"{path}: 'data' is {data.shape}, expected dimensions x {len(vocab)} words")
-            index = {w: i for i, w in enumerate(vocab)}
-            found = sorted({w.lower() for w in words} & set(index))
-            vectors = np.asarray(data[...], np.float32)[:, [index[w] for w in found]].T if found else np.zeros((0, data.shape[0]), np.float32)
-    except OSError as e:
-        raise StudyError(f"cannot read {path}: {e}")
-    return np.array(found), vectors
-
-FLAT_HEIGHT = 512  # pixels of a flatmap's height (pycortex's quickflat draws at 1024 by default)
-
-def draw_flatmap(ax, values, flat_index, extents, outline=None, title="", **imshow):
-    """Per-column values on the flattened cortex (the paper's figures) from a flat_index image
-    (stage 01: pycortex's pixel -> column map, computed once, so no pycortex is needed here).
-    outline: a boolean column mask (e.g. AC) drawn as a contour."""
-    img = np.where(flat_index >= 0, np.asarray(values, np.float64)[np.maximum(flat_index, 0)], np.nan)
-    im = ax.imshow(img, extent=extents, interpolation="nearest", **imshow)
-    if outline is not None:
-        inside = np.where(flat_index >= 0, np.asarray(outline)[np.maximum(flat_index, 0)], False).astype(float)
-        ax.contour(inside[::-1], levels=[0.5], colors="c", linewidths=0.8, extent=extents)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
-    return im
-
-def log_mel(audio, n_bands=8, hop=160, win=400):
-    """Log-mel band energies of 16 kHz audio at 100 Hz (frames x bands, frame-centre times): what
-    drives the simulated auditory voxels (stage 01) and the acoustic probe targets (stage 05)."""
-    n, sr = 1 + (len(audio) - win) // hop, 16000
-    frames = np.lib.stride_tricks.sliding_window_view(audio, win)[::hop][:n] * np.hanning(win)
-    power, freqs = np.abs(np.fft.rfft(frames, axis=1)) ** 2, np.fft.rfftfreq(win, 1 / sr)
-    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
-    edges = 700 * (10 ** (np.linspace(mel(100), mel(7000), n_bands + 2) / 2595) - 1)
-    fb = np.zeros((n_bands, len(freqs)))
-    for b in range(n_bands):
-        lo, mid, hi = edges[b:b + 3]
-        fb[b] = np.clip(np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)), 0, None)
-    energy = power @ fb.T
-    # a 40 dB floor, as a hearing threshold: digital silence between words would otherwise send
-    # the log to -inf-ish and dominate the drive with the gap pattern alone
-    return np.log(energy + 1e-4 * energy.mean(0)), (np.arange(n) * hop + win / 2) / sr
-
-
-# ==== 5. Plumbing (skip on a first read): errors, devices, npz and figure I/O, caches, names, flags ====
-
-class StudyError(Exception):
-    """A problem with the user's input. Stages print it as one line and exit non-zero."""
-
-def fail(msg, code=1):
-    """Print one clear message and exit non-zero (the stages' `main` calls this for a StudyError)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-def pick_device(name=None):
-    """`None`/"auto" -> cuda when present, else cpu."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise StudyError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(str(name))
-
-def set_threads(n=None):
-    """Pin torch's CPU threads: left alone, torch can oversubscribe a small machine (50x slower seen)."""
-    torch.set_num_threads(n or int(os.environ.get("BRAINWAVLM_THREADS", 0)) or os.cpu_count() or 1)
-
-def progress_bar(items, desc):
-    """A tqdm bar on a terminal; the plain items when output goes to a file (a bar there writes
-    thousands of characters per epoch)."""
-    if not sys.stderr.isatty():
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, leave=False)
-
-def save_npz(path, items=(), **arrays):
-    """Write an npz (uncompressed, as np.savez) to a temp file in the same folder, then rename: a
-    crash never leaves half a file. `items`: (name, array) pairs, e.g. a generator, written one at a
-    time before the keyword arrays, so a subject's responses need never be in memory all at once.
-    Returns a fingerprint of the contents (names, dtypes, shapes, bytes), hashed as they are written."""
-    import zipfile
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".npz")
-    os.close(fd)
-    h = hashlib.sha1()
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, value in itertools.chain(items, arrays.items()):
-                value = np.asanyarray(value)
-                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, value, allow_pickle=False)
-                h.update(f"{name} {value.dtype.str} {value.shape}".encode())
-                h.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return h.hexdigest()[:16]
-
-def load_npz(path, what="file"):
-    """np.load without pickles, as a plain dict; a missing file is a StudyError naming it."""
-    if not os.path.exists(path):
-        raise StudyError(f"{what} not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except ValueError as e:
-        raise StudyError(f"{path} is not a plain npz file ({e}); rebuild it with the stage that writes it")
-
-def sha1(array):
-    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-def cached_npz(path, key, compute, name, refresh=False):
-    """compute()'s array, saved in `path` as `name` with `key` (a string naming all it was computed
-    from) and read back, bit for bit, while the key matches; otherwise (or refresh) recomputed."""
-    if os.path.exists(path) and not refresh:
-        saved = load_npz(path)
-        if str(saved.get("key")) == key:
-            return saved[name]
-        print(f"    {path} was computed from other weights or audio: recomputing it", flush=True)
-    value = compute()
-    save_npz(path, key=np.array(key), **{name: value})
-    return value
-
-def save_figure(fig, path):
-    """Save a matplotlib figure atomically (as save_npz), then close it (stage 03 plots once per run)."""
-    import matplotlib.pyplot as plt
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp_" + os.path.basename(path))
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    plt.close(fig)
-
-def model_fingerprint(model):
-    """sha1 of every weight (adapters included): tells one model's feature cache from another's."""
-    h = hashlib.sha1()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-def check_window(context_s, stride_s, flags=("--context-s", "--stride-s")):
-    """Window context and stride must be whole numbers of WavLM's 20 ms frames (stride > 0)."""
-    hop_s = FRAME_HOP / 16000
-    for flag, value, lo in ((flags[1], stride_s, hop_s), (flags[0], context_s, 0.0)):
-        if value < lo or abs(value / hop_s - round(value / hop_s)) > 1e-6:
-            raise StudyError(f"{flag} {value:g} must be a {'positive' if lo else 'non-negative'} multiple of "
-                             f"WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
-
-def load_stage(script):
-    """A script of this repository (a path from its root) as a module: stage names start with a
-    digit, so `import` cannot. For the fetch script, bench/, models/ and the tests. Loaded once per
-    process and registered in sys.modules (so its functions pickle for stage 01's worker pool)."""
-    import importlib.util
-    name = "stage_" + os.path.basename(script).replace(".py", "")
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)), script))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-def parser(doc):
-    """The stages' argparse: a bad flag value is one `error:` line and exit 1, like every other
-    input error (argparse's own prints the usage too and exits 2)."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: fail(f"{message} (see --help)")
-    return p
-
-def add_common_args(p):
-    """The flags every stage 02-05 shares."""
-    p.add_argument("--data", default="data", help="folder written by 01_prepare_data.py (default: data/)")
-    p.add_argument("--results", default="results", help="output folder (default: results/)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-
-def check_ranges(checks):
-    """(flag, value, low, high) tuples -> one clear StudyError for the first out of range (None: open)."""
-    for flag, value, lo, hi in checks:
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f"{lo:g}..{hi:g}" if lo is not None and hi is not None else (f">= {lo:g}" if lo is not None else f"<= {hi:g}")
-            raise StudyError(f"{flag} {value:g} is out of range: it must be {bounds}")
-
-
-# ==== 6. Provenance: what every result was built from, so that no stage combines stale inputs ====
-# A result records a fingerprint of the study's stories, of the subject's file, of the model and of
-# its settings (and of the results it builds on). Results made with settings other than the
-# defaults get a tag in their file name (a hash of what differs), so no run replaces another's.
-
-FOLDERS = {"data": "data", "results": "results", "checkpoints": "checkpoints"}  # the stages' defaults
-
-def digest(obj):
-    """A short, stable fingerprint of a JSON-able record (settings, provenance)."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-def settings_tag(settings, defaults):
-    """'' when every setting has its default, else '_' + 6 hex digits of those that differ."""
-    changed = {k: v for k, v in settings.items() if v != defaults.get(k)}
-    return "_" + digest(changed)[:6] if changed else ""
-
-def as_flags(settings, defaults):
-    """The settings that differ from the defaults, as the command-line flags that give them."""
-    out = []
-    for k, v in sorted(settings.items()):
-        if v == defaults.get(k) or v is None or v is False:
-            continue
-        flag = "--" + k.replace("_", "-")
-        values = v if isinstance(v, (list, tuple)) else [] if v is True else [v]
-        out.append(" ".join([flag] + [f"{x:g}" if isinstance(x, float) else str(x) for x in values]))
-    return out
-
-def explicit_flags(p, argv):
-    """The dests the user set on the command line (not left at their defaults)."""
-    saved = [(a, a.default) for a in p._actions]
-    for a, _ in saved:
-        a.default = argparse.SUPPRESS
-    try:
-        return set(vars(p.parse_args(argv)))
-    finally:
-        for a, d in saved:
-            a.default = d
-
-def command(script, args, *flags):
-    """A command to suggest in an error, with the user's own --data/--results/--checkpoints."""
-    io = [f"--{k} {getattr(args, k)}" for k, d in FOLDERS.items()
-          if getattr(args, k, d) != d and not (k == "checkpoints" and script.startswith(("01", "02")))]
-    return "`" + " ".join(["python", script, *io, *[f for f in flags if f]]) + "`"
-
-def read_provenance(d, path, rebuild):
-    """The provenance record of a result npz (a dict); a result without one predates the records."""
-    if "provenance" not in d:
-        raise StudyError(f"{path} predates provenance records (what a result was built from): rebuild it with {rebuild}")
-    return json.loads(str(d["provenance"]))
-
-def check_built_from(prov, study, subject, path, rebuild):
-    """Refuse a result built from other stories or another file of `subject` than the study's now."""
-    if prov["stories"] != study["stories_fingerprint"]:
-        why = "its stories or splits differ"
-    elif subject is not None and prov["subject_data"] != study["subject_fingerprints"].get(subject):
-        why = f"{subject}'s responses differ"
-    else:
-        return
-    raise StudyError(f"{path} was built from another study than {study['data']}/ ({why}: the data were rebuilt "
-                     f"since); rebuild it with {rebuild}")
-
-def baseline_files(results, subject):
-    """{tag: path} of the stage 02 results of `subject` ('' is the defaults' file)."""
-    out = {}
-    for path in glob.glob(os.path.join(glob.escape(results), f"02_baseline_{subject}*.npz")):
-        rest = os.path.basename(path)[len(f"02_baseline_{subject}"):-4]
-        if re.fullmatch(r"(_[0-9a-f]{6})?", rest):
-            out[rest[1:]] = path
-    return out
-
-def load_baseline(args, subject, study, tag=None):
-    """Stage 02's result for `subject`, checked to be from this study. tag: which one ('' = made
-    with the defaults, None = the only one there). Adds its path, tag, provenance and fingerprint."""
-    rebuild = command("02_baseline_ridge.py", args, f"--subjects {subject}")
-    found = {t: p for t, p in baseline_files(args.results, subject).items() if tag is None or t == tag}
-    if not found:
-        which = f" with tag {tag or 'default'}" if tag is not None else ""
-        raise StudyError(f"no stage 02 result for {subject}{which} in {args.results}/ "
-                         f"({os.path.join(args.results, f'02_baseline_{subject}.npz')} not found): run {rebuild} first")
-    if len(found) > 1:
-        listed = []
-        for t, p in sorted(found.items()):
-            flags = json.loads(str(load_npz(p).get("provenance", "{}"))).get("flags", ["?"])
-            listed.append(f"{t or 'default'} ({' '.join(flags) or 'the defaults'})")
-        raise StudyError(f"{args.results}/ holds {len(found)} stage 02 results for {subject}: {'; '.join(listed)}; "
-                         "choose one with --baseline-tag TAG")
-    (t, path), = found.items()
-    b = load_npz(path, "stage 02 result")
-    prov = read_provenance(b, path, rebuild)
-    rebuild = command("02_baseline_ridge.py", args, f"--subjects {subject}", *prov["flags"])
-    check_built_from(prov, study, subject, path, rebuild)
-    b.update(path=path, tag=t, provenance=prov, fingerprint=digest(prov), rebuild=rebuild)
-    return b
-
-def baseline_tag_flag(value):
-    """--baseline-tag's value: 'default' names the file made with stage 02's defaults."""
-    return None if value is None else "" if value == "default" else value
-
-RUN_TAIL = re.compile(r"(?:_([0-9a-f]{6}))?(?:_from_(.+))?")
-
-def run_name(subject, roi, mode, seed, tag="", init_from=None):
-    """Stage 03's name of a run (results file, checkpoint folder): tag '' for the defaults' settings,
-    else '_xxxxxx'; a run started from another (--init-from) carries that run's name after _from_."""
-    return f"03_{subject}_{roi}_{mode}_seed{seed}{tag}" + (f"_from_{init_from.removeprefix('03_')}" if init_from else "")
-
-def find_runs(folder, subject, roi, mode, seed, ext):
-    """Stage 03 runs of (subject, roi, mode, seed) in `folder` (ext '.npz': results; '': checkpoint
-    folders): a list of (name, tag, the name of the run it started from or None)."""
-    prefix = run_name(subject, roi, mode, seed)
-    out = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), prefix + "*" + ext))):
-        name = os.path.basename(path)[:len(os.path.basename(path)) - len(ext)]
-        m = RUN_TAIL.fullmatch(name[len(prefix):])
-        if m and (ext or not name.endswith((".tmp", ".old"))):
-            out.append((name, m.group(1) or "", m.group(2)))
-    return out
-
-def init_matches(source, wanted, subject):
-    """Does a run's --init-from source (a run name without 03_) match what the user asked for: a
-    run name, or an ROI word ('whole': the subject's own whole-cortex run)?"""
-    if wanted is None:
-        return source is None
-    if source is None:
-        return False
-    return source == wanted.removeprefix("03_") or source.startswith(f"{subject}_{wanted}_")
-
-def load_run(args, subject, roi, mode, seed, init_from=None, tag=None, study=None):
-    """The one stage 03 result matching the request, checked against the study and against the
-    stage 02 result it was scored against (same file, unchanged since). Returns the npz as a dict
-    with its name, provenance and its baseline (load_baseline's dict)."""
-    runs = [(n, t, s) for n, t, s in find_runs(args.results, subject, roi, mode, seed, ".npz")
-            if init_matches(s, init_from, subject) and (tag is None or t == tag)]
-    train = command("03_finetune_lora.py", args, f"--subject {subject}", "" if roi == "whole" else f"--roi {roi}",
-                    f"--seed {seed}" if seed else "", "--full-finetune" if mode == "full" else "",
-                    f"--init-from {init_from}" if init_from else "")
-    if not runs:
-        raise StudyError(f"no stage 03 result {run_name(subject, roi, mode, seed)}{'*' if tag is None else tag}"
-                         f"{f' started from {init_from}' if init_from else ''} in {args.results}/: run {train} "
-                         "first (with your training flags)")
-    if len(runs) > 1:
-        listed = []
-        for n, t, _ in runs:
-            prov = json.loads(str(load_npz(os.path.join(args.results, n + ".npz")).get("provenance", "{}")))
-            listed.append(f"{t or 'default'} ({' '.join(prov.get('flags', ['?'])) or 'the defaults'})")
-        raise StudyError(f"{args.results}/ holds {len(runs)} stage 03 runs of {subject} {roi} {mode} seed {seed}: "
-                         f"{'; '.join(listed)}; choose one with --tag TAG")
-    name = runs[0][0]
-    path = os.path.join(args.results, name + ".npz")
-    run = load_npz(path, "stage 03 result")
-    prov = read_provenance(run, path, train)
-    retrain = command("03_finetune_lora.py", args, f"--subject {subject}", *prov["flags"])
-    if study is not None:
-        check_built_from(prov, study, subject, path, retrain)
-        base = load_baseline(args, subject, study, prov["baseline"]["tag"])
-        if base["fingerprint"] != prov["baseline"]["fingerprint"]:
-            raise StudyError(f"{path} was scored against another stage 02 result than {base['path']} holds now "
-                             f"(stage 02 was rerun since, with other inputs): rerun it with {retrain}")
-        run["baseline"] = base
-    run.update(name=name, path=path, provenance=prov, fingerprint=digest(prov), tag=runs[0][1])
-    return run

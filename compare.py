@@ -17,8 +17,8 @@ import sys
 
 import numpy as np
 
-import common
-from common import StudyError
+from lib import plumbing, provenance
+from lib.plumbing import StudyError
 
 
 def get_args(argv=None):
@@ -26,7 +26,7 @@ def get_args(argv=None):
 
 
 def get_parser():
-    p = common.parser(__doc__)
+    p = plumbing.parser(__doc__)
     p.add_argument("paths", nargs="+", help="results folders or 03_*.npz files; the first is the reference")
     p.add_argument("--out", help="figure path (default: compare.png in the first folder)")
     return p
@@ -40,8 +40,8 @@ def load_runs(paths):
         if not files:
             raise StudyError(f"{path}: no stage 03 results (03_*.npz) there")
         for f in files:
-            r = common.load_npz(f, "stage 03 result")
-            prov = common.read_provenance(r, f, "03_finetune_lora.py")
+            r = plumbing.load_npz(f, "stage 03 result")
+            prov = provenance.read_provenance(r, f, "03_finetune_lora.py")
             delta = r["test_r_tuned"] - r["test_r_baseline"]
             runs.append(dict(name=os.path.basename(f)[:-4], folder=k, prov=prov, delta=delta,
                              val=r["val_r_by_epoch"], best=int(r["best_epoch"]),
@@ -119,7 +119,7 @@ def main(argv=None):
         plot(rows, out)
         print(f"\nwrote {out}")
     except StudyError as e:
-        common.fail(e)
+        plumbing.fail(e)
 
 
 def find_ac(paths, subject):
@@ -146,7 +146,7 @@ def plot(rows, path):
                     label=f"{' '.join(x for x in k if x)} [{tag or 'default'}]" if j == 0 else None)
     ax.set(xlabel="epoch", ylabel="validation r (ROI voxels, end to end)", title="Validation r per epoch")
     ax.legend(fontsize=7)
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 if __name__ == "__main__":

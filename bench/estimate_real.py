@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+from lib import plumbing  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--gpu-check", help="gpu_check.json measured on the GPU (else assumed efficiencies)")
@@ -29,7 +30,7 @@ p.add_argument("--ridge-efficiency", type=float, default=0.5, help="assumed frac
 p.add_argument("--epochs", type=int, default=10, help="stage 03 epochs (default: the script's 10)")
 p.add_argument("--runs", type=int, default=11, help="stage 03 runs: 3 subjects x 3 seeds + 2 AC runs (the demo's plan)")
 args = p.parse_args()
-common.set_threads()
+plumbing.set_threads()
 
 # ds003020, UTS01-UTS03: the same 84 stories for each subject (respdict.json), voxels per subject
 counts = json.load(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

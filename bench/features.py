@@ -11,8 +11,6 @@ job: the lab's stride runs the model on ~151 s of audio per second of story).
     .venv/bin/python bench/features.py [--data data] [--stride-s 4.0 8.0] [--model-seeds 0]
 """
 import argparse
-import contextlib
-import io
 import os
 import sys
 import time
@@ -22,8 +20,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-
-stage02 = common.load_stage("02_baseline_ridge.py")
+from bench.recipe import best_layer_score  # noqa: E402
+from lib import plumbing  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", default="data")
@@ -35,17 +33,16 @@ p.add_argument("--model", default="tiny", help="'tiny' or a WavLM id/folder, as 
 p.add_argument("--model-seeds", type=int, nargs="+", default=[0], help="seeds of the tiny model's weights")
 p.add_argument("--device", default=None)
 args = p.parse_args()
-common.set_threads()
-device = common.pick_device(args.device)
+plumbing.set_threads()
+device = plumbing.pick_device(args.device)
 seeds = args.model_seeds if args.model == "tiny" else [0]  # a pretrained model has one set of weights
 
 study = common.load_study(args.data)
-subjects = common.subject_list(args.subjects, study)
+subjects = plumbing.subject_list(args.subjects, study)
 data = {s: common.load_subject(args.data, s, study) for s in subjects}
 stories = study["train"] + study["val"] + [study["test"]]
-audio = {s: common.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in stories}
+audio = {s: plumbing.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in stories}
 audio_s = sum(len(a["audio"]) for a in audio.values()) / 16000
-rargs = stage02.get_args([])
 
 
 def model_seconds(n_samples, stride_s, context_s):
@@ -58,11 +55,10 @@ def baseline(ds, layers):
     """Per subject: (test r at the layer stage 02 would pick, mean test r of each layer)."""
     out = {}
     for subj, d in data.items():
-        with contextlib.redirect_stdout(io.StringIO()):
-            res = stage02.fit_and_score(ds, d, study, layers, rargs, device)
+        test_r, best = best_layer_score(ds, d, study, layers, device)
         by_layer = [common.score_on_test({s: ds[s][layer] for s in ds}, d, study, device=device)[0].mean()
                     for layer in layers]
-        out[subj] = (float(res["test_r"].mean()), int(res["best_layer"]), np.array(by_layer))
+        out[subj] = (float(test_r.mean()), int(best), np.array(by_layer))
     return out
 
 

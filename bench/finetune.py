@@ -18,8 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-
-stage03 = common.load_stage("03_finetune_lora.py")
+from lib import plumbing  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", default="data")
@@ -27,22 +26,33 @@ p.add_argument("--steps", type=int, default=10)
 p.add_argument("--model", default="tiny")
 p.add_argument("--layer", type=int, default=None, help="default: the top layer")
 p.add_argument("--device", default=None)
-args, rest = p.parse_known_args()
-# the demo's training settings (Makefile LORA), overridable with stage 03 flags
-targs = stage03.get_args(["--lora-rank", "8", "--lora-alpha", "8", "--lora-targets", "projection", "q_proj", "k_proj",
-                          "v_proj", "out_proj", "intermediate_dense", "output_dense"] + rest)
-common.set_threads()
-device = common.pick_device(args.device)
+# stage 03's training settings (its flags, with its defaults but for the LoRA shape measured in RESULTS.md)
+g = p.add_argument_group("stage 03's settings")
+g.add_argument("--lora-rank", type=int, default=8)
+g.add_argument("--lora-alpha", type=float, default=8)
+g.add_argument("--lora-dropout", type=float, default=0.1)
+g.add_argument("--lora-targets", nargs="+", default=["projection", "q_proj", "k_proj", "v_proj", "out_proj",
+                                                      "intermediate_dense", "output_dense"])
+g.add_argument("--bottleneck", type=int, default=100)
+g.add_argument("--block-trs", type=int, default=32)
+g.add_argument("--batch-blocks", type=int, default=2)
+g.add_argument("--grad-clip", type=float, default=1.0)
+g.add_argument("--train-context-s", type=float, default=0.0)
+g.add_argument("--train-stride-s", type=float, default=4.0)
+g.add_argument("--norm", default="block")
+args = targs = p.parse_args()
+plumbing.set_threads()
+device = plumbing.pick_device(args.device)
 study = common.load_study(args.data)
 d = common.load_subject(args.data, study["subjects"][0], study)
 model = common.add_lora(common.load_wavlm(args.model, 0, device), targs.lora_rank, targs.lora_alpha,
                         targs.lora_dropout, targs.lora_targets).train()
 layer = args.layer if args.layer is not None else model.config.num_hidden_layers
-n_vox = common.array_shape(d, "test_resp")[1]
-readout = stage03.make_readout(model.config.hidden_size * 4, n_vox, targs.bottleneck).to(device)
+n_vox = plumbing.array_shape(d, "test_resp")[1]
+readout = common.make_readout(model.config.hidden_size * 4, n_vox, targs.bottleneck).to(device)
 opt = torch.optim.Adam([{"params": [q for q in model.parameters() if q.requires_grad], "lr": 1e-3},
                         {"params": readout.parameters(), "lr": 1e-3}])
-stories = stage03.load_stories(model, args.data, study["train"], device)
+stories = common.load_stories(model, args.data, study["train"], device)
 blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), targs.block_trs)]
 order = np.random.default_rng(0).permutation(len(blocks))
 
@@ -58,13 +68,13 @@ def step(k, frozen=None):
     for j in order[k * targs.batch_blocks:(k + 1) * targs.batch_blocks]:
         s, i0 = blocks[j]
         i1 = min(len(stories[s]["tr_times"]), i0 + targs.block_trs)
-        with common.autocast(device):
+        with plumbing.autocast(device):
             if frozen is None:
-                pred = stage03.predict_block(model, readout, stories[s], i0, i1, layer, targs).float()
+                pred = common.predict_block(model, readout, stories[s], i0, i1, layer, targs).float()
             else:
-                pred = stage03.readout_head(readout, *frozen[j]).float()
+                pred = common.readout_head(readout, *frozen[j]).float()
         y = torch.as_tensor(d[f"resp_{s}"][i0:i1], device=device)
-        (stage03.spatial_corr_loss(pred, y) / targs.batch_blocks).backward()
+        (common.spatial_corr_loss(pred, y) / targs.batch_blocks).backward()
     torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], targs.grad_clip)
     opt.step()
 
@@ -85,7 +95,7 @@ for k in range(n):
         s, i0 = blocks[j]
         i1 = min(len(stories[s]["tr_times"]), i0 + targs.block_trs)
         with torch.no_grad():
-            frames, times, grid = stage03.block_features(model, stories[s], i0, i1, layer, targs, grad=False)
+            frames, times, grid = common.block_features(model, stories[s], i0, i1, layer, targs, grad=False)
         frozen[j] = (frames.requires_grad_(), times, grid)
 sync()
 t0 = time.perf_counter()

@@ -26,6 +26,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from lib import plumbing  # noqa: E402
 
 BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense
 
@@ -87,7 +88,6 @@ out["stage03_rc"], out["stage03_s"] = timed([py, "03_finetune_lora.py", *io, "--
 save()
 
 # 4. throughput, measured in this process after a warm-up
-s03 = common.load_stage("03_finetune_lora.py")
 st = common.load_study(data)
 
 
@@ -97,7 +97,7 @@ def sync():
 
 
 model = common.load_wavlm(folder, device=dev)
-story = common.load_npz(os.path.join(data, "stories", f"{st['train'][0]}.npz"))
+story = plumbing.load_npz(os.path.join(data, "stories", f"{st['train'][0]}.npz"))
 audio = torch.as_tensor(story["audio"], device=dev)
 common.extract_features(model, audio[:16000 * 30])  # warm-up
 sync()
@@ -106,13 +106,15 @@ common.extract_features(model, audio)
 sync()
 out["features_audio_s_per_s"] = round(len(story["audio"]) / 16000 / (time.time() - t0), 1)
 
-s03args = s03.get_args([])  # the paper's defaults
+# stage 03's defaults (the paper's): LoRA rank 4, alpha 4, dropout 0.1 on q/k/v; bottleneck 100; 4 s windows
+s03args = argparse.Namespace(lora_rank=4, lora_alpha=4, lora_dropout=0.1, lora_targets=["q_proj", "k_proj", "v_proj"],
+                             bottleneck=100, train_context_s=0.0, train_stride_s=4.0, norm="block")
 model = common.add_lora(model, s03args.lora_rank, s03args.lora_alpha, s03args.lora_dropout, s03args.lora_targets)
 d = common.load_subject(data, "sim01", st)
 layer = cfg.num_hidden_layers // 2
-readout = s03.make_readout(cfg.hidden_size * 4, common.array_shape(d, "test_resp")[1], s03args.bottleneck).to(dev)
+readout = common.make_readout(cfg.hidden_size * 4, plumbing.array_shape(d, "test_resp")[1], s03args.bottleneck).to(dev)
 opt = torch.optim.Adam([p_ for p_ in model.parameters() if p_.requires_grad] + list(readout.parameters()), lr=1e-4)
-stories = s03.load_stories(model, data, st["train"], dev)
+stories = common.load_stories(model, data, st["train"], dev)
 resp = {s: torch.as_tensor(d[f"resp_{s}"], device=dev) for s in st["train"]}
 blocks = [(s, i) for s in st["train"] for i in range(0, len(stories[s]["tr_times"]) - 31, 32)]
 model.train()
@@ -122,9 +124,9 @@ def step(k):
     opt.zero_grad()
     secs = 0.0
     for s, i0 in blocks[(2 * k) % len(blocks):(2 * k) % len(blocks) + 2]:
-        with common.autocast(dev):
-            pred = s03.predict_block(model, readout, stories[s], i0, i0 + 32, layer, s03args).float()
-        s03.spatial_corr_loss(pred, resp[s][i0:i0 + 32]).backward()
+        with plumbing.autocast(dev):
+            pred = common.predict_block(model, readout, stories[s], i0, i0 + 32, layer, s03args).float()
+        common.spatial_corr_loss(pred, resp[s][i0:i0 + 32]).backward()
         secs += (32 + 4 + 6) * 2.0  # audio a block reads: its TRs, 4 delays, 3 TRs of Lanczos each side
     opt.step()
     return secs

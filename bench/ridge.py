@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+from lib import plumbing  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--shape", choices=["small", "uts01"], default="small")
@@ -28,7 +29,7 @@ p.add_argument("--device", default="cpu")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--no-himalaya", action="store_true", help="time ridge_cv only")
 args = p.parse_args()
-common.set_threads()
+plumbing.set_threads()
 if args.shape == "small":
     trs, features, test_trs, alphas = 3000, 1000, 500, np.logspace(0, 5, 10)
 else:

@@ -16,6 +16,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from lib import plumbing  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", required=True)
@@ -24,23 +25,22 @@ p.add_argument("--subject", default="sim01")
 p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
 p.add_argument("--draws", type=int, default=5)
 args = p.parse_args()
-common.set_threads()
-s02 = common.load_stage("02_baseline_ridge.py")
+plumbing.set_threads()
 
 study = common.load_study(args.data)
-base = common.load_npz(os.path.join(args.results, f"02_baseline_{args.subject}.npz"))
+base = plumbing.load_npz(os.path.join(args.results, f"02_baseline_{args.subject}.npz"))
 layers, delays = [int(x) for x in base["layers"]], tuple(int(x) for x in base["delays"])
-cache = s02.feature_cache_dir(args.data, str(base["model"]), int(base["model_seed"]), float(base["context_s"]),
+cache = plumbing.feature_cache_dir(args.data, str(base["model"]), int(base["model_seed"]), float(base["context_s"]),
                               float(base["stride_s"]))
-ds = {s: common.load_npz(os.path.join(cache, f"{s}.npz"))["ds"] for s in study["train"] + study["val"]}
+ds = {s: plumbing.load_npz(os.path.join(cache, f"{s}.npz"))["ds"] for s in study["train"] + study["val"]}
 d = common.load_subject(args.data, args.subject, study)
 full_val = base["val_r_by_layer"].mean(1)
 full_best = layers[int(np.argmax(full_val))]
 print(f"full sweep ({base['val_r_by_layer'].shape[1]} voxels): best layer {full_best}, "
       f"mean validation r by layer {np.round(full_val, 4).tolist()}")
-X_train = {layer: s02.stack(ds, study["train"], layer, delays) for layer in layers}
-X_val = {layer: s02.stack(ds, study["val"], layer, delays) for layer in layers}
-n_vox = common.array_shape(d, "test_resp")[1]
+X_train = {layer: np.vstack([common.design_matrix(ds[s][layer], delays) for s in study["train"]]) for layer in layers}
+X_val = {layer: np.vstack([common.design_matrix(ds[s][layer], delays) for s in study["val"]]) for layer in layers}
+n_vox = plumbing.array_shape(d, "test_resp")[1]
 for size in args.sizes:
     agree, loss, secs = 0, [], []
     for draw in range(args.draws):

@@ -12,8 +12,6 @@ a model whose per-frame layer norms make it blind to loudness is bounded by the 
     .venv/bin/python bench/tiny_model.py [--data data] [--seeds 0 1 2] [--variants default conv-bias ...]
 """
 import argparse
-import contextlib
-import io
 import os
 import sys
 import time
@@ -23,8 +21,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-
-stage02 = common.load_stage("02_baseline_ridge.py")
+from bench.recipe import best_layer_score  # noqa: E402
+from lib import plumbing, scoring, speech  # noqa: E402
 
 VARIANTS = {  # name: changes to common.tiny_config()
     "default": {},
@@ -42,13 +40,12 @@ p.add_argument("--variants", nargs="+", default=["default", "conv-bias", "conv-6
                choices=list(VARIANTS))
 p.add_argument("--threads", type=int, default=None)
 args = p.parse_args()
-common.set_threads(args.threads)
+plumbing.set_threads(args.threads)
 study = common.load_study(args.data)
 subjects = study["subjects"]
 data = {s: common.load_subject(args.data, s, study) for s in subjects}
 names = study["train"] + study["val"] + [study["test"]]
-stories = {s: common.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in names}
-rargs = stage02.get_args([])
+stories = {s: plumbing.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in names}
 
 
 def score(ds, layers):
@@ -56,10 +53,9 @@ def score(ds, layers):
     fracs = []
     for subj in subjects:
         d = data[subj]
-        with contextlib.redirect_stdout(io.StringIO()):
-            res = stage02.fit_and_score(ds, d, study, layers, rargs, "cpu")
-        masks = stage02.roi_masks(d, len(res["test_r"]))
-        fracs.append([stage02.frac_ceiling(res["test_r"][masks[k]], d["noise_ceiling"][masks[k]])
+        test_r, _ = best_layer_score(ds, d, study, layers)
+        masks = scoring.roi_masks(d, len(test_r))
+        fracs.append([scoring.frac_ceiling(test_r[masks[k]], d["noise_ceiling"][masks[k]])
                       for k in ("AC", "non-AC")])
     return np.array(fracs)
 
@@ -75,7 +71,7 @@ print(f"{'model':13s} {'seed':>4} {'AC by subject':>{6 * len(subjects)}s} {'AC m
       f" {'secs':>6s}")
 # Bounds from the truth itself: the whole log-mel drive; its spectral shape alone (each frame minus
 # its mean over bands: what a model blind to loudness could at best see); its loudness alone (that mean)
-mels = {s: common.log_mel(st["audio"]) for s, st in stories.items()}
+mels = {s: speech.log_mel(st["audio"]) for s, st in stories.items()}
 for name, part in [("true log-mel", lambda m: m), ("shape only", lambda m: m - m.mean(1, keepdims=True)),
                    ("loudness only", lambda m: m.mean(1, keepdims=True))]:
     t0 = time.time()
@@ -91,6 +87,6 @@ for name in args.variants:
         model = common.load_wavlm("tiny", seed, "cpu", config=cfg)
         ds = {}
         for s, st in stories.items():
-            feats, times = common.extract_features(model, st["audio"], stride_s=stage02.DEFAULT_STRIDE_S)
+            feats, times = common.extract_features(model, st["audio"], stride_s=4.0)
             ds[s] = np.stack([common.downsample_to_trs(f, times, st["tr_times"]) for f in feats])
         row(name, seed, score(ds, list(range(cfg.num_hidden_layers + 1))), time.time() - t0)

@@ -39,6 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+from lib import plumbing, probing, simulate, speech  # noqa: E402
 
 
 def get_args(argv=None):
@@ -73,23 +74,22 @@ def get_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 def make_corpus(args, rng):
-    s01 = common.load_stage("01_prepare_data.py")
-    vocab, category, _, _ = s01.make_vocabulary(
-        types.SimpleNamespace(n_categories=len(s01.CATEGORIES), words_per_category=args.words_per_category,
+    vocab, category, _, _ = simulate.make_vocabulary(
+        types.SimpleNamespace(n_categories=len(simulate.CATEGORIES), words_per_category=args.words_per_category,
                               semantic_dim=16), rng)
     clips = []  # one "voice" per (voice, rate): make_story picks one per sentence
     for rate in args.rates:
-        clips += s01.synthesize_all(list(vocab), s01.VOICES[:args.n_voices], rate)
+        clips += speech.synthesize_all(list(vocab), speech.VOICES[:args.n_voices], rate)
     stories = []
     for _ in range(args.n_stories):
-        audio, idx, on, off = s01.make_story(args.story_seconds, vocab, category, clips, rng, len(clips))
+        audio, idx, on, off = simulate.make_story(args.story_seconds, vocab, category, clips, rng, len(clips))
         stories.append(dict(audio=audio, words=vocab[idx], word_onsets=on, word_offsets=off))
     return stories, vocab
 
 
 def unit_features(audio):
     """40-band log-mel and its frame-to-frame change, one row per WavLM frame (20 ms hop, 25 ms window)."""
-    mel, _ = common.log_mel(audio, n_bands=40, hop=common.FRAME_HOP, win=common.FRAME_WIN)
+    mel, _ = speech.log_mel(audio, n_bands=40, hop=common.FRAME_HOP, win=common.FRAME_WIN)
     return np.concatenate([mel, np.diff(mel, axis=0, prepend=mel[:1])], 1)
 
 
@@ -179,15 +179,14 @@ def pretrain(args, model, cnn, units, train_ids, held_ids, rng, log=print):
 def word_probe(model, stories, cnn, vocab):
     """Word identity from each layer: a ridge probe (stage 05's, whole stories held out) on each word
     token's mean frame; accuracy over the held-out stories' tokens."""
-    s05 = common.load_stage("05_linear_probes.py")
     X, y, groups = [], [], []
     for g, (st, c) in enumerate(zip(stories, cnn)):
-        X.append(s05.word_representations(model, st, c, 16.0, 4.0))
+        X.append(probing.word_representations(model, st, c, 16.0, 4.0))
         y += [int(np.flatnonzero(vocab == w)[0]) for w in st["words"]]
         groups += [g] * len(st["words"])
     X, y = np.concatenate(X, 1), np.array(y)
     onehot = np.eye(len(vocab), dtype=np.float32)[y]
-    return [s05.probe(X[layer], onehot, np.array(groups), len(stories), classes=y) for layer in range(len(X))]
+    return [probing.probe(X[layer], onehot, np.array(groups), len(stories), classes=y) for layer in range(len(X))]
 
 
 def sha256(path):
@@ -212,12 +211,12 @@ def plot(curve, probe_random, probe_pre, path):
     ax[2].plot(layers, probe_pre, "o-", label="pretrained")
     ax[2].set(xlabel="hidden state", ylabel="accuracy", title="Word identity probe (held-out stories)")
     ax[2].legend()
-    common.save_figure(fig, path)
+    plumbing.save_figure(fig, path)
 
 
 def main(argv=None):
     args = get_args(argv)
-    common.set_threads(args.threads)
+    plumbing.set_threads(args.threads)
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
     print(f"pretraining the tiny WavLM -> {args.out}")

@@ -1,5 +1,6 @@
 """Shared test helpers: run a stage's main() in-process, and one tiny simulated study per session."""
 import glob
+import importlib
 import os
 import sys
 
@@ -8,22 +9,24 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import common  # noqa: E402
+from lib import plumbing  # noqa: E402
 
-common.set_threads(2)
+plumbing.set_threads(2)
 
 TINY = ["--cortex", "none", "--n-subjects", "2", "--n-voxels", "60", "--n-train-stories", "3", "--n-val-stories", "1",
         "--story-seconds", "60", "--test-seconds", "60", "--seed", "3"]
 
 
-def load_stage(script):
-    return common.load_stage(script)
+def stage(script):
+    """A script of this repository as a module, for the tests of its own functions and run_stage
+    (importlib: a stage's name starts with a digit, so the `import` statement cannot name it)."""
+    return importlib.import_module(os.path.splitext(script)[0].replace("/", "."))
 
 
 def run_stage(script, argv):
     """Run a stage's main(argv); return its exit code (0 when it returns normally)."""
     try:
-        load_stage(script).main(argv)
+        stage(script).main(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     return 0

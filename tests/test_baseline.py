@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import common
-from conftest import fails_cleanly, one, run_stage
+from lib import plumbing
+from conftest import fails_cleanly, one, run_stage, stage
 
 STAGE = "02_baseline_ridge.py"
 
@@ -21,9 +22,9 @@ def baseline(tiny_study, tmp_path_factory):
 
 def test_baseline_outputs(baseline):
     data, results = baseline
-    truth = common.load_npz(f"{data}/truth.npz")
+    truth = plumbing.load_npz(f"{data}/truth.npz")
     for subj in truth["subjects"]:
-        r = common.load_npz(one(f"{results}/02_baseline_{subj}_*.npz"))  # --layers 0 2: tagged
+        r = plumbing.load_npz(one(f"{results}/02_baseline_{subj}_*.npz"))  # --layers 0 2: tagged
         n_vox = len(truth[f"{subj}_kind"])
         assert r["test_r"].shape == (n_vox,) and r["val_r_by_layer"].shape == (2, n_vox)
         assert int(r["best_layer"]) in (0, 2) and r["alphas"].shape == (n_vox,)
@@ -48,15 +49,15 @@ def test_each_window_setting_keeps_its_own_feature_cache(baseline, tmp_path, cap
                              "--subjects", "sim01", "--sweep-voxels", "20", "--save-weights"]) == 0
     assert len(os.listdir(f"{data}/features/tiny-pretrained/context8s_stride4s")) == 5
     assert {f: os.path.getmtime(f"{default}/{f}") for f in os.listdir(default)} == first  # untouched
-    r = common.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
+    r = plumbing.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
     assert float(r["context_s"]) == 8.0
     # --sweep-voxels: layers compared on 20 voxels, the chosen one fit and scored on all 60
     assert len(r["sweep_voxels"]) == 20 and r["val_r_by_layer"].shape == (2, 20) and r["test_r"].shape == (60,)
-    assert common.load_npz(one(f"{results}/02_weights_sim01_*.npz"))["weights"].shape == (96 * 4, 60)
+    assert plumbing.load_npz(one(f"{results}/02_weights_sim01_*.npz"))["weights"].shape == (96 * 4, 60)
     # the random tiny model is still one flag away, with its own cache and its own result file
     assert run_stage(STAGE, ["--data", data, "--results", results, "--layers", "0", "--model", "tiny",
                              "--subjects", "sim01"]) == 0
-    models = sorted(str(common.load_npz(f)["model"]) for f in glob.glob(f"{results}/02_baseline_sim01_*.npz"))
+    models = sorted(str(plumbing.load_npz(f)["model"]) for f in glob.glob(f"{results}/02_baseline_sim01_*.npz"))
     assert models == ["tiny", "tiny-pretrained"]
     assert len(os.listdir(f"{data}/features/tiny_seed0/context16s_stride4s")) == 5
 
@@ -91,17 +92,17 @@ def test_bad_inputs(tiny_study, tmp_path, capsys):
     # an old layout: study.npz without the keys this layout needs
     old = tmp_path / "old"
     shutil.copytree(tiny_study, old, ignore=shutil.ignore_patterns("features"))
-    st = common.load_npz(old / "study.npz")
+    st = plumbing.load_npz(old / "study.npz")
     del st["val_stories"]
-    common.save_npz(old / "study.npz", **st)
+    plumbing.save_npz(old / "study.npz", **st)
     assert run_stage(STAGE, ["--data", str(old), "--results", res]) == 1
     assert "older layout" in capsys.readouterr().err
     # a subject file with a story's responses missing
     st["val_stories"] = np.array(["val00"])
-    common.save_npz(old / "study.npz", **st)
-    d = common.load_npz(old / "subjects" / "sim01.npz")
+    plumbing.save_npz(old / "study.npz", **st)
+    d = plumbing.load_npz(old / "subjects" / "sim01.npz")
     del d["resp_story01"]
-    common.save_npz(old / "subjects" / "sim01.npz", **d)
+    plumbing.save_npz(old / "subjects" / "sim01.npz", **d)
     assert run_stage(STAGE, ["--data", str(old), "--results", res]) == 1
     assert "no responses resp_story01" in capsys.readouterr().err
     assert not os.path.exists(res)
@@ -124,7 +125,7 @@ def test_streamed_npz_and_stacked_responses_equal_the_plain_ones(tiny_study, tmp
         for k, v in arrays.items():
             drawn.append(k)  # produced only when its turn comes
             yield k, v
-    common.save_npz(tmp_path / "a.npz", gen(), test_resp=np.zeros((2, 7), np.float32))
+    plumbing.save_npz(tmp_path / "a.npz", gen(), test_resp=np.zeros((2, 7), np.float32))
     with np.load(tmp_path / "a.npz", allow_pickle=False) as f:
         assert f.files == list(arrays) + ["test_resp"] and all(np.array_equal(f[k], v) for k, v in arrays.items())
     assert drawn == list(arrays)
@@ -135,12 +136,12 @@ def test_streamed_npz_and_stacked_responses_equal_the_plain_ones(tiny_study, tmp
     assert np.array_equal(common.stack_responses(d, study["train"]), ref)
     mask = d["roi_AC"]
     assert np.array_equal(common.stack_responses(d, study["train"], mask), ref[:, mask])
-    assert common.array_shape(d, f"resp_{study['train'][0]}") == d[f"resp_{study['train'][0]}"].shape
+    assert plumbing.array_shape(d, f"resp_{study['train'][0]}") == d[f"resp_{study['train'][0]}"].shape
 
 
 @pytest.mark.parametrize("script", ["00_fetch_ds003020.py", "01_prepare_data.py", "02_baseline_ridge.py",
                                     "03_finetune_lora.py", "04_cross_subject.py", "05_linear_probes.py", "compare.py"])
 def test_every_flag_says_what_it_does(script):
-    parser = common.load_stage(script).get_parser()
+    parser = stage(script).get_parser()
     silent = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert not silent, f"{script}: flags without help text: {silent}"

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-import common
+from lib import plumbing
 from conftest import fails_cleanly, run_stage
 
 
@@ -15,7 +15,7 @@ def fake_run(folder, seed, gain, tag="", settings=None, stories="s1"):
                 stories=stories, subject_data="x", init_from=None,
                 baseline=dict(file="02_baseline_sim01.npz", tag="", fingerprint="b"))
     name = f"03_sim01_whole_lora_seed{seed}{'_' + tag if tag else ''}"
-    common.save_npz(f"{folder}/{name}.npz", test_r_baseline=base, test_r_tuned=base + gain,
+    plumbing.save_npz(f"{folder}/{name}.npz", test_r_baseline=base, test_r_tuned=base + gain,
                     val_r_by_epoch=np.array([0.1, 0.2, 0.15], np.float32), best_epoch=np.int64(2),
                     provenance=np.array(json.dumps(prov)))
 

@@ -5,22 +5,21 @@ import numpy as np
 import pytest
 
 import common
-from conftest import ROOT, load_stage
-
+from lib import anatomy, plumbing
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def s1(tmp_path_factory):
     """A dataset root in ds003020's layout whose pycortex-db is pycortex's S1 ({"S1": "fullhead"})."""
-    m = common.load_stage("assets/make_s1_cortex.py")
-    root = m.s1_root(str(tmp_path_factory.mktemp("s1")))
-    return m, root
+    root = anatomy.s1_root(str(tmp_path_factory.mktemp("s1")))
+    return anatomy, root
 
 
 @pytest.fixture(scope="module")
 def rebuilt(s1):
     m, root = s1
-    return m.build(root)
+    return m.build_s1_asset(root)
 
 
 def test_pycortex_rois_on_s1_gives_the_known_counts(rebuilt):
@@ -30,7 +29,7 @@ def test_pycortex_rois_on_s1_gives_the_known_counts(rebuilt):
 
 
 def test_the_committed_asset_is_what_pycortex_gives(rebuilt):
-    committed = common.load_npz(f"{ROOT}/assets/s1_cortex.npz")
+    committed = plumbing.load_npz(f"{ROOT}/assets/s1_cortex.npz")
     for k in ("roi_AC", "roi_LH", "roi_RH", "flat_index", "ijk", "volume_shape"):
         np.testing.assert_array_equal(committed[k], rebuilt[k], err_msg=k)
     np.testing.assert_allclose(committed["xyz_mm"], rebuilt["xyz_mm"], atol=1e-3)
@@ -42,16 +41,16 @@ def test_the_committed_asset_is_what_pycortex_gives(rebuilt):
 
 
 def test_our_flatmap_matches_pycortexs_own_image(s1, rebuilt):
-    """common.draw_flatmap with stage 01's pixel -> column map draws what pycortex's quickflat draws:
+    """anatomy.draw_flatmap with stage 01's pixel -> column map draws what pycortex's quickflat draws:
     the same smooth map through both routes correlates > 0.95 over the flattened cortex."""
     import cortex
     from cortex.quickflat import utils as qf
     m, root = s1
-    load_stage("01_prepare_data.py").pycortex_subject(root, "S1")  # pycortex on the fixture's database
+    anatomy.pycortex_subject(root, "S1")  # pycortex on the fixture's database
     values = np.sin(rebuilt["xyz_mm"][:, 1] / 15.0) + rebuilt["roi_AC"]  # smooth, with AC standing out
     thick = np.asarray(cortex.db.get_mask("S1", "fullhead", "thick"), bool)
     theirs, extents = qf.make_flatmap_image(cortex.Volume(values, "S1", "fullhead", mask=thick),
-                                            height=common.FLAT_HEIGHT)
+                                            height=anatomy.FLAT_HEIGHT)
     flat = rebuilt["flat_index"]
     ours = np.where(flat >= 0, values[np.maximum(flat, 0)], np.nan)
     assert ours.shape == theirs.shape
@@ -64,7 +63,7 @@ def test_our_flatmap_matches_pycortexs_own_image(s1, rebuilt):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots()
-    common.draw_flatmap(ax, values, flat, rebuilt["flat_extents"], outline=rebuilt["roi_AC"])
+    anatomy.draw_flatmap(ax, values, flat, rebuilt["flat_extents"], outline=rebuilt["roi_AC"])
     plt.close(fig)
 
 
@@ -72,8 +71,8 @@ def test_the_simulated_study_lives_on_s1(default_study):
     """make demo's study: a uniform sample of S1's columns with their ROIs, acoustic signal strongest
     in AC and falling off with the distance along cortex, most of cortex low signal-to-noise."""
     study = common.load_study(default_study)
-    truth = common.load_npz(f"{default_study}/truth.npz")
-    asset = common.load_npz(f"{ROOT}/assets/s1_cortex.npz")
+    truth = plumbing.load_npz(f"{default_study}/truth.npz")
+    asset = plumbing.load_npz(f"{ROOT}/assets/s1_cortex.npz")
     columns = truth["columns"]
     assert len(columns) == 12000 and np.all(np.diff(columns) > 0)
     for subj in study["subjects"]:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import common
-from conftest import TINY, fails_cleanly, load_stage, one, run_stage
+from lib import ds003020, plumbing, probing
+from conftest import TINY, fails_cleanly, one, run_stage
 
 FAST = ["--epochs", "1", "--block-trs", "16", "--lora-rank", "4", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
         "--lora-targets", "q_proj", "k_proj", "v_proj", "out_proj"]
@@ -43,12 +44,12 @@ def _copy(tuned, tmp_path):
 def test_cross_subject_matrix(tuned, tmp_path):
     data, results, ckpt = _copy(tuned, tmp_path)
     assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt]) == 0
-    out = common.load_npz(one(f"{results}/04_cross_subject_*.npz"))  # the runs' settings tag is in the name
+    out = plumbing.load_npz(one(f"{results}/04_cross_subject_*.npz"))  # the runs' settings tag is in the name
     assert list(out["tuned_on"]) == ["sim01", "sim02"] and list(out["evaluated_on"]) == ["sim01", "sim02"]
     assert out["mean_delta_r"].shape == (2, 2)
     study = common.load_study(data)
     for i, a in enumerate(["sim01", "sim02"]):
-        r03 = common.load_npz(one(f"{results}/03_{a}_whole_lora_seed0_*.npz"))
+        r03 = plumbing.load_npz(one(f"{results}/03_{a}_whole_lora_seed0_*.npz"))
         # the diagonal is stage 03's own linearized score: same features, same recipe
         np.testing.assert_allclose(out[f"test_r_{a}_on_{a}"], r03["test_r_tuned"], atol=1e-5)
         np.testing.assert_allclose(out["mean_delta_r"][i, i], np.mean(r03["test_r_tuned"] - r03["test_r_baseline"]),
@@ -56,8 +57,8 @@ def test_cross_subject_matrix(tuned, tmp_path):
         # off the diagonal: a's tuned features, scored here on the other subject's data with that
         # subject's recipe and baseline; scoring on the wrong subject would not match this
         b = "sim02" if a == "sim01" else "sim01"
-        base_b = common.load_npz(one(f"{results}/02_baseline_{b}_*.npz"))
-        feats = {s: common.load_npz(f"{data}/features/{r03_name(results, a)}/{s}.npz")["ds"][int(r03["layer"])]
+        base_b = plumbing.load_npz(one(f"{results}/02_baseline_{b}_*.npz"))
+        feats = {s: plumbing.load_npz(f"{data}/features/{r03_name(results, a)}/{s}.npz")["ds"][int(r03["layer"])]
                  for s in study["train"] + study["val"] + [study["test"]]}
         r, _, _ = common.score_on_test(feats, common.load_subject(data, b, study), study,
                                        **common.ridge_recipe(base_b))
@@ -78,8 +79,8 @@ def test_a_subset_writes_its_own_file_and_replaces_nothing(tuned, tmp_path):
     mtime = os.path.getmtime(full)
     assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt,
                                              "--tuned-on", "sim01", "--evaluate-on", "sim01"]) == 0
-    assert os.path.getmtime(full) == mtime and common.load_npz(full)["mean_delta_r"].shape == (2, 2)
-    assert common.load_npz(one(f"{results}/04_cross_subject_*_sim01-on-sim01.npz"))["mean_delta_r"].shape == (1, 1)
+    assert os.path.getmtime(full) == mtime and plumbing.load_npz(full)["mean_delta_r"].shape == (2, 2)
+    assert plumbing.load_npz(one(f"{results}/04_cross_subject_*_sim01-on-sim01.npz"))["mean_delta_r"].shape == (1, 1)
     # stage 02 on one subject draws its own figure, not over the two-subject one
     figs = sorted(f for f in os.listdir(results) if f.startswith("02_baseline") and f.endswith(".png"))
     assert run_stage("02_baseline_ridge.py", ["--data", data, "--results", results, "--layers", "1", "--context-s", "4",
@@ -117,16 +118,16 @@ def test_a_stage_02_rerun_never_changes_what_a_run_is_compared_with(tuned, tmp_p
                                               "--stride-s", "2", "--delays", "1", "2"] + GRID) == 0
     assert len([f for f in os.listdir(results) if f.startswith("02_baseline_sim01")]) == 2
     assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt]) == 0
-    out = common.load_npz(one(f"{results}/04_cross_subject_*.npz"))
-    r03 = common.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
+    out = plumbing.load_npz(one(f"{results}/04_cross_subject_*.npz"))
+    r03 = plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
     np.testing.assert_allclose(out["mean_delta_r"][0, 0], np.mean(r03["test_r_tuned"] - r03["test_r_baseline"]), atol=1e-5)
     # now the run's own stage 02 file changes under it (as if rerun with other model weights)
     path = json.loads(str(r03["provenance"]))["baseline"]["file"]
-    b = common.load_npz(f"{results}/{path}")
+    b = plumbing.load_npz(f"{results}/{path}")
     prov = json.loads(str(b["provenance"]))
     prov["model_fingerprint"] = "0" * 40
     b["provenance"] = np.array(json.dumps(prov))
-    common.save_npz(f"{results}/{path}", **b)
+    plumbing.save_npz(f"{results}/{path}", **b)
     fails_cleanly("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt], capsys,
                   "was scored against another stage 02 result", results)
     # and stage 03 asked to choose between two stage 02 results says so
@@ -158,7 +159,7 @@ def test_probes(tuned, tmp_path):
     data, results, ckpt = _copy(tuned, tmp_path)
     assert run_stage("05_linear_probes.py", ["--data", data, "--results", results, "--checkpoints", ckpt,
                                              "--n-folds", "3"]) == 0
-    out = common.load_npz(one(f"{results}/05_probes_*.npz"))
+    out = plumbing.load_npz(one(f"{results}/05_probes_*.npz"))
     assert list(out["models"]) == ["baseline", "whole", "AC"]
     assert list(out["probes"]) == ["semantic", "acoustic", "category"]
     assert out["scores"].shape == (3, 4, 3)
@@ -167,7 +168,7 @@ def test_probes(tuned, tmp_path):
     # layer (the semantic vectors are category centroids plus noise: the category is heard in the word)
     assert np.all(s[:, :, 1] > 0.3)
     assert np.all(s[:, :, 0].max(1) > 0.15)
-    n_cat = len(common.load_npz(f"{data}/truth.npz")["category_names"])
+    n_cat = len(plumbing.load_npz(f"{data}/truth.npz")["category_names"])
     assert np.all(s[:, :, 2].max(1) > 1.5 / n_cat) and np.all((s[:, :, 2] >= 0) & (s[:, :, 2] <= 1))
     assert os.path.exists(one(f"{results}/05_probes_*.png"))
     prov = json.loads(str(out["provenance"]))
@@ -175,15 +176,14 @@ def test_probes(tuned, tmp_path):
 
 
 def test_probe_recovers_a_linear_target_and_holds_out_whole_stories():
-    m = load_stage("05_linear_probes.py")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((300, 20)).astype(np.float32)
     Y = X[:, :3] @ rng.standard_normal((3, 4)).astype(np.float32)
     groups = np.repeat(np.arange(6), 50)
-    assert m.probe(X, Y, groups, 3) > 0.95
-    assert abs(m.probe(X, rng.standard_normal((300, 4)).astype(np.float32), groups, 3)) < 0.1
+    assert probing.probe(X, Y, groups, 3) > 0.95
+    assert abs(probing.probe(X, rng.standard_normal((300, 4)).astype(np.float32), groups, 3)) < 0.1
     cls = (X[:, 0] > 0).astype(int)
-    assert m.probe(X, np.eye(2, dtype=np.float32)[cls], groups, 3, cls) > 0.9
+    assert probing.probe(X, np.eye(2, dtype=np.float32)[cls], groups, 3, cls) > 0.9
     # rows of one story share a story-specific offset in both X and Y (as words of one story share
     # its topic): a probe that mixed rows of a story across folds would find it, one that holds out
     # whole stories cannot
@@ -192,21 +192,20 @@ def test_probe_recovers_a_linear_target_and_holds_out_whole_stories():
     groups = np.repeat(np.arange(12), 25)
     X = story_x[groups] + 0.3 * rng.standard_normal((300, 20)).astype(np.float32)
     Y = story_y[groups] + 0.3 * rng.standard_normal((300, 4)).astype(np.float32)
-    assert abs(m.probe(X, Y, groups, 4)) < 0.2
-    assert m.probe(X, Y, rng.permutation(groups), 4) > 0.5  # shuffled "stories": the leak shows
+    assert abs(probing.probe(X, Y, groups, 4)) < 0.2
+    assert probing.probe(X, Y, rng.permutation(groups), 4) > 0.5  # shuffled "stories": the leak shows
 
 
 def test_word_vectors_file(tmp_path):
-    m = load_stage("05_linear_probes.py")
     p = tmp_path / "glove.txt"
     p.write_text("dog 0.1 0.2 0.3\ncat 0.0 1.0 2.0\nthe 1 1 1\n")
-    vecs = m.read_word_vectors(str(p), {"dog", "cat", "zebra"})
+    vecs = ds003020.read_word_vectors(str(p), {"dog", "cat", "zebra"})
     assert set(vecs) == {"dog", "cat"} and vecs["cat"][2] == 2.0
-    with pytest.raises(common.StudyError, match="not found"):
-        m.read_word_vectors(str(tmp_path / "none.txt"), {"dog"})
+    with pytest.raises(plumbing.StudyError, match="not found"):
+        ds003020.read_word_vectors(str(tmp_path / "none.txt"), {"dog"})
     p.write_text("dog 0.1 x 0.3\n")
-    with pytest.raises(common.StudyError, match="GloVe"):
-        m.read_word_vectors(str(p), {"dog"})
+    with pytest.raises(plumbing.StudyError, match="GloVe"):
+        ds003020.read_word_vectors(str(p), {"dog"})
 
 
 @pytest.mark.parametrize("flags, msg", [

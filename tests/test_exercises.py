@@ -5,7 +5,7 @@ import os
 import re
 import shlex
 
-import common
+from lib import plumbing
 from conftest import ROOT, one, run_stage
 
 
@@ -25,8 +25,8 @@ def test_the_delays_exercise_runs_as_written(tiny_study, tmp_path, capsys):
         assert run_stage(argv[1], argv[2:] + io) == 0, line
     # the one-delay baseline sits beside the paper's, each with its own recipe recorded
     for subj in ("sim01", "sim02"):
-        paper = common.load_npz(f"{results}/02_baseline_{subj}.npz")
-        one_delay = common.load_npz(one(f"{results}/02_baseline_{subj}_*.npz"))
+        paper = plumbing.load_npz(f"{results}/02_baseline_{subj}.npz")
+        one_delay = plumbing.load_npz(one(f"{results}/02_baseline_{subj}_*.npz"))
         assert list(paper["delays"]) == [1, 2, 3, 4] and list(one_delay["delays"]) == [1]
         assert json.loads(str(one_delay["provenance"]))["settings"]["delays"] == [1]
     out = capsys.readouterr().out

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-import common
-from conftest import fails_cleanly, load_stage, run_stage
+from lib import ds003020, fetch, plumbing
+from conftest import fails_cleanly, stage, run_stage
 
 FETCH = "00_fetch_ds003020.py"
 RESPDICT = os.path.join(os.path.dirname(__file__), "fixtures", "ds003020_respdict.json")
@@ -18,7 +18,7 @@ RESPDICT = os.path.join(os.path.dirname(__file__), "fixtures", "ds003020_respdic
 
 @pytest.fixture(scope="module")
 def index():
-    return load_stage(FETCH).read_index()
+    return fetch.read_index()
 
 
 def what_stage_01_reads(index, subjects, val, tmp_path):
@@ -31,10 +31,9 @@ def what_stage_01_reads(index, subjects, val, tmp_path):
             (root / p).parent.mkdir(parents=True, exist_ok=True)
             (root / p).touch()
     (root / "derivative/respdict.json").write_text(open(RESPDICT).read())
-    s01 = load_stage("01_prepare_data.py")
-    args = s01.get_args(["--source", "ds003020", "--ds-root", str(root), "--subjects", *subjects,
+    args = stage("01_prepare_data.py").get_args(["--source", "ds003020", "--ds-root", str(root), "--subjects", *subjects,
                          "--rois-from-pycortex"] + (["--val-stories", *val] if val else []))
-    train, _ = s01.find_ds003020(args)
+    train, _ = ds003020.find_ds003020(args)
     stories = train + args.val_stories + [args.test_story]
     reads = {f"derivative/preprocessed_data/{s}/{st}.hf5" for s in subjects for st in stories}
     reads |= {f"stimuli/{st}.wav" for st in stories} | {f"derivative/TextGrids/{st}.TextGrid" for st in stories}
@@ -46,8 +45,7 @@ def what_stage_01_reads(index, subjects, val, tmp_path):
 @pytest.mark.parametrize("subjects, val", [(["UTS01", "UTS02", "UTS03"], None),
                                           (["UTS01", "UTS09"], ["waitingtogo", "sloth"])])
 def test_the_selection_is_what_stage_01_reads_and_nothing_else(index, subjects, val, tmp_path):
-    m = load_stage(FETCH)
-    plan = m.select(index, subjects, val=val)
+    plan = fetch.select(index, subjects, val=val)
     chosen = {p for files in plan.values() for p in files}
     assert chosen == what_stage_01_reads(index, subjects, val, tmp_path)
     assert not any(p.startswith(("sub-", "derivative/freesurfer", "derivative/fmriprep")) for p in chosen)
@@ -120,10 +118,10 @@ def test_english1000_is_read_as_the_lab_reads_it(tmp_path):
     with h5py.File(path, "w") as f:
         f.create_dataset("data", data=data)
         f.create_dataset("vocab", data=np.array(vocab))
-    found, vectors = common.english1000(str(path), {"Dog", "house", "zebra"})
+    found, vectors = ds003020.english1000(str(path), {"Dog", "house", "zebra"})
     assert list(found) == ["dog", "house"]
     np.testing.assert_array_equal(vectors, data[:, [0, 2]].T)
     with h5py.File(tmp_path / "bad.hf5", "w") as f:
         f.create_dataset("embeddings", data=data)
-    with pytest.raises(common.StudyError, match="no 'data' and 'vocab' datasets"):
-        common.english1000(str(tmp_path / "bad.hf5"), {"dog"})
+    with pytest.raises(plumbing.StudyError, match="no 'data' and 'vocab' datasets"):
+        ds003020.english1000(str(tmp_path / "bad.hf5"), {"dog"})

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import common
-from conftest import fails_cleanly, load_stage, one, run_stage
+from lib import checkpoints, plumbing, provenance
+from conftest import fails_cleanly, stage, one, run_stage
 
 STAGE = "03_finetune_lora.py"
 FAST = ["--epochs", "2", "--block-trs", "16", "--lora-rank", "4", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
@@ -17,31 +18,30 @@ GRID = ["--alphas", "3", "3000", "--n-folds", "4"]  # not the defaults: stage 03
 
 
 def test_spatial_corr_loss_is_minus_one_for_perfect_and_scale_blind():
-    m = load_stage(STAGE)
     y = torch.randn(10, 50)
-    assert torch.isclose(m.spatial_corr_loss(y.clone(), y), torch.tensor(-1.0), atol=1e-5)
+    assert torch.isclose(common.spatial_corr_loss(y.clone(), y), torch.tensor(-1.0), atol=1e-5)
     scale = torch.rand(10, 1) * 5 + 0.1
-    assert torch.isclose(m.spatial_corr_loss(y * scale + 3.0, y), torch.tensor(-1.0), atol=1e-5)
-    assert torch.isclose(m.spatial_corr_loss(-y, y), torch.tensor(1.0), atol=1e-5)
-    assert abs(m.spatial_corr_loss(torch.randn(200, 500), torch.randn(200, 500)).item()) < 0.02
+    assert torch.isclose(common.spatial_corr_loss(y * scale + 3.0, y), torch.tensor(-1.0), atol=1e-5)
+    assert torch.isclose(common.spatial_corr_loss(-y, y), torch.tensor(1.0), atol=1e-5)
+    assert abs(common.spatial_corr_loss(torch.randn(200, 500), torch.randn(200, 500)).item()) < 0.02
 
 
 def test_lora_changes_after_a_step_and_loss_falls_on_a_fixed_batch(tiny_study):
-    m = load_stage(STAGE)
+    m = stage(STAGE)
     args = m.get_args(FAST)
     torch.manual_seed(0)
     model = common.add_lora(common.load_wavlm("tiny"), 4, 4, 0.0, args.lora_targets).train()
-    st = common.load_npz(f"{tiny_study}/stories/story00.npz")
+    st = plumbing.load_npz(f"{tiny_study}/stories/story00.npz")
     story = dict(audio=torch.tensor(st["audio"]), tr_times=st["tr_times"])
-    y = torch.tensor(common.load_npz(f"{tiny_study}/subjects/sim01.npz")["resp_story00"][:16])
-    readout = m.make_readout(96 * 4, y.shape[1], 20)
+    y = torch.tensor(plumbing.load_npz(f"{tiny_study}/subjects/sim01.npz")["resp_story00"][:16])
+    readout = common.make_readout(96 * 4, y.shape[1], 20)
     opt = torch.optim.Adam([{"params": [p for p in model.parameters() if p.requires_grad], "lr": 3e-3},
                             {"params": readout.parameters(), "lr": 1e-3}])
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     losses = []
     for _ in range(15):
         opt.zero_grad()
-        loss = m.spatial_corr_loss(m.predict_block(model, readout, story, 0, 16, 3, args), y)
+        loss = common.spatial_corr_loss(common.predict_block(model, readout, story, 0, 16, 3, args), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -54,14 +54,14 @@ def test_lora_changes_after_a_step_and_loss_falls_on_a_fixed_batch(tiny_study):
 def test_predict_block_matches_whole_story_features(tiny_study):
     """The block's differentiable path (torch Lanczos on a segment) equals the numpy recipe on the
     whole story, for rows away from the segment edges."""
-    m = load_stage(STAGE)
+    m = stage(STAGE)
     args = m.get_args(FAST + ["--train-context-s", "0", "--train-stride-s", "4"])
     model = common.load_wavlm("tiny")
-    st = common.load_npz(f"{tiny_study}/stories/story01.npz")
+    st = plumbing.load_npz(f"{tiny_study}/stories/story01.npz")
     story = dict(audio=torch.tensor(st["audio"]), tr_times=st["tr_times"])
     ident = torch.nn.Identity()
     with torch.no_grad():
-        block = m.predict_block(model, ident, story, 4, 12, 1, args, delays=(1,)).numpy()
+        block = common.predict_block(model, ident, story, 4, 12, 1, args, delays=(1,)).numpy()
     f, t = common.extract_features(model, st["audio"], layers=[1], context_s=0.0, stride_s=4.0)
     grid = st["tr_times"][0] + 2.0 * np.arange(3, 12)
     ref = common.lanczos_interp(f[0], t, grid)
@@ -72,19 +72,19 @@ def test_predict_block_matches_whole_story_features(tiny_study):
 def test_block_features_from_the_story_cnn_equal_running_the_cnn_on_the_block(tiny_study):
     """Stage 03 runs the frozen CNN once per story and slices it for each block; that must be
     exactly what the CNN gives for the block's own audio (blocks with past context, mid-story)."""
-    m = load_stage(STAGE)
+    m = stage(STAGE)
     args = m.get_args(FAST + ["--train-context-s", "4", "--train-stride-s", "2"])
     model = common.load_wavlm("tiny")
-    story = m.load_stories(model, tiny_study, ["story01"], "cpu")["story01"]
+    story = common.load_stories(model, tiny_study, ["story01"], "cpu")["story01"]
     assert story["cnn"].shape == (common.n_frames(len(story["audio"])), model.config.conv_dim[-1])
     plain = dict(audio=story["audio"], tr_times=story["tr_times"])
     with torch.no_grad():
         for i0, i1 in [(0, 8), (9, 17), (len(story["tr_times"]) - 6, len(story["tr_times"]))]:
-            fast, t_fast, _ = m.block_features(model, story, i0, i1, 2, args, grad=False)
-            ref, t_ref, _ = m.block_features(model, plain, i0, i1, 2, args, grad=False)
+            fast, t_fast, _ = common.block_features(model, story, i0, i1, 2, args, grad=False)
+            ref, t_ref, _ = common.block_features(model, plain, i0, i1, 2, args, grad=False)
             np.testing.assert_array_equal(t_fast, t_ref)
             np.testing.assert_allclose(fast.numpy(), ref.numpy(), atol=1e-5)
-    with pytest.raises(common.StudyError, match="precomputed CNN"):
+    with pytest.raises(plumbing.StudyError, match="precomputed CNN"):
         common.extract_features(model, story["audio"][:32000], cnn=story["cnn"][:10])
     # a group-norm CNN (wavlm-base-plus) normalises over its input: no story-wide output to reuse
     from transformers import WavLMModel
@@ -98,7 +98,7 @@ def test_story_cnn_cache_reads_back_exactly_and_is_keyed_by_weights_and_audio(ti
     running the CNN; other audio under the same story name, or another model's CNN, is not served."""
     import glob
     model = common.load_wavlm("tiny")
-    audio = common.load_npz(f"{tiny_study}/stories/story01.npz")["audio"]
+    audio = plumbing.load_npz(f"{tiny_study}/stories/story01.npz")["audio"]
     fresh = common.story_cnn(model, audio)
     assert torch.equal(common.story_cnn(model, audio, str(tmp_path), "story01"), fresh)
     assert len(glob.glob(f"{tmp_path}/features/cnn-*/story01.npz")) == 1
@@ -126,22 +126,22 @@ def trained(tiny_study, tmp_path_factory):
 
 def test_run_writes_results_and_peft_checkpoints(trained):
     data, results, ckpt = trained
-    out = common.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
+    out = plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
     n_vox = len(out["test_r_baseline"])
     for k in ("test_r_tuned", "test_r_direct"):
         assert out[k].shape == (n_vox,) and np.all(np.isfinite(out[k]))
     assert out["val_r_by_epoch"].shape == (2,) and 1 <= int(out["best_epoch"]) <= 2
     assert int(out["layer"]) == 1
     # the tuned features are scored with stage 02's own ridge search, not the default grid
-    base = common.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
+    base = plumbing.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
     assert list(base["alpha_grid"]) == [3.0, 3000.0] and int(base["n_folds"]) == 4
     assert set(np.unique(out["alphas_tuned"])) <= {3.0, 3000.0}
     # the run records what it was built from: the study, the subject file, the stage 02 result
     prov = json.loads(str(out["provenance"]))
     study = common.load_study(data)
     assert prov["stories"] == study["stories_fingerprint"] and prov["subject_data"] == study["subject_fingerprints"]["sim01"]
-    assert prov["baseline"]["fingerprint"] == common.digest(json.loads(str(base["provenance"])))
-    assert json.loads(str(out["settings"]))["lr_adapter"] == 3e-3 and str(out["fingerprint"]) == common.digest(prov)
+    assert prov["baseline"]["fingerprint"] == provenance.digest(json.loads(str(base["provenance"])))
+    assert json.loads(str(out["settings"]))["lr_adapter"] == 3e-3 and str(out["fingerprint"]) == provenance.digest(prov)
     run = one(f"{ckpt}/03_sim01_whole_lora_seed0_*")
     assert os.path.exists(f"{run}/best/model/adapter_config.json")
     assert os.path.exists(f"{run}/best/model/adapter_model.safetensors")
@@ -163,7 +163,7 @@ def _fresh(results, tmp_path, name):
 
 
 def _same_result(a, b):
-    a, b = common.load_npz(one(f"{a}/03_*.npz")), common.load_npz(one(f"{b}/03_*.npz"))
+    a, b = plumbing.load_npz(one(f"{a}/03_*.npz")), plumbing.load_npz(one(f"{b}/03_*.npz"))
     np.testing.assert_allclose(b["val_r_by_epoch"], a["val_r_by_epoch"], atol=1e-6)
     np.testing.assert_allclose(b["test_r_tuned"], a["test_r_tuned"], atol=1e-5)
     assert str(a["fingerprint"]) == str(b["fingerprint"])
@@ -186,15 +186,14 @@ def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(
     A bare --resume does the same (the epochs and learning rates come from the checkpoint), and a
     flag that contradicts the checkpoint is refused, naming both values."""
     data, results, _ = trained
-    m = load_stage(STAGE)
     res, ckpt = _fresh(results, tmp_path, "a")
-    real = m.save_checkpoint
+    real = checkpoints.save_checkpoint
 
     def save_then_ctrl_c(folder, *a):
         real(folder, *a)
         if folder.endswith("last"):
             raise KeyboardInterrupt
-    monkeypatch.setattr(m, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_ctrl_c)
     capsys.readouterr()
     argv = ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01", "--epochs", "3"] + FAST[2:]
     assert run_stage(STAGE, argv) == 130
@@ -202,7 +201,7 @@ def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(
     assert err.startswith("error: interrupted: continue with `python 03_finetune_lora.py") and len(err.splitlines()) == 1
     hint = err.split("`")[1].split()[2:]
     assert "--resume" in hint and "--epochs" in hint
-    monkeypatch.setattr(m, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
     saved = snapshot_of(ckpt)
     # a contradicting flag: refused, nothing touched
     fails_cleanly(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01", "--resume",
@@ -217,9 +216,9 @@ def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(
     _same_result(uninterrupted, res)
     # the same with a bare --resume (no training flags at all) from a copy of the interrupted state
     res_b, ckpt_b = _fresh(results, tmp_path, "b")
-    monkeypatch.setattr(m, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_ctrl_c)
     assert run_stage(STAGE, argv[:2] + ["--results", res_b, "--checkpoints", ckpt_b] + argv[6:]) == 130
-    monkeypatch.setattr(m, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
     assert run_stage(STAGE, ["--data", data, "--results", res_b, "--checkpoints", ckpt_b, "--subject", "sim01",
                              "--resume"]) == 0
     _same_result(uninterrupted, res_b)
@@ -236,7 +235,6 @@ def test_a_crash_at_any_step_of_a_save_then_resume_gives_the_uninterrupted_resul
     improves, its last/, ...), interrupted in turn, and a torch.save cut off mid-file: --resume then
     finishes with the very result of the run that was never stopped."""
     data, results, _ = trained
-    m = load_stage(STAGE)
     import peft
     real = dict(replace=os.replace, rmtree=shutil.rmtree, save=torch.save, pretrained=peft.PeftModel.save_pretrained)
     state = dict(saves=0, steps=0, crash_at=None, torn=False, counting=False)
@@ -251,7 +249,7 @@ def test_a_crash_at_any_step_of_a_save_then_resume_gives_the_uninterrupted_resul
                     raise KeyboardInterrupt
             return real[name](*a, **k)
         return f
-    real_save = m.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def counted_save(*a):
         state["saves"] += 1
@@ -264,7 +262,7 @@ def test_a_crash_at_any_step_of_a_save_then_resume_gives_the_uninterrupted_resul
     monkeypatch.setattr(shutil, "rmtree", step("rmtree"))
     monkeypatch.setattr(torch, "save", step("save"))
     monkeypatch.setattr(peft.PeftModel, "save_pretrained", step("pretrained"))
-    monkeypatch.setattr(m, "save_checkpoint", counted_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", counted_save)
     argv = ["--subject", "sim01", "--epochs", "3"] + FAST[2:]
 
     def attempt(crash_at, torn=False):
@@ -288,7 +286,6 @@ def test_a_crash_at_any_step_of_a_save_then_resume_gives_the_uninterrupted_resul
 
 
 def test_recover_checkpoint_picks_the_newest_complete_copy(tmp_path):
-    m = load_stage(STAGE)
     folder = str(tmp_path / "last")
 
     def make(path, epoch, complete=True):
@@ -297,12 +294,12 @@ def test_recover_checkpoint_picks_the_newest_complete_copy(tmp_path):
         if complete:
             open(os.path.join(path, "state.pt"), "w").write("x")
     epoch = lambda: open(os.path.join(folder, "epoch")).read()  # noqa: E731
-    assert not m.recover_checkpoint(folder)  # nothing there
+    assert not checkpoints.recover_checkpoint(folder)  # nothing there
     make(folder + ".old", 1)
     make(folder + ".tmp", 2)  # crashed between renaming the old copy aside and the new one in
-    assert m.recover_checkpoint(folder) and epoch() == "2" and os.listdir(tmp_path) == ["last"]
+    assert checkpoints.recover_checkpoint(folder) and epoch() == "2" and os.listdir(tmp_path) == ["last"]
     make(folder + ".tmp", 3, complete=False)  # crashed while writing the next: the current one stays
-    assert m.recover_checkpoint(folder) and epoch() == "2" and os.listdir(tmp_path) == ["last"]
+    assert checkpoints.recover_checkpoint(folder) and epoch() == "2" and os.listdir(tmp_path) == ["last"]
 
 
 def test_each_scenario_of_a_lost_result_gives_a_separate_file(trained, tmp_path):
@@ -318,7 +315,7 @@ def test_each_scenario_of_a_lost_result_gives_a_separate_file(trained, tmp_path)
     assert all(os.path.getmtime(os.path.join(out, f)) == t for f, t in before.items())  # nothing replaced
     new = sorted(set(after) - set(before))
     assert len(new) == 2 and new[0].startswith("03_sim01_whole_lora_seed0_") and new[0] not in before
-    settings = json.loads(str(common.load_npz(os.path.join(out, [f for f in new if f.endswith(".npz")][0]))["settings"]))
+    settings = json.loads(str(plumbing.load_npz(os.path.join(out, [f for f in new if f.endswith(".npz")][0]))["settings"]))
     assert settings["loss"] == "mse"
 
 
@@ -327,8 +324,8 @@ def test_roi_restricts_the_readout(trained, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     assert run_stage(STAGE, ["--data", data, "--results", results, "--checkpoints", ckpt, "--subject", "sim01",
                              "--roi", "AC"] + FAST[:1] + ["1"] + FAST[2:]) == 0
-    out = common.load_npz(one(f"{results}/03_sim01_AC_lora_seed0_*.npz"))
-    ac = common.load_npz(f"{data}/subjects/sim01.npz")["roi_AC"]
+    out = plumbing.load_npz(one(f"{results}/03_sim01_AC_lora_seed0_*.npz"))
+    ac = plumbing.load_npz(f"{data}/subjects/sim01.npz")["roi_AC"]
     np.testing.assert_array_equal(out["roi_mask"], ac)
     assert np.all(np.isnan(out["test_r_direct"][~ac])) and np.all(np.isfinite(out["test_r_direct"][ac]))
     state = torch.load(one(f"{ckpt}/03_sim01_AC_lora_seed0_*") + "/best/state.pt", weights_only=True)
@@ -346,9 +343,9 @@ def test_bad_inputs(trained, tmp_path, capsys):
     assert f"python 02_baseline_ridge.py --data {data} --results {tmp_path / 'none'} --subjects sim01" in err
     empty = tmp_path / "d"
     shutil.copytree(data, empty, ignore=shutil.ignore_patterns("features"))
-    d = common.load_npz(empty / "subjects" / "sim01.npz")
+    d = plumbing.load_npz(empty / "subjects" / "sim01.npz")
     d["roi_AC"] = np.zeros_like(d["roi_AC"])
-    common.save_npz(empty / "subjects" / "sim01.npz", **d)
+    plumbing.save_npz(empty / "subjects" / "sim01.npz", **d)
     fails_cleanly(STAGE, ["--data", str(empty), "--results", results, "--checkpoints", ckpt, "--subject", "sim01",
                           "--roi", "AC"], capsys, "the AC mask of sim01 is empty", results, ckpt)
 
@@ -383,20 +380,20 @@ def test_bad_ranges_are_one_line_and_write_nothing(trained, tmp_path, capsys, fl
 # --------------------------------------------------------------------------- --init-from
 
 def _baseline(data, results):
-    """Stage 02's result as the stages read it (common.load_baseline: checked, with its provenance)."""
+    """Stage 02's result as the stages read it (provenance.load_baseline: checked, with its provenance)."""
     import argparse
-    return common.load_baseline(argparse.Namespace(results=results, data=data), "sim01", common.load_study(data))
+    return provenance.load_baseline(argparse.Namespace(results=results, data=data), "sim01", common.load_study(data))
 
 
 def _features(model, tiny_study):
-    audio = common.load_npz(f"{tiny_study}/stories/story00.npz")["audio"][:16000 * 20]
+    audio = plumbing.load_npz(f"{tiny_study}/stories/story00.npz")["audio"][:16000 * 20]
     return common.extract_features(model, audio, layers=[1, 2], context_s=4.0, stride_s=2.0)[0]
 
 
 @pytest.mark.parametrize("full", [False, True])
 def test_init_from_starts_exactly_at_the_checkpoint(trained, tmp_path, full):
     data, results, ckpt = trained
-    m = load_stage(STAGE)
+    m = stage(STAGE)
     mode = ["--full-finetune"] if full else []
     if full:  # a full fine-tuning checkpoint to start from
         ckpt = str(tmp_path / "ckpt")
@@ -410,7 +407,7 @@ def test_init_from_starts_exactly_at_the_checkpoint(trained, tmp_path, full):
     model, readout, _, prov, init = m.setup_model(args, baseline, 1, 7, "cpu")
     model.eval()  # new LoRA dropout modules start in train mode; compare without dropout
     assert init[:2] == (f"{source}/best", os.path.basename(source)) and readout[1].out_features == 7
-    ref = common.load_tuned_wavlm(baseline, f"{source}/best/model", full=full)
+    ref = checkpoints.load_tuned_wavlm(baseline, f"{source}/best/model", full=full)
     plain = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]))
     ours, theirs, base = _features(model, data), _features(ref, data), _features(plain, data)
     for a, b, c in zip(ours, theirs, base):
@@ -427,31 +424,31 @@ def test_init_from_run_is_named_and_recorded_and_read_by_stages_04_and_05(traine
     assert run_stage(STAGE, ["--data", data, "--results", out, "--checkpoints", ckpt, "--subject", "sim01",
                              "--roi", "AC", "--init-from", "whole"] + FAST) == 0
     path = one(f"{out}/03_sim01_AC_lora_seed0_*_from_{os.path.basename(source)[3:]}.npz")
-    res = common.load_npz(path)
+    res = plumbing.load_npz(path)
     assert str(res["init_from"]) == f"{source}/best" and str(res["roi"]) == "AC"
     assert json.loads(str(res["provenance"]))["init_from"]["name"] == os.path.basename(source)
     assert os.path.isdir(f"{ckpt}/{os.path.basename(path)[:-4]}/best/model")
-    assert str(common.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))["init_from"]) == ""
+    assert str(plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))["init_from"]) == ""
     assert run_stage("04_cross_subject.py", ["--data", data, "--results", out, "--checkpoints", ckpt, "--roi", "AC",
                                              "--tuned-on", "sim01", "--evaluate-on", "sim01",
                                              "--init-from", "whole"]) == 0
-    cross = common.load_npz(one(f"{out}/04_cross_subject_AC_*_from_whole_sim01-on-sim01.npz"))
+    cross = plumbing.load_npz(one(f"{out}/04_cross_subject_AC_*_from_whole_sim01-on-sim01.npz"))
     np.testing.assert_allclose(cross["test_r_sim01_on_sim01"], res["test_r_tuned"], atol=1e-5)
     # stage 05 probes that AC run (and the whole-cortex run it started from)
     assert run_stage("05_linear_probes.py", ["--data", data, "--results", out, "--checkpoints", ckpt,
                                              "--init-from", "whole", "--n-folds", "2"]) == 0
-    probes = common.load_npz(one(f"{out}/05_probes_*from_whole*.npz"))
+    probes = plumbing.load_npz(one(f"{out}/05_probes_*from_whole*.npz"))
     assert list(probes["runs"]) == ["", os.path.basename(source), os.path.basename(path)[:-4]]
 
 
 def test_init_from_refuses_checkpoints_that_do_not_fit(trained, tmp_path):
     data, results, ckpt = trained
-    m = load_stage(STAGE)
+    m = stage(STAGE)
     source = one(f"{ckpt}/03_sim01_whole_lora_seed0_*")
     baseline = _baseline(data, results)
 
     def refused(flags, base=baseline):
-        with pytest.raises(common.StudyError) as e:
+        with pytest.raises(plumbing.StudyError) as e:
             m.setup_model(m.get_args(["--roi", "AC"] + FAST + flags), base, 0, 5, "cpu")
         return str(e.value)
     assert "is a lora checkpoint; this run is full" in refused(["--init-from", source, "--full-finetune"])

@@ -5,6 +5,7 @@ import torch
 from transformers import WavLMModel
 
 import common
+from lib import plumbing
 
 
 def stock_and_patched(cfg, seed=0):
@@ -160,16 +161,16 @@ def test_lab_recipe_equals_naive_window_by_window(norm):
 
 def test_extract_features_bad_input():
     model = common.load_wavlm("tiny")
-    with pytest.raises(common.StudyError, match="16 kHz"):
+    with pytest.raises(plumbing.StudyError, match="16 kHz"):
         common.extract_features(model, speechlike(1.0), sr=22050)
-    with pytest.raises(common.StudyError, match="multiple of WavLM's 20 ms frame"):
+    with pytest.raises(plumbing.StudyError, match="multiple of WavLM's 20 ms frame"):
         common.extract_features(model, speechlike(1.0), stride_s=0.05)
-    with pytest.raises(common.StudyError, match="out of range"):
+    with pytest.raises(plumbing.StudyError, match="out of range"):
         common.extract_features(model, speechlike(1.0), layers=[7])
 
 
 def test_unknown_model_offline_is_a_clear_error(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine with no internet
-    with pytest.raises(common.StudyError, match="could not load WavLM"):
+    with pytest.raises(plumbing.StudyError, match="could not load WavLM"):
         common.load_wavlm("no-such-org/no-such-wavlm")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import common
+from lib import plumbing
 from conftest import run_stage
 
 
@@ -94,9 +95,9 @@ def test_noise_ceiling_agrees_with_known_truth(which, abstract_study, default_st
     repeats of a 115-TR story estimate the ceiling loosely (as on real data): there the check is
     on the voxels whose true ceiling is above 0.5, and the estimate's correlation with the truth."""
     data = abstract_study if which == "abstract" else default_study
-    truth = common.load_npz(f"{data}/truth.npz")
+    truth = plumbing.load_npz(f"{data}/truth.npz")
     for subj in truth["subjects"]:
-        s = common.load_npz(f"{data}/subjects/{subj}.npz")
+        s = plumbing.load_npz(f"{data}/subjects/{subj}.npz")
         est = common.noise_ceiling(s["test_repeats"])
         np.testing.assert_allclose(est, s["noise_ceiling"], atol=1e-6)
         true = truth[f"{subj}_true_ceiling"]

@@ -9,6 +9,7 @@ import pytest
 from scipy.io import wavfile
 
 import common
+from lib import anatomy, ds003020, plumbing, speech
 from conftest import TINY, fails_cleanly, run_stage
 
 STAGE = "01_prepare_data.py"
@@ -17,12 +18,12 @@ STAGE = "01_prepare_data.py"
 # --------------------------------------------------------------------------- simulated study
 
 def test_simulated_layout(tiny_study):
-    study = common.load_npz(f"{tiny_study}/study.npz")
+    study = plumbing.load_npz(f"{tiny_study}/study.npz")
     assert str(study["source"]) == "simulated" and float(study["tr"]) == 2.0
     assert len(study["train_stories"]) == 3 and len(study["val_stories"]) == 1
     stories = list(study["train_stories"]) + list(study["val_stories"]) + [str(study["test_story"])]
     for st in stories:
-        s = common.load_npz(f"{tiny_study}/stories/{st}.npz")
+        s = plumbing.load_npz(f"{tiny_study}/stories/{st}.npz")
         assert s["audio"].dtype == np.float32 and int(s["sr"]) == 16000
         dur = len(s["audio"]) / 16000
         assert s["tr_times"][0] == 11.0 and np.allclose(np.diff(s["tr_times"]), 2.0)
@@ -34,18 +35,18 @@ def test_simulated_layout(tiny_study):
         on = (s["word_onsets"][:5] * 16000).astype(int)
         assert all(np.abs(s["audio"][o:o + 1600]).max() > 0.05 for o in on)
     for subj in study["subjects"]:
-        d = common.load_npz(f"{tiny_study}/subjects/{subj}.npz")
+        d = plumbing.load_npz(f"{tiny_study}/subjects/{subj}.npz")
         for st in study["train_stories"]:
-            n_tr = len(common.load_npz(f"{tiny_study}/stories/{st}.npz")["tr_times"])
+            n_tr = len(plumbing.load_npz(f"{tiny_study}/stories/{st}.npz")["tr_times"])
             r = d[f"resp_{st}"]
             assert r.shape == (n_tr, 60) and r.dtype == np.float32
             np.testing.assert_allclose(r.mean(0), 0, atol=1e-5)
         assert d["test_repeats"].shape[0] == 10 and d["test_repeats"].shape[1:] == d["test_resp"].shape
         assert d["noise_ceiling"].shape == (60,)
         assert not np.any(d["roi_LH"] & d["roi_RH"]) and np.all(d["roi_LH"] | d["roi_RH"])
-    truth = common.load_npz(f"{tiny_study}/truth.npz")
+    truth = plumbing.load_npz(f"{tiny_study}/truth.npz")
     kind = truth[f"{study['subjects'][0]}_kind"]
-    d = common.load_npz(f"{tiny_study}/subjects/{study['subjects'][0]}.npz")
+    d = plumbing.load_npz(f"{tiny_study}/subjects/{study['subjects'][0]}.npz")
     np.testing.assert_array_equal(d["roi_AC"], kind == list(truth["kind_names"]).index("auditory"))
     assert truth["semantic_vectors"].shape == (len(truth["vocab"]), 16)
     # function words carry no meaning; content words sit near their category's centroid
@@ -101,18 +102,16 @@ def test_every_voice_speaks_the_same_audio_at_another_time():
     """Some espeak-ng variants (en-us+f3 among them) add noise seeded from the clock: same seed,
     other audio a second later. Every voice the study may use must be free of it."""
     import time
-    from conftest import load_stage
-    m = load_stage(STAGE)
-    first = m.synthesize_all(["dog", "rainbow"], m.VOICES, 170)
+    first = speech.synthesize_all(["dog", "rainbow"], speech.VOICES, 170)
     time.sleep(1.1)
-    again = m.synthesize_all(["dog", "rainbow"], m.VOICES, 170)
-    for voice, a, b in zip(m.VOICES, first, again):
+    again = speech.synthesize_all(["dog", "rainbow"], speech.VOICES, 170)
+    for voice, a, b in zip(speech.VOICES, first, again):
         assert all(np.array_equal(x, y) for x, y in zip(a, b)), voice
 
 
 def test_simulated_signals_come_from_their_drives(tiny_study):
     """Auditory voxels follow the acoustic drive, semantic voxels the semantic drive (the truth)."""
-    truth = common.load_npz(f"{tiny_study}/truth.npz")
+    truth = plumbing.load_npz(f"{tiny_study}/truth.npz")
     subj = truth["subjects"][0]
     kind, sig = truth[f"{subj}_kind"], truth[f"{subj}_test_signal"]
     aco = truth["test_acoustic_drive"] @ truth[f"{subj}_w_acoustic"]
@@ -128,16 +127,14 @@ def test_simulated_same_seed_same_files(tiny_study, tmp_path):
     other = str(tmp_path / "again")
     assert run_stage(STAGE, ["--data", other] + TINY) == 0
     for rel in ["study.npz", "truth.npz", "stories/story00.npz", "subjects/sim01.npz"]:
-        a, b = common.load_npz(f"{tiny_study}/{rel}"), common.load_npz(f"{other}/{rel}")
+        a, b = plumbing.load_npz(f"{tiny_study}/{rel}"), plumbing.load_npz(f"{other}/{rel}")
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{rel}:{k}")
     changed = str(tmp_path / "seed4")
     assert run_stage(STAGE, ["--data", changed] + TINY[:-1] + ["4"]) == 0
-    assert not np.array_equal(common.load_npz(f"{changed}/subjects/sim01.npz")["test_resp"],
-                              common.load_npz(f"{tiny_study}/subjects/sim01.npz")["test_resp"])
-
-
+    assert not np.array_equal(plumbing.load_npz(f"{changed}/subjects/sim01.npz")["test_resp"],
+                              plumbing.load_npz(f"{tiny_study}/subjects/sim01.npz")["test_resp"])
 
 
 # --------------------------------------------------------------------------- ds003020 fixture
@@ -208,12 +205,12 @@ def run_ds(ds, out, *extra):
 def test_ds003020_rows_line_up_with_the_audio(ds, tmp_path):
     out = str(tmp_path / "data")
     assert run_ds(ds, out) == 0
-    study = common.load_npz(f"{out}/study.npz")
+    study = plumbing.load_npz(f"{out}/study.npz")
     assert str(study["source"]) == "ds003020"
     assert list(study["train_stories"]) == TRAIN and list(study["val_stories"]) == VAL
     assert str(study["test_story"]) == TEST
     for s in TRAIN + VAL + [TEST]:
-        st = common.load_npz(f"{out}/stories/{s}.npz")
+        st = plumbing.load_npz(f"{out}/stories/{s}.npz")
         assert int(st["sr"]) == 16000 and st["audio"].ndim == 1
         assert abs(len(st["audio"]) / 16000 - (2 * R - 20)) < 0.01
         np.testing.assert_allclose(st["tr_times"], 11.0 + 2.0 * np.arange(R - 20))
@@ -222,11 +219,11 @@ def test_ds003020_rows_line_up_with_the_audio(ds, tmp_path):
         a = st["audio"]
         loud = np.array([np.sqrt(np.mean(a[int((t - 0.5) * 16000):int((t + 0.5) * 16000)] ** 2))
                          for t in st["tr_times"]])
-        resp = common.load_npz(f"{out}/subjects/UTS01.npz")
+        resp = plumbing.load_npz(f"{out}/subjects/UTS01.npz")
         y = resp["test_resp"] if s == TEST else resp[f"resp_{s}"]
         assert np.corrcoef(loud, y[:, 0])[0, 1] > 0.95
         assert np.corrcoef(loud[1:], y[:-1, 0])[0, 1] < 0.9  # one TR off would show
-    d = common.load_npz(f"{out}/subjects/UTS02.npz")
+    d = plumbing.load_npz(f"{out}/subjects/UTS02.npz")
     assert d["test_repeats"].shape == (3, R - 20, 30)
     assert d["noise_ceiling"].shape == (30,) and d["noise_ceiling"][0] > 0.9
     assert "roi_AC" not in d  # no --roi-file: masks are never invented
@@ -237,7 +234,7 @@ def test_ds003020_roi_file(ds, tmp_path):
     np.savez(tmp_path / "masks.npz", **rois)
     out = str(tmp_path / "data")
     assert run_ds(ds, out, "--roi-file", str(tmp_path / "masks.npz")) == 0
-    d = common.load_npz(f"{out}/subjects/UTS01.npz")
+    d = plumbing.load_npz(f"{out}/subjects/UTS01.npz")
     np.testing.assert_array_equal(d["roi_AC"], rois["UTS01_AC"])
     np.savez(tmp_path / "bad.npz", UTS01_AC=np.ones(7, bool))
     assert run_ds(ds, str(tmp_path / "d2"), "--roi-file", str(tmp_path / "bad.npz")) == 1
@@ -253,7 +250,7 @@ def test_ds003020_constant_voxels_flagged(ds, tmp_path, capsys):
             f[key][...] = d
     out = str(tmp_path / "data")
     assert run_ds(ds, out) == 0
-    d = common.load_npz(f"{out}/subjects/UTS01.npz")
+    d = plumbing.load_npz(f"{out}/subjects/UTS01.npz")
     assert d["constant_voxels"].sum() == 1 and d["constant_voxels"][5]
     assert np.all(d["resp_alpha"][:, 5] == 0)
     assert "1 constant voxels" in capsys.readouterr().out
@@ -296,7 +293,7 @@ def _break(ds, what):
 def test_ds003020_bad_input_is_one_clear_error_and_nothing_written(ds, tmp_path, capsys, what):
     out = str(tmp_path / "data")
     assert run_ds(ds, out) == 0  # a good study already there must survive a failed rebuild
-    before = common.load_npz(f"{out}/subjects/UTS01.npz")["resp_alpha"]
+    before = plumbing.load_npz(f"{out}/subjects/UTS01.npz")["resp_alpha"]
     root, msg = _break(ds, what)
     capsys.readouterr()
     code = run_stage(STAGE, ["--source", "ds003020", "--ds-root", root, "--data", out,
@@ -304,7 +301,7 @@ def test_ds003020_bad_input_is_one_clear_error_and_nothing_written(ds, tmp_path,
     err = capsys.readouterr().err
     assert code == 1
     assert msg in err and err.startswith("error:") and len(err.strip().splitlines()) == 1
-    np.testing.assert_array_equal(common.load_npz(f"{out}/subjects/UTS01.npz")["resp_alpha"], before)
+    np.testing.assert_array_equal(plumbing.load_npz(f"{out}/subjects/UTS01.npz")["resp_alpha"], before)
     assert not os.path.exists(out + ".tmp_build")
 
 
@@ -338,8 +335,7 @@ def test_simulated_bad_flags_are_one_line_and_write_nothing(tiny_study, tmp_path
                                           ("", True), ("{BR}", True), ("lg2", False), ("Hello", False),
                                           ("sport", False)])
 def test_filler_rule_is_the_labs(text, filler):
-    from conftest import load_stage
-    assert load_stage(STAGE).is_filler(text) is filler
+    assert ds003020.is_filler(text) is filler
 
 
 def test_val_story_not_in_ds003020_names_the_closest(ds, tmp_path, capsys):
@@ -352,15 +348,13 @@ def test_val_story_not_in_ds003020_names_the_closest(ds, tmp_path, capsys):
 
 def test_masks_from_volumes_follow_the_thick_mask_order_and_split_hemispheres():
     """The pycortex-free half of --rois-from-pycortex: volume masks -> masks over the data's columns."""
-    from conftest import load_stage
-    m = load_stage(STAGE)
     rng = np.random.default_rng(0)
     thick = rng.random((4, 6, 10)) < 0.5  # (z, y, x); the data's columns are its true voxels in C order
     ac = np.zeros(thick.shape, bool)
     ac[:, :, 2] = True
     lh, rh = np.zeros(thick.shape, bool), np.zeros(thick.shape, bool)
     lh[:, :, 0], rh[:, :, 9] = True, True  # hemisphere-surface voxels at either side
-    masks = m.masks_from_volumes(thick, {"AC": ac}, lh, rh)
+    masks = anatomy.masks_from_volumes(thick, {"AC": ac}, lh, rh)
     cols = np.argwhere(thick)
     assert all(len(v) == thick.sum() for v in masks.values())
     np.testing.assert_array_equal(masks["AC"], cols[:, 2] == 2)
@@ -426,17 +420,17 @@ def test_published_layout_builds_with_the_default_flags(tmp_path, capsys):
     assert run_stage(STAGE, ["--source", "ds003020", "--ds-root", root, "--data", out,
                              "--subjects", "UTS01", "UTS02"]) == 0
     printed = capsys.readouterr().out
-    study = common.load_npz(f"{out}/study.npz")
+    study = plumbing.load_npz(f"{out}/study.npz")
     assert list(study["val_stories"]) == VAL and str(study["test_story"]) == TEST
     assert sorted(study["train_stories"]) == ["againstthewind", "sweetaspie"]  # UTS02 lacks myfathershands
     assert "1 story of UTS01 left out" in printed and "myfathershands" in printed
     for s in ["againstthewind", "sweetaspie"] + VAL + [TEST]:
-        st = common.load_npz(f"{out}/stories/{s}.npz")
+        st = plumbing.load_npz(f"{out}/stories/{s}.npz")
         assert len(st["tr_times"]) == respdict[s] - 20
         assert list(st["words"]) == ["so", "it"] * 4  # "{ LG }", " sp ", "{lg}" dropped
     with h5py.File(f"{root}/derivative/preprocessed_data/UTS01/{TEST}.hf5", "r") as f:
         published, reps = f["data"][...], f["individual_repeats"][...]
-    d = common.load_npz(f"{out}/subjects/UTS01.npz")
+    d = plumbing.load_npz(f"{out}/subjects/UTS01.npz")
     # the test story: repeats from individual_repeats, test_resp from the published mean
     np.testing.assert_array_equal(d["test_repeats"][..., :7], reps[..., :7])
     np.testing.assert_allclose(d["test_resp"][:, :7], common.zscore(published)[:, :7], atol=1e-6)
@@ -452,7 +446,7 @@ def test_published_layout_builds_with_the_default_flags(tmp_path, capsys):
         assert np.all(d[k][:, 7] == 0) and np.all(np.isfinite(d[k]))
     assert np.all(d["test_repeats"][..., 7] == 0) and d["noise_ceiling"][7] == 0
     assert "UTS01: 1 voxels with NaN set to 0" in printed
-    e = common.load_npz(f"{out}/subjects/UTS02.npz")
+    e = plumbing.load_npz(f"{out}/subjects/UTS02.npz")
     assert e["test_resp"].shape == (respdict[TEST] - 20, n_vox["UTS02"]) and not e["nan_voxels"].any()
 
 
@@ -465,5 +459,5 @@ def test_published_test_file_without_repeats_gives_a_nan_ceiling(tmp_path, capsy
     assert run_stage(STAGE, ["--source", "ds003020", "--ds-root", root, "--data", out,
                              "--subjects", "UTS01", "UTS02"]) == 0
     assert f"noise_ceiling is NaN for UTS02" in capsys.readouterr().out
-    e = common.load_npz(f"{out}/subjects/UTS02.npz")
+    e = plumbing.load_npz(f"{out}/subjects/UTS02.npz")
     assert np.all(np.isnan(e["noise_ceiling"])) and "test_repeats" not in e

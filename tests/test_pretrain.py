@@ -6,10 +6,11 @@ import numpy as np
 import torch
 
 import common
+from conftest import stage
 
 
 def recipe():
-    return common.load_stage("models/pretrain_tiny.py")
+    return stage("models/pretrain_tiny.py")
 
 
 def test_masked_frames_are_replaced_and_only_they_change_the_input():

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import common
-from conftest import load_stage, one, run_stage
+from lib import plumbing
+from conftest import one, run_stage
 
 STUDY = ["--cortex", "none", "--n-subjects", "1", "--n-voxels", "40", "--n-train-stories", "2", "--n-val-stories", "1",
          "--story-seconds", "32", "--test-seconds", "32", "--seed", "5"]
@@ -37,14 +38,14 @@ def test_real_architecture_runs_stages_02_to_05(real_arch):
     folder, data, results, ckpt = real_arch
     io = ["--data", data, "--results", results]
     assert run_stage("02_baseline_ridge.py", io + ["--model", folder, "--context-s", "0", "--stride-s", "2"]) == 0
-    base = common.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
+    base = plumbing.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
     assert str(base["model"]) == folder and base["val_r_by_layer"].shape == (3, 40)
     # the feature cache is keyed to the folder's weights
     model = common.load_wavlm(folder)
     assert common.story_cnn(model, np.zeros(16000, np.float32)) is None  # group norm: the CNN runs per window
-    cache = load_stage("02_baseline_ridge.py").feature_cache_dir(data, folder, 0, 0.0, 2.0)
-    key = json.loads(str(common.load_npz(f"{cache}/test.npz")["key"]))
-    assert key["model"] == common.model_fingerprint(model)
+    cache = plumbing.feature_cache_dir(data, folder, 0, 0.0, 2.0)
+    key = json.loads(str(plumbing.load_npz(f"{cache}/test.npz")["key"]))
+    assert key["model"] == plumbing.model_fingerprint(model)
 
     assert run_stage("03_finetune_lora.py", io + ["--checkpoints", ckpt, "--epochs", "1",
                                                   "--train-stride-s", "2"]) == 0
@@ -53,10 +54,10 @@ def test_real_architecture_runs_stages_02_to_05(real_arch):
     lora_b = {k: v for k, v in adapters.items() if "lora_B" in k}
     assert len(lora_b) == 2 * 3  # q, k, v of each of the 2 layers: the paper's targets
     assert all(v.abs().sum() > 0 for v in lora_b.values())  # every adapter trained
-    run = common.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
+    run = plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
     assert np.isfinite(run["test_r_tuned"]).all()
 
     assert run_stage("04_cross_subject.py", io + ["--checkpoints", ckpt]) == 0
-    assert common.load_npz(one(f"{results}/04_cross_subject_*.npz"))["mean_delta_r"].shape == (1, 1)
+    assert plumbing.load_npz(one(f"{results}/04_cross_subject_*.npz"))["mean_delta_r"].shape == (1, 1)
     assert run_stage("05_linear_probes.py", io + ["--checkpoints", ckpt, "--models", "baseline", "whole"]) == 0
     assert os.path.exists(one(f"{results}/05_probes_*.npz"))

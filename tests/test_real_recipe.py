@@ -24,6 +24,7 @@ import pytest
 from scipy.io import wavfile
 
 import common
+from lib import plumbing
 from conftest import ROOT, one, run_stage
 from test_prepare import write_textgrid
 
@@ -126,7 +127,7 @@ def test_the_readme_recipe_runs_as_written(miniature, tmp_path, monkeypatch, cap
     assert len([f for f in os.listdir(res) if re.match(r"03_UTS01_whole_lora_seed\d_[0-9a-f]{6}\.npz$", f)]) == 3
     assert len([f for f in os.listdir(res) if re.match(r"03_UTS01_whole_full_seed\d_[0-9a-f]{6}\.npz$", f)]) == 3
     one(f"{res}/03_UTS01_AC_lora_seed0_*_from_*.npz")
-    assert common.load_npz(one(f"{res}/04_cross_subject_*.npz"))["mean_delta_r"].shape == (3, 3)
-    probes = common.load_npz(one(f"{res}/05_probes_*.npz"))
+    assert plumbing.load_npz(one(f"{res}/04_cross_subject_*.npz"))["mean_delta_r"].shape == (3, 3)
+    probes = plumbing.load_npz(one(f"{res}/05_probes_*.npz"))
     assert list(probes["probes"]) == ["semantic", "acoustic"]  # English1000 from the dataset, no GloVe
     assert os.path.exists(one(f"{res}/02_flatmaps_*.png"))

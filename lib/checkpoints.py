@@ -1,0 +1,223 @@
+"""Checkpoints of stage 03 runs: crash-safe saves, recovery after a crash, --resume, --init-from.
+
+Used by stage 03 (every epoch, --resume, --init-from) and stages 04-05 (a run's best epoch as a
+model). A checkpoint folder holds the peft adapter (or the fully fine-tuned weights) and state.pt
+(readout, optimizer, epoch, history, RNG state, provenance). A save writes a complete copy aside and
+swaps it in, so at any instant one complete copy exists and recover_checkpoint finds it.
+"""
+import copy
+import glob
+import os
+import shutil
+
+import torch
+
+import common
+
+from lib.plumbing import StudyError, load_npz, pick_device
+from lib.provenance import as_flags, baseline_tag_flag, command, digest, find_runs, init_matches, load_run, run_name
+
+ROIS = ("whole", "AC", "LH", "RH")  # the voxels a run's loss sees (Section 3.2)
+
+
+def save_checkpoint(folder, model, readout, opt, epoch, history, prov):
+    """Write <folder>.tmp completely (state.pt last, itself by rename), then swap it in: the old copy
+    is renamed aside before the new one takes its place and removed after. At any instant one
+    complete copy exists, and recover_checkpoint finds it."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(os.path.join(tmp, "model"))  # peft: adapter_config.json + adapter_model.safetensors
+    torch.save(dict(readout=readout.state_dict(), opt=opt.state_dict(), epoch=epoch, history=history,
+                    torch_rng=torch.get_rng_state(), provenance=prov), os.path.join(tmp, "state.pt.part"))
+    os.replace(os.path.join(tmp, "state.pt.part"), os.path.join(tmp, "state.pt"))  # now tmp is complete
+    if os.path.isdir(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(folder):
+    """After a crash mid-save: the newest complete copy (folder, then .tmp, then .old) goes in
+    place and the leftovers are removed. True if a complete checkpoint is there."""
+    for copy_ in (folder, folder + ".tmp", folder + ".old"):
+        if os.path.exists(os.path.join(copy_, "state.pt")):
+            if copy_ != folder:
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(copy_, folder)
+            break
+    for leftover in (folder + ".tmp", folder + ".old"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return os.path.exists(os.path.join(folder, "state.pt"))
+
+
+def read_state(folder):
+    return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+
+
+def run_folder(path):
+    """The run's checkpoint folder of a path to it or to its best/ or last/."""
+    path = os.path.normpath(path)
+    return os.path.dirname(path) if os.path.basename(path) in ("best", "last") else path
+
+
+def load_model_weights(folder, model, full):
+    """A checkpoint's WavLM weights (full) or LoRA adapters into the run's own model."""
+    from safetensors.torch import load_file
+    if full:
+        common.base_wavlm(model).load_state_dict(load_file(os.path.join(folder, "model", "model.safetensors")))
+    else:
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(os.path.join(folder, "model", "adapter_model.safetensors")))
+
+
+def load_weights(folder, model, readout, full):
+    """Load a checkpoint into the run's own model and readout (the optimizer keeps pointing at them)."""
+    load_model_weights(folder, model, full)
+    state = read_state(folder)
+    readout.load_state_dict(state["readout"])
+    return state
+
+
+# ---- starting from another run, continuing a run ----
+
+def init_source(args, subj, seed):
+    """--init-from as a checkpoint folder: a path, or an ROI word naming this subject's run of that
+    ROI with the same mode and seed in --checkpoints (the only one; several are an error)."""
+    wanted = args.init_from.rstrip("/")
+    if wanted not in ROIS:
+        return wanted
+    mode = "full" if args.full_finetune else "lora"
+    runs = [n for n, _, src in find_runs(args.checkpoints, subj, wanted, mode, seed, "") if src is None]
+    if len(runs) != 1:
+        found = f"{len(runs)} of them: {', '.join(runs)}" if runs else "none"
+        raise StudyError(f"--init-from {wanted}: want exactly one checkpoint {run_name(subj, wanted, mode, seed)}"
+                         f"[_<tag>] in {args.checkpoints}/, found {found}; pass the folder itself")
+    return os.path.join(args.checkpoints, runs[0])
+
+
+def init_checkpoint(path, prov):
+    """The best epoch of the stage 03 run at `path` (its folder, or its best/ or last/), checked to
+    fit this run: same study, same base model weights, same mode, same LoRA shape. Returns
+    (folder, its run name, its provenance fingerprint)."""
+    folder = os.path.join(path, "best") if os.path.isdir(os.path.join(path, "best")) else path
+    if not os.path.exists(os.path.join(folder, "state.pt")):
+        raise StudyError(f"--init-from {path}: no stage 03 checkpoint there ({os.path.join(folder, 'state.pt')} "
+                         "not found); pass a folder like checkpoints/03_<subject>_whole_lora_seed0, or an ROI")
+    theirs = read_state(folder).get("provenance")
+    if theirs is None:
+        raise StudyError(f"--init-from {path}: the checkpoint predates provenance records (no record of its "
+                         "base model or study); rerun that stage 03 run")
+    if theirs["stories"] != prov["stories"]:
+        raise StudyError(f"--init-from {path} was tuned on another study (its stories differ from this data's)")
+    if theirs["model_fingerprint"] != prov["model_fingerprint"]:
+        raise StudyError(f"--init-from {path} was tuned from another base model ({theirs['model']}) than "
+                         f"stage 02's ({prov['model']}) or other weights of it")
+    if theirs["mode"] != prov["mode"]:
+        raise StudyError(f"--init-from {path} is a {theirs['mode']} checkpoint; this run is {prov['mode']}"
+                         f" ({'drop' if prov['mode'] == 'full' else 'add'} --full-finetune)")
+    shape = ("lora_rank", "lora_alpha", "lora_targets")
+    if prov["mode"] == "lora" and [theirs["settings"][k] for k in shape] != [prov["settings"][k] for k in shape]:
+        raise StudyError(f"--init-from {path} has another LoRA shape (rank {theirs['settings']['lora_rank']}, alpha "
+                         f"{theirs['settings']['lora_alpha']:g}, targets {' '.join(theirs['settings']['lora_targets'])}) "
+                         "than this run; pass the same --lora-rank, --lora-alpha and --lora-targets")
+    return folder, os.path.basename(run_folder(folder)), digest(theirs)
+
+
+def resume_args(args, explicit, subj, seed, run_settings):
+    """--resume: the run's own settings from its last checkpoint. The checkpoint is found among this
+    subject's runs of the ROI, mode and seed asked for; a flag given now that differs from the saved
+    value is an error naming both. No checkpoint to continue is an error, never a fresh start."""
+    mode = "full" if args.full_finetune else "lora"
+    wanted_init = None if args.init_from is None else os.path.basename(run_folder(args.init_from))
+    found = []
+    for name, _, src in find_runs(args.checkpoints, subj, args.roi, mode, seed, ""):
+        if init_matches(src, wanted_init, subj) and recover_checkpoint(os.path.join(args.checkpoints, name, "last")):
+            found.append((name, read_state(os.path.join(args.checkpoints, name, "last"))["provenance"]))
+    if not found:
+        others = sorted(os.path.basename(f) for f in glob.glob(os.path.join(args.checkpoints, f"03_{subj}_*"))
+                        if os.path.isdir(f))
+        raise StudyError(f"--resume: no checkpoint of {run_name(subj, args.roi, mode, seed)}[_<tag>] in "
+                         f"{args.checkpoints}/ to continue{' (there: ' + ', '.join(others) + ')' if others else ''}; "
+                         "start the run without --resume")
+    mine = run_settings(args)
+    fits = [(n, p) for n, p in found if all(p["settings"].get(k) == mine[k] for k in explicit if k in mine)]
+    if not fits:
+        name, prov = found[0]
+        k = next(k for k in explicit if k in mine and prov["settings"].get(k) != mine[k])
+        saved = as_flags({k: prov["settings"].get(k)}, {}) or [f"--{k.replace('_', '-')} {prov['settings'].get(k)}"]
+        raise StudyError(f"--resume: {args.checkpoints}/{name} was started with {saved[0]}, you gave "
+                         f"{(as_flags({k: mine[k]}, {}) or ['no --' + k.replace('_', '-')])[0]}; drop the flag "
+                         "to continue it with its own, or start a new run without --resume")
+    if len(fits) > 1:
+        raise StudyError("--resume: several runs fit: " + "; ".join(f"{n} ({' '.join(p['flags']) or 'defaults'})"
+                         for n, p in fits) + "; give the flags of the one to continue")
+    resumed = copy.copy(args)
+    for k, v in fits[0][1]["settings"].items():
+        setattr(resumed, k, v)
+    return resumed
+
+
+def start(ckpt, result, prov, resume, epochs):
+    """A run's checkpoint folder before training. --resume: refuse a checkpoint trained from other
+    inputs, and return the result of a run that already finished (else None). Without --resume, an
+    earlier checkpoint of the same name (same settings) is replaced."""
+    name = os.path.basename(ckpt)
+    if resume:
+        last = read_state(os.path.join(ckpt, "last"))
+        saved = last["provenance"]
+        if digest(saved) != digest(prov):
+            why = [k for k in ("stories", "subject_data", "baseline", "model_fingerprint", "init_from") if saved.get(k) != prov.get(k)]
+            raise StudyError(f"--resume: {ckpt} was trained from other inputs ({', '.join(why) or 'settings'} differ: the "
+                             "study, stage 02 or the run it started from changed since); start it again without --resume")
+        if os.path.exists(result) and str(load_npz(result).get("fingerprint")) == digest(prov) \
+                and last["epoch"] + 1 >= epochs:
+            print(f"  {name}: already finished, {result} is its result")
+            return load_npz(result)
+    elif os.path.exists(ckpt):
+        print(f"  note: starting {name} again: its earlier checkpoint (same settings) is replaced")
+        shutil.rmtree(ckpt)
+    return None
+
+
+def resume(ckpt, model, readout, opt, full):
+    """Continue from last/ (after recovering best/ from a crash mid-save): weights, optimizer and
+    RNG state back in place. Returns (history, the next epoch)."""
+    recover_checkpoint(os.path.join(ckpt, "best"))
+    state = load_weights(os.path.join(ckpt, "last"), model, readout, full)
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"  resuming {os.path.basename(ckpt)} after epoch {state['epoch'] + 1}")
+    return state["history"], state["epoch"] + 1
+
+
+# ---- a run's best epoch as a model (stages 04-05) ----
+
+def load_tuned_wavlm(baseline, folder, full, device=None):
+    """A stage 03 checkpoint: stage 02's base WavLM (`baseline`: its results npz) with the saved
+    peft adapter, or with the fully fine-tuned weights when `full`."""
+    model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
+    if full:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+        return model
+    from peft import PeftModel
+    return PeftModel.from_pretrained(model, folder).to(pick_device(device)).eval()
+
+
+def load_tuned(args, subj, study, device):
+    """The best epoch of the stage 03 run of `subj` asked for (checked by load_run), and its
+    checkpoint, checked to be that run's: (model, run)."""
+    mode = "full" if args.full_finetune else "lora"
+    run = load_run(args, subj, args.roi, mode, args.seed, args.init_from, baseline_tag_flag(args.tag), study)
+    best = os.path.join(args.checkpoints, run["name"], "best")
+    state = os.path.join(best, "state.pt")
+    if not os.path.exists(state):
+        raise StudyError(f"{run['path']} has no checkpoint ({state} not found): was --checkpoints "
+                         f"{args.checkpoints} the folder of that run?")
+    if digest(torch.load(state, weights_only=True).get("provenance")) != run["fingerprint"]:
+        raise StudyError(f"{best} is not the checkpoint of {run['path']} (another run of the same name was "
+                         "trained since): rerun it with " + command("03_finetune_lora.py", args, f"--subject {subj}",
+                                                                   *run["provenance"]["flags"]))
+    model = load_tuned_wavlm(run["baseline"], os.path.join(best, "model"), args.full_finetune, device)
+    return model.eval(), run

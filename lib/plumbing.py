@@ -1,0 +1,214 @@
+"""Plumbing: errors, devices, npz and figure files, caches, the stages' flags.
+
+Used by every stage, compare.py, bench/ and the tests. Nothing here is science: a bad input becomes
+one StudyError (printed as one `error:` line by `fail`), every file is written to a temp file and
+renamed (a crash never leaves half a file), and arrays are read without pickles.
+"""
+import argparse
+import hashlib
+import itertools
+import os
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+# peft calls a transformers method deprecated in v5 (get_peft_model, save_pretrained); nothing a user can act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class StudyError(Exception):
+    """A problem with the user's input. Stages print it as one line and exit non-zero."""
+
+
+def fail(msg, code=1):
+    """Print one clear message and exit non-zero (the stages' `main` calls this for a StudyError)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ---- devices ----
+
+
+def pick_device(name=None):
+    """`None`/"auto" -> cuda when present, else cpu."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise StudyError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(str(name))
+
+
+def set_threads(n=None):
+    """Pin torch's CPU threads: left alone, torch can oversubscribe a small machine (50x slower seen)."""
+    torch.set_num_threads(n or int(os.environ.get("BRAINWAVLM_THREADS", 0)) or os.cpu_count() or 1)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing on CPU (float32 there: reproducible to the bit)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def progress_bar(items, desc):
+    """A tqdm bar on a terminal; the plain items when output goes to a file (a bar there writes
+    thousands of characters per epoch)."""
+    if not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, leave=False)
+
+
+def from_pretrained(cls, name, **kw):
+    """cls.from_pretrained(name): the local folder or cache first (no network wait when the weights
+    are here), then the hub; a failure is one StudyError saying how to get the weights."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr: noise around our one-line errors
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kw)
+    except (OSError, ValueError):
+        try:
+            return cls.from_pretrained(name, **kw)
+        except (OSError, ValueError) as e:
+            raise StudyError(f"could not load WavLM {name!r} ({str(e).splitlines()[0]}). Pass a local folder "
+                             f"with config.json and the weights, or download it once on a machine with "
+                             f"internet: `hf download {name}` (then it loads offline from the cache)")
+
+
+# ---- files: npz, caches, figures ----
+
+
+def save_npz(path, items=(), **arrays):
+    """Write an npz (uncompressed, as np.savez) to a temp file in the same folder, then rename: a
+    crash never leaves half a file. `items`: (name, array) pairs, e.g. a generator, written one at a
+    time before the keyword arrays, so a subject's responses need never be in memory all at once.
+    Returns a fingerprint of the contents (names, dtypes, shapes, bytes), hashed as they are written."""
+    import zipfile
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".npz")
+    os.close(fd)
+    h = hashlib.sha1()
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, value in itertools.chain(items, arrays.items()):
+                value = np.asanyarray(value)
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, value, allow_pickle=False)
+                h.update(f"{name} {value.dtype.str} {value.shape}".encode())
+                h.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return h.hexdigest()[:16]
+
+
+def load_npz(path, what="file"):
+    """np.load without pickles, as a plain dict; a missing file is a StudyError naming it."""
+    if not os.path.exists(path):
+        raise StudyError(f"{what} not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except ValueError as e:
+        raise StudyError(f"{path} is not a plain npz file ({e}); rebuild it with the stage that writes it")
+
+
+def array_shape(d, key):
+    """Shape of d[key] without reading the array when d is an open npz (its .npy header only)."""
+    if not hasattr(d, "zip"):
+        return d[key].shape
+    with d.zip.open(f"{key}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        return (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)[0]
+
+
+def sha1(array):
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def cached_npz(path, key, compute, name, refresh=False):
+    """compute()'s array, saved in `path` as `name` with `key` (a string naming all it was computed
+    from) and read back, bit for bit, while the key matches; otherwise (or refresh) recomputed."""
+    if os.path.exists(path) and not refresh:
+        saved = load_npz(path)
+        if str(saved.get("key")) == key:
+            return saved[name]
+        print(f"    {path} was computed from other weights or audio: recomputing it", flush=True)
+    value = compute()
+    save_npz(path, key=np.array(key), **{name: value})
+    return value
+
+
+def model_fingerprint(model):
+    """sha1 of every weight (adapters included): tells one model's feature cache from another's."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def feature_cache_dir(data, name, seed, context_s, stride_s):
+    """This stage's feature cache for one model at one window setting, e.g.
+    data/features/tiny_seed0/context16s_stride4s/ (each setting keeps its own)."""
+    tag = f"tiny_seed{seed}" if name == "tiny" else name.strip("/").replace("/", "--")  # a folder-safe name
+    return os.path.join(data, "features", tag, f"context{context_s:g}s_stride{stride_s:g}s")
+
+
+def save_figure(fig, path):
+    """Save a matplotlib figure atomically (as save_npz), then close it (stage 03 plots once per run)."""
+    import matplotlib.pyplot as plt
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp_" + os.path.basename(path))
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+# ---- the stages' flags ----
+
+
+def parser(doc):
+    """The stages' argparse: a bad flag value is one `error:` line and exit 1, like every other
+    input error (argparse's own prints the usage too and exits 2)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: fail(f"{message} (see --help)")
+    return p
+
+
+def add_common_args(p):
+    """The flags every stage 02-05 shares."""
+    p.add_argument("--data", default="data", help="folder written by 01_prepare_data.py (default: data/)")
+    p.add_argument("--results", default="results", help="output folder (default: results/)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if present)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+
+
+def check_ranges(checks):
+    """(flag, value, low, high) tuples -> one clear StudyError for the first out of range (None: open)."""
+    for flag, value, lo, hi in checks:
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"{lo:g}..{hi:g}" if lo is not None and hi is not None else (f">= {lo:g}" if lo is not None else f"<= {hi:g}")
+            raise StudyError(f"{flag} {value:g} is out of range: it must be {bounds}")
+
+
+def check_window(context_s, stride_s, flags=("--context-s", "--stride-s")):
+    """Window context and stride must be whole numbers of WavLM's 20 ms frames (stride > 0)."""
+    hop_s = 0.02  # WavLM's frame: 320 samples at 16 kHz
+    for flag, value, lo in ((flags[1], stride_s, hop_s), (flags[0], context_s, 0.0)):
+        if value < lo or abs(value / hop_s - round(value / hop_s)) > 1e-6:
+            raise StudyError(f"{flag} {value:g} must be a {'positive' if lo else 'non-negative'} multiple of "
+                             f"WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
+
+
+def subject_list(requested, study):
+    """The subjects asked for (default: every subject of the study), each checked to be in it."""
+    unknown = [s for s in requested or [] if s not in study["subjects"]]
+    if unknown:
+        raise StudyError(f"unknown subject(s) {', '.join(unknown)}: this study has {', '.join(study['subjects'])}")
+    return requested or study["subjects"]
