@@ -58,6 +58,8 @@ def kind(run):
 def summarise(group, ac_masks):
     gains = np.array([g["delta"].mean() for g in group])
     ac = ac_masks.get(group[0]["prov"]["subject"])
+    if ac is not None and len(ac) != len(group[0]["delta"]):  # another study's data folder: no AC split
+        ac = None
     split = [(g["delta"][ac].mean(), g["delta"][~ac].mean()) for g in group] if ac is not None else []
     return dict(n=len(group), gain=gains.mean(), sd=gains.std() if len(gains) > 1 else np.nan,
                 ac=np.mean([a for a, _ in split]) if split else np.nan,

@@ -25,6 +25,7 @@ def test_compare_knows_the_seed_spread(tmp_path, capsys):
     for seed, gain in enumerate([0.010, 0.012, 0.014]):  # std 0.0016
         fake_run(ref, seed, gain)
     fake_run(mine, 0, 0.011, tag="aaaaaa", settings={"loss": "mse"})  # inside the spread
+    fake_run(mine, 0, 0.0145, tag="eeeeee", settings={"norm": "none"})  # 1.5 sd away: still within 2 sd
     fake_run(mine, 0, 0.030, tag="bbbbbb", settings={"epochs": 20})   # far outside it
     fake_run(mine, 1, 0.031, tag="bbbbbb", settings={"epochs": 20})
     assert run_stage("compare.py", [str(ref), str(mine)]) == 0
@@ -32,8 +33,10 @@ def test_compare_knows_the_seed_spread(tmp_path, capsys):
     lines = {line.split("]: ")[0]: line for line in out.splitlines() if "against" in line}
     within = next(v for k, v in lines.items() if "[aaaaaa]" in k)
     beyond = next(v for k, v in lines.items() if "[bbbbbb]" in k)
-    assert "loss corr -> mse" in within and "-0.0010: within the seed spread" in within
-    assert "epochs 7 -> 20" in beyond and "+0.0185: beyond the seed spread" in beyond
+    assert "loss corr -> mse" in within and "-0.0010: within the seed spread (2 x sd 0.0016)" in within
+    between = next(v for k, v in lines.items() if "[eeeeee]" in k)
+    assert "norm None -> none" in between and "+0.0025: within the seed spread (2 x sd 0.0016)" in between
+    assert "epochs 7 -> 20" in beyond and "+0.0185: beyond the seed spread (2 x sd 0.0016)" in beyond
     assert "the best epoch was the last" not in out and (ref / "compare.png").exists()
     # one seed on both sides: no verdict
     single = tmp_path / "single"
@@ -46,3 +49,16 @@ def test_compare_knows_the_seed_spread(tmp_path, capsys):
     assert run_stage("compare.py", [str(ref), str(other)]) == 0
     assert "ANOTHER STUDY: not comparable" in capsys.readouterr().out
     fails_cleanly("compare.py", [str(tmp_path / "empty")], capsys, "no stage 03 results")
+
+
+def test_compare_ignores_an_ac_mask_of_another_study(tmp_path, capsys, monkeypatch):
+    """compare.py looks for the AC mask in data/ beside the results (and in ./data): a mask of
+    another size (make demo's data/, when the runs come from elsewhere) is no AC split, not a crash."""
+    monkeypatch.chdir(tmp_path)
+    plumbing.save_npz(tmp_path / "data" / "subjects" / "sim01.npz", roi_AC=np.zeros(12000, bool))
+    runs = tmp_path / "elsewhere" / "results"
+    for seed in (0, 1):
+        fake_run(runs, seed, 0.01)
+    assert run_stage("compare.py", [str(runs)]) == 0
+    assert "whole lora" in capsys.readouterr().out
+

@@ -12,6 +12,7 @@ from conftest import ROOT
 @pytest.fixture(scope="module")
 def s1(tmp_path_factory):
     """A dataset root in ds003020's layout whose pycortex-db is pycortex's S1 ({"S1": "fullhead"})."""
+    pytest.importorskip("cortex", reason="pycortex is not installed (make pycortex builds it; make test does)")
     root = anatomy.s1_root(str(tmp_path_factory.mktemp("s1")))
     return anatomy, root
 

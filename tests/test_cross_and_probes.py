@@ -15,6 +15,7 @@ from conftest import TINY, fails_cleanly, one, run_stage
 FAST = ["--epochs", "1", "--block-trs", "16", "--lora-rank", "4", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
         "--lora-targets", "q_proj", "k_proj", "v_proj", "out_proj"]
 GRID = ["--alphas", "3", "3000", "--n-folds", "4"]  # not the defaults: stage 04 must score with these
+MARGIN = 0.04  # the aligned semantic probe over its shifted-target control: 0.282 against 0.197 measured
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,51 @@ def test_cross_subject_matrix(tuned, tmp_path):
         np.testing.assert_allclose(out[f"delta_r_{a}_on_{b}"], r - base_b["test_r"], atol=1e-5)
         assert not np.allclose(out[f"test_r_{a}_on_{b}"], out[f"test_r_{a}_on_{a}"])
     assert os.path.exists(one(f"{results}/04_cross_subject_*.png"))
+
+
+def _ridge_r_independently(X, Y, X_test, Y_test, alphas, n_folds):
+    """Per-voxel-alpha ridge by himalaya (not this repository's ridge_cv), Pearson r on the test rows."""
+    from himalaya.backend import set_backend
+    from himalaya.ridge import RidgeCV
+    from himalaya.scoring import correlation_score
+    set_backend("numpy")
+    edges = np.linspace(0, len(X), n_folds + 1).astype(int)
+    idx = np.arange(len(X))
+    folds = [(np.r_[idx[:a], idx[b:]], idx[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    model = RidgeCV(alphas=np.asarray(alphas, np.float64), cv=folds, solver="svd", fit_intercept=False,
+                    solver_params=dict(score_func=correlation_score, local_alpha=True)).fit(X, Y)
+    pred = X_test @ np.asarray(model.coef_)
+    p, y = pred - pred.mean(0), Y_test - Y_test.mean(0)
+    return (p * y).sum(0) / np.sqrt((p * p).sum(0) * (y * y).sum(0))
+
+
+def test_cross_subject_scores_on_b_with_b_s_own_recipe(tuned, tmp_path):
+    """sim02's stage 02 result is given other delays, alphas and folds than sim01's (in the file;
+    its record unchanged): sim01's model scored on sim02 must use sim02's recipe. The expected r is
+    computed here with himalaya's RidgeCV, and sim01's recipe gives a clearly different one."""
+    data, results, ckpt = _copy(tuned, tmp_path)
+    base_path = one(f"{results}/02_baseline_sim02_*.npz")
+    b = plumbing.load_npz(base_path)
+    b.update(delays=np.array([1, 2]), alpha_grid=np.array([10.0, 1000.0]), n_folds=np.int64(3))
+    plumbing.save_npz(base_path, **b)
+    assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt,
+                                             "--tuned-on", "sim01", "--evaluate-on", "sim02"]) == 0
+    got = plumbing.load_npz(one(f"{results}/04_cross_subject_*sim01-on-sim02.npz"))["test_r_sim01_on_sim02"]
+    study = common.load_study(data)
+    r03 = plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
+    feats = {s: plumbing.load_npz(f"{data}/features/{r03_name(results, 'sim01')}/{s}.npz")["ds"][int(r03["layer"])]
+             for s in study["train"] + study["val"] + [study["test"]]}
+    with np.load(f"{data}/subjects/sim02.npz") as d:
+        Y = np.vstack([d[f"resp_{s}"] for s in study["train"] + study["val"]])
+        Y_test = d["test_resp"]
+
+    def expected(delays, alphas, n_folds):
+        X = np.vstack([common.design_matrix(feats[s], delays) for s in study["train"] + study["val"]])
+        return _ridge_r_independently(X, Y, common.design_matrix(feats[study["test"]], delays), Y_test, alphas, n_folds)
+    mine = expected((1, 2), [10.0, 1000.0], 3)
+    theirs = expected((1, 2, 3, 4), [3.0, 3000.0], 4)  # sim01's recipe (GRID, the paper's delays)
+    assert np.abs(theirs - mine).max() > 0.05  # the two recipes really differ here
+    assert np.mean(np.abs(got - mine) < 1e-3) > 0.95 and abs(got.mean() - mine.mean()) < 1e-3
 
 
 def r03_name(results, subject):
@@ -121,10 +167,16 @@ def test_a_stage_02_rerun_never_changes_what_a_run_is_compared_with(tuned, tmp_p
     out = plumbing.load_npz(one(f"{results}/04_cross_subject_*.npz"))
     r03 = plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
     np.testing.assert_allclose(out["mean_delta_r"][0, 0], np.mean(r03["test_r_tuned"] - r03["test_r_baseline"]), atol=1e-5)
-    # now the run's own stage 02 file changes under it (as if rerun with other model weights)
+    # the run's own stage 02 file changes under it in a way only the run's record of it can see
+    # (same study, same base model: the model check of stage 04 passes)
     path = json.loads(str(r03["provenance"]))["baseline"]["file"]
     b = plumbing.load_npz(f"{results}/{path}")
     prov = json.loads(str(b["provenance"]))
+    b["provenance"] = np.array(json.dumps(dict(prov, flags=prov["flags"] + ["--rerun"])))
+    plumbing.save_npz(f"{results}/{path}", **b)
+    fails_cleanly("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt], capsys,
+                  "was scored against another stage 02 result", results)
+    # now as if rerun with other model weights
     prov["model_fingerprint"] = "0" * 40
     b["provenance"] = np.array(json.dumps(prov))
     plumbing.save_npz(f"{results}/{path}", **b)
@@ -173,6 +225,36 @@ def test_probes(tuned, tmp_path):
     assert os.path.exists(one(f"{results}/05_probes_*.png"))
     prov = json.loads(str(out["provenance"]))
     assert set(prov["runs"]) == {"whole", "AC"} and prov["stories"] == common.load_study(data)["stories_fingerprint"]
+
+
+def test_the_semantic_probe_reads_each_word_s_own_meaning(tuned, tmp_path):
+    """A control the probe must beat by a margin: the same representations, each word given its
+    neighbour's meaning (the targets shifted by one word, computed here). Neighbouring words share a
+    topic, so the control is well above zero: a stage 05 whose targets slipped by one word would
+    score as the control does."""
+    data, results, ckpt = _copy(tuned, tmp_path)
+    assert run_stage("05_linear_probes.py", ["--data", data, "--results", results, "--checkpoints", ckpt,
+                                             "--models", "baseline", "--n-folds", "3"]) == 0
+    out = plumbing.load_npz(one(f"{results}/05_probes_*baseline*.npz"))
+    aligned = out["scores"][0, :, list(out["probes"]).index("semantic")]
+    study, truth = common.load_study(data), plumbing.load_npz(f"{data}/truth.npz")
+    base = plumbing.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
+    model = common.load_wavlm(str(base["model"]), int(base["model_seed"]))
+    names = study["train"] + study["val"] + [study["test"]]
+    reps, idx, groups = [], [], []
+    index = {w: i for i, w in enumerate(truth["vocab"])}
+    for g, s in enumerate(names):
+        st = plumbing.load_npz(f"{data}/stories/{s}.npz")
+        reps.append(probing.word_representations(model, st, common.story_cnn(model, st["audio"]),
+                                                 float(base["context_s"]), float(base["stride_s"])))
+        idx += [index[w] for w in st["words"]]
+        groups += [g] * len(st["words"])
+    reps, idx, groups = np.concatenate(reps, 1), np.array(idx), np.array(groups)
+    content = truth["vocab_category"][idx] >= 0
+    shifted = truth["semantic_vectors"][np.roll(idx, 1)][content]
+    control = [probing.probe(r[content], shifted, groups[content], 3) for r in reps]
+    assert max(control) > 0.05  # the neighbour's meaning says something (a shared topic)
+    assert aligned.max() > max(control) + MARGIN, (aligned, control)
 
 
 def test_probe_recovers_a_linear_target_and_holds_out_whole_stories():

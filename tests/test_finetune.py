@@ -229,55 +229,129 @@ def snapshot_of(folder):
     return snapshot(folder)
 
 
-def test_a_crash_at_any_step_of_a_save_then_resume_gives_the_uninterrupted_result(trained, uninterrupted, tmp_path,
-                                                                                  monkeypatch, capsys):
-    """Every file-system step of the two checkpoint saves after epoch 1's (epoch 2's best/ when it
-    improves, its last/, ...), interrupted in turn, and a torch.save cut off mid-file: --resume then
-    finishes with the very result of the run that was never stopped."""
-    data, results, _ = trained
-    import peft
-    real = dict(replace=os.replace, rmtree=shutil.rmtree, save=torch.save, pretrained=peft.PeftModel.save_pretrained)
-    state = dict(saves=0, steps=0, crash_at=None, torn=False, counting=False)
+class _FileSteps:
+    """Counts the file-system steps of checkpoint saves (os.replace, shutil.rmtree, torch.save,
+    peft's save_pretrained) and raises KeyboardInterrupt at step `crash_at`; `torn`: that step, a
+    torch.save, first leaves half a file on disk."""
 
-    def step(name):
+    def __init__(self, monkeypatch):
+        import peft
+        self.real = dict(replace=os.replace, rmtree=shutil.rmtree, save=torch.save,
+                         pretrained=peft.PeftModel.save_pretrained)
+        self.steps, self.crash_at, self.torn, self.counting = 0, None, False, False
+        monkeypatch.setattr(os, "replace", self.step("replace"))
+        monkeypatch.setattr(shutil, "rmtree", self.step("rmtree"))
+        monkeypatch.setattr(torch, "save", self.step("save"))
+        monkeypatch.setattr(peft.PeftModel, "save_pretrained", self.step("pretrained"))
+
+    def step(self, name):
         def f(*a, **k):
-            if state["counting"]:
-                state["steps"] += 1
-                if state["steps"] == state["crash_at"]:
-                    if name == "save" and state["torn"]:  # half a state file on disk, then the crash
+            if self.counting:
+                self.steps += 1
+                if self.steps == self.crash_at:
+                    if name == "save" and self.torn:  # half a state file on disk, then the crash
                         open(a[1], "wb").write(b"\x80\x02torn")
                     raise KeyboardInterrupt
-            return real[name](*a, **k)
+            return self.real[name](*a, **k)
         return f
-    real_save = checkpoints.save_checkpoint
+
+
+def test_a_crash_at_any_step_of_a_checkpoint_save_leaves_the_old_or_the_new_copy_whole(tmp_path, monkeypatch):
+    """Every file-system step of a checkpoint save, interrupted in turn (and a torch.save cut off
+    mid-file), on small checkpoint folders: recover_checkpoint then finds one complete copy, the
+    one before the save or the one it was writing, with that epoch's adapters and readout, and no
+    leftovers; a first save interrupted leaves either nothing or the whole checkpoint."""
+    from safetensors.torch import load_file
+    model = common.add_lora(common.load_wavlm("tiny"), 2, 2, 0.0, ["q_proj"])
+    readout = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(readout.parameters(), lr=1e-3)
+    steps = _FileSteps(monkeypatch)
+
+    def save(folder, epoch, crash_at=None, torn=False):
+        with torch.no_grad():  # every adapter and the readout carry the epoch's number
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.fill_(epoch)
+            readout.weight.fill_(epoch)
+        steps.steps, steps.crash_at, steps.torn, steps.counting = 0, crash_at, torn, True
+        try:
+            checkpoints.save_checkpoint(folder, model, readout, opt, epoch, dict(val_r=[0.0] * (epoch + 1)),
+                                        dict(run="x"))
+        finally:
+            steps.counting = False
+
+    def whole_copy(folder):
+        """The epoch of the complete copy recovered at `folder`, checked to be consistent (or None)."""
+        if not checkpoints.recover_checkpoint(folder):
+            assert not os.path.exists(folder)
+            return None
+        state = checkpoints.read_state(folder)
+        adapters = load_file(os.path.join(folder, "model", "adapter_model.safetensors"))
+        assert adapters and all(torch.all(t == state["epoch"]) for t in adapters.values())
+        assert torch.all(state["readout"]["weight"] == state["epoch"]) and len(state["history"]["val_r"]) == state["epoch"] + 1
+        return state["epoch"]
+
+    save(str(tmp_path / "count" / "last"), 1)
+    save(str(tmp_path / "count" / "last"), 2)
+    n_steps = steps.steps  # the steps of a save over an existing copy
+    assert n_steps >= 5  # the counting sees the save: rmtree, model, state, renames, cleanup
+    seen = set()
+    for k, torn in [(k, False) for k in range(1, n_steps + 1)] + [(k, True) for k in range(1, n_steps + 1)]:
+        folder = str(tmp_path / f"{k}{'t' if torn else ''}" / "last")
+        save(folder, 1)
+        try:
+            save(folder, 2, crash_at=k, torn=torn)
+        except KeyboardInterrupt:
+            pass
+        epoch = whole_copy(folder)
+        assert epoch in (1, 2), (k, torn)
+        seen.add(epoch)
+        assert os.listdir(os.path.dirname(folder)) == ["last"], (k, torn)  # no .tmp or .old left over
+        save(folder, 3)  # the run goes on from there
+        assert whole_copy(folder) == 3
+    assert seen == {1, 2}  # early crashes keep the old copy, late ones the new
+    for k in range(1, n_steps + 1):  # the very first save of a run
+        folder = str(tmp_path / f"first{k}" / "best")
+        try:
+            save(folder, 0, crash_at=k)
+        except KeyboardInterrupt:
+            pass
+        assert whole_copy(folder) in (None, 0), k
+        parent = os.path.dirname(folder)
+        assert not os.path.exists(parent) or not any(f.endswith((".tmp", ".old")) for f in os.listdir(parent)), k
+
+
+def test_a_crash_mid_save_then_resume_gives_the_uninterrupted_result(trained, uninterrupted, tmp_path,
+                                                                     monkeypatch, capsys):
+    """End to end, at three points (the first step of epoch 2's best/ save, the last step of its
+    last/ save, and a torch.save torn mid-file): --resume finishes with the very result of the run
+    that was never stopped. Every other crash point is covered on small checkpoint folders above."""
+    data, results, _ = trained
+    steps = _FileSteps(monkeypatch)
+    saves, real_save = [0], checkpoints.save_checkpoint
 
     def counted_save(*a):
-        state["saves"] += 1
-        state["counting"] = state["saves"] in (3, 4)  # epoch 1 saved best/ and last/: the next two saves
+        saves[0] += 1
+        steps.counting = saves[0] in (3, 4)  # epoch 1 saved best/ and last/: the next two saves
         try:
             return real_save(*a)
         finally:
-            state["counting"] = False
-    monkeypatch.setattr(os, "replace", step("replace"))
-    monkeypatch.setattr(shutil, "rmtree", step("rmtree"))
-    monkeypatch.setattr(torch, "save", step("save"))
-    monkeypatch.setattr(peft.PeftModel, "save_pretrained", step("pretrained"))
+            steps.counting = False
     monkeypatch.setattr(checkpoints, "save_checkpoint", counted_save)
     argv = ["--subject", "sim01", "--epochs", "3"] + FAST[2:]
 
     def attempt(crash_at, torn=False):
         res, ckpt = _fresh(results, tmp_path, f"{crash_at}{'t' if torn else ''}")
-        state.update(saves=0, steps=0, crash_at=crash_at, torn=torn)
+        saves[0], steps.steps, steps.crash_at, steps.torn = 0, 0, crash_at, torn
         code = run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt] + argv)
         return code, res, ckpt
     code, _, _ = attempt(None)  # a dry run counts the steps
-    n_steps = state["steps"]
-    assert code == 0 and n_steps >= 8  # at least last/'s save: rmtree, write model, state, rename x3, cleanup
-    cases = [(k, False) for k in range(1, n_steps + 1)] + [(3, True)]
-    for k, torn in cases:
+    n_steps = steps.steps
+    assert code == 0 and n_steps >= 8
+    for k, torn in [(1, False), (n_steps, False), (3, True)]:
         code, res, ckpt = attempt(k, torn)
         assert code == 130, (k, code)
-        state["crash_at"] = None
+        steps.crash_at = None
         capsys.readouterr()
         assert run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--resume"] + argv) == 0, k
         assert "resuming" in capsys.readouterr().out and os.path.exists(one(f"{res}/03_*.png"))
@@ -310,13 +384,33 @@ def test_each_scenario_of_a_lost_result_gives_a_separate_file(trained, tmp_path)
     shutil.copytree(results, out)
     before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
     assert run_stage(STAGE, ["--data", data, "--results", out, "--checkpoints", ckpt, "--subject", "sim01",
-                             "--loss", "mse"] + FAST[:1] + ["1"] + FAST[2:]) == 0
+                             "--loss", "mse"] + FAST) == 0  # the loss alone differs from the trained run
     after = os.listdir(out)
     assert all(os.path.getmtime(os.path.join(out, f)) == t for f, t in before.items())  # nothing replaced
     new = sorted(set(after) - set(before))
     assert len(new) == 2 and new[0].startswith("03_sim01_whole_lora_seed0_") and new[0] not in before
     settings = json.loads(str(plumbing.load_npz(os.path.join(out, [f for f in new if f.endswith(".npz")][0]))["settings"]))
     assert settings["loss"] == "mse"
+
+
+def test_every_training_setting_alone_changes_the_run_tag():
+    """A run's name carries a tag of every setting that differs from the defaults: each setting
+    changed alone gives a tag of its own (the mode, LoRA or full, is in the name itself)."""
+    m = stage(STAGE)
+    assert m.run_tag(m.get_args([]), dict(tag="")) == ""
+    new = dict(loss="mse", norm="none", tune_stories=3, layer=2)
+    tags = {}
+    for k in m.TRAIN_SETTINGS:
+        if k == "full_finetune":
+            continue
+        args = m.get_args([])
+        v = getattr(args, k)
+        if k not in new:
+            new[k] = v + ["out_proj"] if isinstance(v, list) else v + 1
+        setattr(args, k, new[k])
+        tags[k] = m.run_tag(args, dict(tag=""))
+        assert tags[k] and list(tags.values()).count(tags[k]) == 1, (k, tags)
+    assert m.run_tag(m.get_args([]), dict(tag="abcdef")) not in [""] + list(tags.values())  # another stage 02 result
 
 
 def test_roi_restricts_the_readout(trained, tmp_path):
