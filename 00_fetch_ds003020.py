@@ -6,11 +6,13 @@ one .hf5 per story), the stories' sound (stimuli/<story>.wav) and word timings
 (derivative/TextGrids/), the TR bookkeeping (derivative/respdict.json, subject_xfms.json), the
 pycortex database for ROIs and flatmaps (derivative/pycortex-db/<S>/) and the lab's English1000 word
 embedding for stage 05 (derivative/english1000sm.hf5). This script selects those files from the
-published file index (assets/ds003020_files.tsv, every path with its size), prints the plan, fetches
-them with openneuro-py, and ends by checking that stage 01 finds everything it reads. Interrupted,
-it is rerun with the same command: files already complete are kept (openneuro-py resumes).
+published file index of snapshot 3.1.0 (assets/ds003020_files.tsv, every path with its size),
+prints the plan, fetches them with openneuro-py from that snapshot (--snapshot asks for another;
+later snapshots spell the folder derivatives/, which every stage also reads), and ends by checking
+that stage 01 finds everything it reads. Interrupted, it is rerun with the same command: files
+already complete are kept (openneuro-py resumes). The machinery is lib/fetch.py.
 
-    pip install openneuro-py                                   # once; not part of make demo
+    pip install 'openneuro-py>=2026.4.0'                       # once (make fetch); not part of make demo
     python 00_fetch_ds003020.py --dest /data/ds003020 --dry-run   # the plan and its size only
     python 00_fetch_ds003020.py --dest /data/ds003020             # UTS01-UTS03, every story they share
     python 00_fetch_ds003020.py --dest /data/ds003020 --subjects UTS01 --no-pycortex
@@ -40,8 +42,16 @@ def get_parser():
     p.add_argument("--no-pycortex", action="store_true", help="skip derivative/pycortex-db (ROIs, flatmaps)")
     p.add_argument("--no-english1000", action="store_true", help="skip derivative/english1000sm.hf5 (stage 05's "
                    "semantic probe then needs --word-vectors)")
+    p.add_argument("--snapshot", default=fetch.INDEX_SNAPSHOT, help=f"the dataset's version to fetch (default: "
+                   f"{fetch.INDEX_SNAPSHOT}, the one the file index lists)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     return p
+
+
+def complete(dest, path, size):
+    """Is the index's file at `path` in dest (either spelling of the derivatives) at its indexed size?"""
+    on_disk = fetch.on_disk(dest, path)
+    return os.path.exists(on_disk) and os.path.getsize(on_disk) == size
 
 
 def gb(n):
@@ -51,16 +61,19 @@ def gb(n):
 def main(argv=None):
     args = get_args(argv)
     try:
-        plan = fetch.select(fetch.read_index(), args.subjects, args.stories, not args.no_pycortex, not args.no_english1000,
-                      args.val_stories, args.test_story)
+        plan = fetch.select(fetch.read_index(), args.subjects, args.stories, not args.no_pycortex,
+                            not args.no_english1000, args.val_stories, args.test_story)
         total = sum(sum(files.values()) for files in plan.values())
         n_stories = len(plan["stimuli"])
-        print(f"ds003020 for {' '.join(args.subjects)}: {n_stories} stories, {sum(map(len, plan.values()))} files, "
-              f"{gb(total)} (of the dataset's 278 GB)")
+        print(f"ds003020 snapshot {args.snapshot} for {' '.join(args.subjects)}: {n_stories} stories, "
+              f"{sum(map(len, plan.values()))} files, {gb(total)} (of the dataset's 278 GB)")
+        if args.snapshot != fetch.INDEX_SNAPSHOT:
+            print(f"  note: the file index describes snapshot {fetch.INDEX_SNAPSHOT}: the selection and the sizes are "
+                  f"{fetch.INDEX_SNAPSHOT}'s; a file that {args.snapshot} moved, renamed or changed shows up in the "
+                  "final checks (size, then stage 01's own)")
         for group, files in plan.items():
             print(f"  {group:12s} {len(files):5d} files  {gb(sum(files.values())):>8s}")
-        todo = {p: n for files in plan.values() for p, n in files.items()
-                if not (os.path.exists(os.path.join(args.dest, p)) and os.path.getsize(os.path.join(args.dest, p)) == n)}
+        todo = {p: n for files in plan.values() for p, n in files.items() if not complete(args.dest, p, n)}
         print(f"  already in {args.dest}: {gb(total - sum(todo.values()))}; to fetch: {gb(sum(todo.values()))} "
               f"({len(todo)} files). openneuro-py also fetches the dataset's few top-level BIDS files.")
         if args.dry_run:
@@ -70,14 +83,8 @@ def main(argv=None):
         if free < sum(todo.values()):
             raise StudyError(f"{args.dest} has {gb(free)} free, the fetch needs {gb(sum(todo.values()))}")
         if todo:
-            try:
-                import openneuro
-            except ImportError:
-                raise StudyError("openneuro-py is not installed: `pip install openneuro-py` (it is not needed for "
-                                 "the simulated study)")
-            openneuro.download(dataset="ds003020", target_dir=args.dest, include=fetch.patterns(plan, args.subjects))
-        wrong = [p for files in plan.values() for p, n in files.items()
-                 if not os.path.exists(os.path.join(args.dest, p)) or os.path.getsize(os.path.join(args.dest, p)) != n]
+            fetch.download(args.dest, plan, args.subjects, args.snapshot)
+        wrong = [p for files in plan.values() for p, n in files.items() if not complete(args.dest, p, n)]
         if wrong:
             raise StudyError(f"{len(wrong)} files are missing or of another size than the index says "
                              f"({', '.join(wrong[:3])} ...); rerun the same command to continue")

@@ -185,6 +185,7 @@ def build_ds003020(args, out):
     and each subject's responses (lib/ds003020.py)."""
     root = args.ds_root
     train, respdict = ds003020.find_ds003020(args)
+    deriv = ds003020.derivatives(root)  # derivative/ (snapshot 3.1.0) or derivatives/ (later ones)
     names = train + args.val_stories + [args.test_story]
     if args.rois_from_pycortex:
         rois = {s: anatomy.pycortex_rois(root, s) for s in args.subjects}
@@ -196,7 +197,7 @@ def build_ds003020(args, out):
     for st in names:
         wav = os.path.join(root, "stimuli", f"{st}.wav")
         audio = ds003020.read_wav(wav)
-        words, on, off = ds003020.read_textgrid_words(os.path.join(root, "derivative", "TextGrids", f"{st}.TextGrid"))
+        words, on, off = ds003020.read_textgrid_words(os.path.join(deriv, "TextGrids", f"{st}.TextGrid"))
         tr_times = ds003020.FIRST_TR_TIME + ds003020.TR * np.arange(respdict[st] - ds003020.TRIM_TRS)
         if tr_times[-1] > len(audio) / SR + 30:
             raise StudyError(f"story {st}: respdict says {respdict[st]} TRs (last row at {tr_times[-1]:.0f} s)"
@@ -205,7 +206,7 @@ def build_ds003020(args, out):
         prints[st] = save_npz(os.path.join(out, "stories", f"{st}.npz"), audio=audio, sr=np.int64(SR),
                               tr_times=tr_times, words=words, word_onsets=on, word_offsets=off)
         print(f"  story {st}: {len(audio) / SR:.0f} s, {len(words)} words, {len(tr_times)} TRs")
-    e1000 = os.path.join(root, "derivative", "english1000sm.hf5")
+    e1000 = os.path.join(deriv, "english1000sm.hf5")
     if os.path.exists(e1000):  # the semantic probe's targets (stage 05) for the stories' words
         words = set(np.concatenate([np.load(os.path.join(out, "stories", f"{st}.npz"))["words"] for st in names]))
         found, vectors = ds003020.english1000(e1000, words)
@@ -213,7 +214,7 @@ def build_ds003020(args, out):
         print(f"  English1000 vectors for {len(found)} of the stories' {len(words)} word types -> english1000.npz")
     else:
         print(f"  note: {e1000} not found: stage 05's semantic probe will need --word-vectors")
-    prep = os.path.join(root, "derivative", "preprocessed_data")
+    prep = os.path.join(deriv, "preprocessed_data")
     for s in args.subjects:
         prints[s] = ds003020.write_subject(args, s, prep, stories, respdict, rois.get(s, {}), out, flats.get(s))
     if args.rois_from_pycortex:  # reusable as --roi-file without pycortex

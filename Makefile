@@ -89,11 +89,13 @@ clean:
 	rm -rf $(DATA) $(RESULTS) $(CHECKPOINTS) experiments
 
 # real data: the files of OpenNeuro ds003020 the stages read (about 78 GB for UTS01-UTS03), with
-# openneuro-py (installed here, not by make demo). Rerun to continue an interrupted fetch.
+# openneuro-py (installed here, not by make demo; 2026.4.0 is the first release on OpenNeuro's current
+# API, and an older copy is upgraded). Snapshot 3.1.0, the one assets/ds003020_files.tsv lists.
+# Rerun to continue an interrupted fetch.
 #   make fetch DS=/data/ds003020 [FETCH_ARGS="--subjects UTS01 --dry-run"]
 DS ?= ds003020
 fetch: $(VENV)/.installed
-	$(PY) -m pip install -q "openneuro-py>=2024.2"
+	$(PY) -m pip install -q --upgrade "openneuro-py>=2026.4.0"
 	$(PY) 00_fetch_ds003020.py --dest $(DS) $(FETCH_ARGS)
 
 # the espeakng-loader wheel bench/gpu_check.sh installs on a GPU machine without network

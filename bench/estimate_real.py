@@ -28,7 +28,9 @@ p.add_argument("--fp32-peak", type=float, default=67e12, help="FP32 FLOP/s witho
 p.add_argument("--model-efficiency", type=float, default=0.15, help="assumed fraction of bf16 peak for WavLM")
 p.add_argument("--ridge-efficiency", type=float, default=0.5, help="assumed fraction of fp32 peak for ridge")
 p.add_argument("--epochs", type=int, default=10, help="stage 03 epochs (default: the script's 10)")
-p.add_argument("--runs", type=int, default=11, help="stage 03 runs: 3 subjects x 3 seeds + 2 AC runs (the demo's plan)")
+p.add_argument("--runs", type=int, default=9, help="stage 03 runs (default: the README's recipe: UTS01 3 seeds of "
+               "whole-cortex LoRA and 3 of full fine-tuning, UTS02 and UTS03 one each, one AC run; every run is "
+               "counted at the LoRA step's FLOPs, so the 3 full fine-tuning runs are underestimated)")
 args = p.parse_args()
 plumbing.set_threads()
 

@@ -36,13 +36,15 @@ def import_pycortex():
 
 
 def pycortex_subject(root, subject):
-    """pycortex pointed at the dataset's own database (derivative/pycortex-db) and the subject's
-    transform (derivative/subject_xfms.json, else <subject>_auto): (cortex module, transform)."""
+    """pycortex pointed at the dataset's own database (derivative[s]/pycortex-db) and the subject's
+    transform (derivative[s]/subject_xfms.json, else <subject>_auto): (cortex module, transform)."""
+    from lib.ds003020 import derivatives  # (lib/ds003020.py imports this module)
     cortex = import_pycortex()
-    db = os.path.join(root, "derivative", "pycortex-db")
-    xfms_path = os.path.join(root, "derivative", "subject_xfms.json")
+    db = os.path.join(derivatives(root), "pycortex-db")
+    xfms_path = os.path.join(derivatives(root), "subject_xfms.json")
     if not os.path.isdir(os.path.join(db, subject)):
-        raise StudyError(f"{os.path.join(db, subject)} not found: download derivative/pycortex-db/{subject} of ds003020")
+        raise StudyError(f"{os.path.join(db, subject)} not found: download {os.path.basename(derivatives(root))}/"
+                         f"pycortex-db/{subject} of ds003020")
     xfm = json.load(open(xfms_path)).get(subject, f"{subject}_auto") if os.path.exists(xfms_path) else f"{subject}_auto"
     cortex.db.filestore, cortex.db._subjects = db, None  # the dataset's own filestore
     return cortex, xfm

@@ -32,6 +32,9 @@ FILLERS = {"sentence_start", "sentence_end", "br", "lg", "ls", "ns", "sp", ""}
 # is not in ds003020 (only in the lab's larger release). We keep the first and add waitingtogo, the
 # published story closest to it in length (369 TRs against 368), so the two weigh the same.
 DS_VAL_STORIES = ["fromboyhoodtofatherhood", "waitingtogo"]
+# Snapshot 3.1.0 (the one assets/ds003020_files.tsv lists) keeps the lab's files in derivative/;
+# later snapshots spell it derivatives/ (BIDS). Both are read; derivatives() decides which is there.
+DERIVATIVES = ("derivative", "derivatives")
 
 
 # ---- the lab's file formats ----
@@ -167,6 +170,18 @@ def real_word_vectors(args, vocab):
 
 # ---- a dataset root: what is there, which stories ----
 
+def derivatives(root):
+    """The dataset's derivatives folder, `derivative/` (snapshot 3.1.0) or `derivatives/` (later
+    snapshots): the one place that decides, for every file the stages read (responses, respdict,
+    subject_xfms, TextGrids, pycortex-db, English1000). Neither there: derivative/, so messages name
+    the published 3.1.0 path."""
+    found = [d for d in DERIVATIVES if os.path.isdir(os.path.join(root, d))]
+    if len(found) > 1:
+        raise StudyError(f"{root} holds both derivative/ and derivatives/ (two snapshots' layouts mixed): keep "
+                         "one, or fetch into a new folder")
+    return os.path.join(root, found[0] if found else DERIVATIVES[0])
+
+
 def closest(name, names):
     near = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
     return f"closest: {', '.join(near)}" if near else "no close name"
@@ -207,8 +222,11 @@ def find_ds003020(args):
     if not root or not os.path.isdir(root):
         raise StudyError(f"--ds-root {root!r} is not a folder; fetch ds003020 with `python 00_fetch_ds003020.py "
                          "--dest PATH` (or download it) and pass its root (the folder holding derivative/ and stimuli/)")
-    prep = os.path.join(root, "derivative", "preprocessed_data")
-    respdict_path = os.path.join(root, "derivative", "respdict.json")
+    deriv = derivatives(root)
+    print(f"  derivatives in {os.path.basename(deriv)}/" + (" (the layout after snapshot 3.1.0)"
+                                                             if os.path.basename(deriv) == "derivatives" else ""))
+    prep = os.path.join(deriv, "preprocessed_data")
+    respdict_path = os.path.join(deriv, "respdict.json")
     if not os.path.exists(respdict_path):
         raise StudyError(f"{respdict_path} not found: the TR bookkeeping needs it (it is part of ds003020)")
     respdict = json.load(open(respdict_path))
@@ -218,15 +236,15 @@ def find_ds003020(args):
             raise StudyError(f"unknown subject {s}: no folder {os.path.join(prep, s)} (found {have})")
     train = choose_stories(args, respdict, respdict_path, prep)
     for st in train + args.val_stories + [args.test_story]:
-        for f in (os.path.join(root, "stimuli", f"{st}.wav"), os.path.join(root, "derivative", "TextGrids", f"{st}.TextGrid")):
+        for f in (os.path.join(root, "stimuli", f"{st}.wav"), os.path.join(deriv, "TextGrids", f"{st}.TextGrid")):
             if not os.path.exists(f):
                 raise StudyError(f"story {st}: {f} not found (every story needs its wav and TextGrid)")
     if args.rois_from_pycortex:
         import_pycortex()
         for s in args.subjects:
-            if not os.path.isdir(os.path.join(root, "derivative", "pycortex-db", s)):
-                raise StudyError(f"--rois-from-pycortex: {os.path.join(root, 'derivative', 'pycortex-db', s)} not found "
-                                 f"(fetch derivative/pycortex-db/{s} of ds003020)")
+            if not os.path.isdir(os.path.join(deriv, "pycortex-db", s)):
+                raise StudyError(f"--rois-from-pycortex: {os.path.join(deriv, 'pycortex-db', s)} not found "
+                                 f"(fetch {os.path.basename(deriv)}/pycortex-db/{s} of ds003020)")
     return train, respdict
 
 

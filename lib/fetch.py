@@ -1,17 +1,26 @@
-"""The published file index of ds003020 and the selection of the files the stages read.
+"""The published file index of ds003020, the selection of the files the stages read, and the client.
 
-Used by 00_fetch_ds003020.py (its plan and its openneuro-py include patterns) and its tests.
-assets/ds003020_files.tsv lists every path of the published dataset with its size; select() picks
-from it what stage 01 reads for the chosen subjects (and stage 05 through stage 01).
+Used by 00_fetch_ds003020.py (its plan, its openneuro-py call) and its tests.
+assets/ds003020_files.tsv lists every path of snapshot 3.1.0 with its size (the snapshot is written
+beside it, in ds003020_snapshot.txt); select() picks from it what stage 01 reads for the chosen
+subjects (and stage 05 through stage 01); download() asks openneuro-py for exactly those files of
+that snapshot, and turns every error of the client into one line.
 """
 import csv
+import json
 import os
+import re
 
 from lib import ds003020
 from lib.plumbing import StudyError
 
-INDEX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "ds003020_files.tsv")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+INDEX = os.path.join(ASSETS, "ds003020_files.tsv")
+INDEX_SNAPSHOT = open(os.path.join(ASSETS, "ds003020_snapshot.txt")).read().strip()  # what the index lists
 PREP = "derivative/preprocessed_data"
+# openneuro-py switched to OpenNeuro's current API in April 2026 ("Support latest OpenNeuro API");
+# 2026.4.0 is the first release with it (2026.3.1 still queries the field the server dropped)
+CLIENT_FLOOR = "2026.4.0"
 
 
 def read_index(path=INDEX):
@@ -59,3 +68,72 @@ def patterns(plan, subjects):
     (its file names hold brackets, which glob patterns would read as character sets)."""
     out = [p for g, files in plan.items() if g != "pycortex-db" for p in files]
     return out + [f"derivative/pycortex-db/{s}/**" for s in subjects if "pycortex-db" in plan]
+
+
+def on_disk(dest, path):
+    """Where an index path (snapshot 3.1.0's derivative/ spelling) lies under `dest`: derivatives/
+    in the layout of later snapshots (lib/ds003020.derivatives decides)."""
+    if path.startswith("derivative/"):
+        return os.path.join(ds003020.derivatives(dest), path[len("derivative/"):])
+    return os.path.join(dest, path)
+
+
+def local_snapshot(dest):
+    """The snapshot a target folder holds, from the DatasetDOI of its dataset_description.json (as
+    openneuro-py reads it), or None."""
+    try:
+        doi = json.load(open(os.path.join(dest, "dataset_description.json"))).get("DatasetDOI", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    found = re.search(r"openneuro\.ds003020\.v(.+)$", str(doi))
+    return found.group(1) if found else None
+
+
+def client():
+    """openneuro-py, checked to be a release that speaks OpenNeuro's current API: (module, version)."""
+    install = f"`pip install --upgrade 'openneuro-py>={CLIENT_FLOOR}'` (make fetch does)"
+    try:
+        import openneuro
+    except ImportError:
+        raise StudyError(f"openneuro-py is not installed: {install}; it is not needed for the simulated study")
+    version = str(getattr(openneuro, "__version__", "0"))
+    number = [int(x) for x in re.findall(r"\d+", version)[:3]]
+    if number < [int(x) for x in CLIENT_FLOOR.split(".")]:
+        raise StudyError(f"openneuro-py {version} predates OpenNeuro's current API (April 2026): {install}")
+    return openneuro, version
+
+
+def download(dest, plan, subjects, snapshot):
+    """Fetch the plan's files of `snapshot` into dest with openneuro-py (which resumes). A folder
+    holding another snapshot, or any error of the client, is one StudyError. For a snapshot other
+    than the index's, the derivatives may be spelled derivatives/: asked again so when derivative/
+    is not found."""
+    have = local_snapshot(dest)
+    if have and have != snapshot:
+        raise StudyError(f"{dest} holds ds003020 snapshot {have} (its dataset_description.json), you asked for "
+                         f"{snapshot}: fetch into another folder with --dest, or continue that copy with --snapshot "
+                         f"{have}")
+    openneuro, version = client()
+    print(f"  fetching snapshot {snapshot} with openneuro-py {version}", flush=True)
+    include = patterns(plan, subjects)
+    for spelling in ("derivative/", "derivatives/"):
+        try:
+            openneuro.download(dataset="ds003020", tag=snapshot, target_dir=dest,
+                               include=[spelling + p[len("derivative/"):] if p.startswith("derivative/") else p
+                                        for p in include])
+            return
+        except FileExistsError as e:
+            raise StudyError(f"{dest} holds another snapshot of ds003020 than {snapshot} (openneuro-py: "
+                             f"{first_line(e)}): fetch into another folder with --dest")
+        except RuntimeError as e:
+            if "Could not find path" in str(e) and snapshot != INDEX_SNAPSHOT and spelling == "derivative/":
+                print(f"  snapshot {snapshot} has no derivative/ folder: asking for derivatives/ (its later spelling)")
+                continue
+            raise StudyError(f"openneuro-py {version} could not fetch ds003020 {snapshot}: {first_line(e)}")
+        except Exception as e:  # the network, the server, the disk: one line, and the command that continues
+            raise StudyError(f"openneuro-py {version} failed ({type(e).__name__}: {first_line(e)}); check the "
+                             "network and the disk, then rerun the same command to continue")
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

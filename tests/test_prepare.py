@@ -450,6 +450,28 @@ def test_published_layout_builds_with_the_default_flags(tmp_path, capsys):
     assert e["test_resp"].shape == (respdict[TEST] - 20, n_vox["UTS02"]) and not e["nan_voxels"].any()
 
 
+def test_the_later_layout_derivatives_builds_the_same_study(tmp_path, capsys):
+    """Snapshots after 3.1.0 spell the folder derivatives/ (BIDS): stage 01 reads responses,
+    respdict, TextGrids (and English1000, subject_xfms, pycortex-db: lib/ds003020.derivatives) from
+    either spelling, says which it found, and builds the same study; both at once is refused."""
+    old, _, _ = make_published_ds(str(tmp_path / "old"))
+    new, _, _ = make_published_ds(str(tmp_path / "new"))
+    os.rename(f"{new}/derivative", f"{new}/derivatives")
+    for root, out in ((old, "d_old"), (new, "d_new")):
+        assert run_stage(STAGE, ["--source", "ds003020", "--ds-root", root, "--data", str(tmp_path / out),
+                                 "--subjects", "UTS01", "UTS02"]) == 0
+        printed = capsys.readouterr().out
+        assert ("derivatives in derivatives/ (the layout after snapshot 3.1.0)" in printed) == (root == new)
+    for rel in ["study.npz", "subjects/UTS01.npz", "subjects/UTS02.npz", "stories/wheretheressmoke.npz"]:
+        a, b = plumbing.load_npz(f"{tmp_path}/d_old/{rel}"), plumbing.load_npz(f"{tmp_path}/d_new/{rel}")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), (rel, k)
+    shutil.copytree(f"{new}/derivatives", f"{new}/derivative")
+    fails_cleanly(STAGE, ["--source", "ds003020", "--ds-root", new, "--data", str(tmp_path / "d3"),
+                          "--subjects", "UTS01"], capsys, "holds both derivative/ and derivatives/", str(tmp_path / "d3"))
+
+
 def test_published_test_file_without_repeats_gives_a_nan_ceiling(tmp_path, capsys):
     root, respdict, _ = make_published_ds(str(tmp_path / "ds003020"))
     path = f"{root}/derivative/preprocessed_data/UTS02/{TEST}.hf5"
@@ -458,6 +480,6 @@ def test_published_test_file_without_repeats_gives_a_nan_ceiling(tmp_path, capsy
     out = str(tmp_path / "data")
     assert run_stage(STAGE, ["--source", "ds003020", "--ds-root", root, "--data", out,
                              "--subjects", "UTS01", "UTS02"]) == 0
-    assert f"noise_ceiling is NaN for UTS02" in capsys.readouterr().out
+    assert "noise_ceiling is NaN for UTS02" in capsys.readouterr().out
     e = plumbing.load_npz(f"{out}/subjects/UTS02.npz")
     assert np.all(np.isnan(e["noise_ceiling"])) and "test_repeats" not in e
