@@ -43,7 +43,8 @@ def get_parser():
     g.add_argument("--n-voxels", type=int, help=f"voxels per subject (S1: a uniform sample of its {anatomy.S1_COLUMNS:,} "
                    f"columns, default {anatomy.S1_DEMO_COLUMNS:,}, the demo's budget; none: default 300)")
     g.add_argument("--n-train-stories", type=int, default=10, help="training stories")
-    g.add_argument("--n-val-stories", type=int, default=1, help="validation stories (pick layers and epochs)")
+    g.add_argument("--n-val-stories", type=int, default=2, help="validation stories (pick layers and epochs; the "
+                   "paper held out two)")
     g.add_argument("--story-seconds", type=float, default=120.0, help="length of each train/val story")
     g.add_argument("--test-seconds", type=float, default=240.0, help="length of the test story")
     g.add_argument("--story-trs", type=int, nargs="+", help="TRs of each train then validation story (the "
@@ -127,11 +128,16 @@ def build_simulated(args, out):
                  semantic_vectors=sem_vectors, subjects=np.array(subjects))
     n_aco = drives["test"][0].shape[1]
     asset = None if args.cortex == "none" else anatomy.cortex_sample(args, rng)
+    if asset is not None:  # one anatomy for every subject: where AC is, where the semantic network is
+        shared = simulate.study_anatomy(asset, rng)
+        n_roi, n_truth, dice = simulate.ac_agreement(asset, shared["amp_aco"])
+        print(f"  AC: the ROI holds {n_roi} columns, the truth (acoustic amplitude > 1/2) {n_truth}: overlap "
+              f"(Dice) {dice:.2f}")
     for subj in subjects:
         if asset is None:  # the abstract study: voxels of four kinds, ROIs drawn at random
             sim = simulate.abstract_voxels(args, rng, drives, n_aco)
         else:  # voxels on S1's cortex: tuning, amplitude and noise as smooth maps over it
-            sim = simulate.cortex_voxels(args, rng, drives, n_aco, asset)
+            sim = simulate.cortex_voxels(args, rng, drives, n_aco, asset, shared)
         v = len(sim["noise_sd"])
         prints[subj] = save_npz(os.path.join(out, "subjects", f"{subj}.npz"), subject_arrays(args, sim, drives, rng),
                                 constant_voxels=np.zeros(v, bool), nan_voxels=np.zeros(v, bool),
@@ -152,7 +158,7 @@ def build_simulated(args, out):
               f"above 0.5 for {np.mean(true_ceiling > 0.5):.0%}" + ("" if asset is None else
               f"; AC {true_ceiling[asset['roi_AC']].mean():.3f}"))
     if asset is not None:
-        truth.update(columns=asset["columns"], cortex_source=asset["source"])
+        truth.update(columns=asset["columns"], cortex_source=asset["source"], semantic_network=shared["network"])
     truth["test_acoustic_drive"] = drives["test"][0].astype(np.float32)
     truth["test_semantic_drive"] = drives["test"][1].astype(np.float32)
     prints["truth"] = save_npz(os.path.join(out, "truth.npz"), **truth)

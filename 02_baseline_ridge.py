@@ -26,7 +26,7 @@ from lib.plumbing import StudyError
 DEFAULT_STRIDE_S = 4.0  # chosen from bench/features.py (README): 32x cheaper than the lab's 0.1 s
 
 
-SETTINGS = ("model", "model_seed", "layers", "context_s", "stride_s", "delays", "alphas", "n_folds",
+SETTINGS = ("model", "model_seed", "layers", "layer_choice", "context_s", "stride_s", "delays", "alphas", "n_folds",
             "sweep_voxels", "seed")  # what a result depends on: its file name carries a tag when one differs
 
 
@@ -39,6 +39,9 @@ def get_parser():
     p.add_argument("--model-seed", type=int, default=0, help="seed of the tiny model's random weights")
     p.add_argument("--subjects", nargs="+", help="default: every subject in the study")
     p.add_argument("--layers", type=int, nargs="+", help="hidden states to compare (default: all)")
+    p.add_argument("--layer-choice", choices=["study", "subject"], default="study", help="study: one layer for "
+                   "every subject, the best mean validation r over all of them (docs/methods.md: a stable "
+                   "choice); subject: each subject's own best")
     p.add_argument("--context-s", type=float, default=16.0, help="seconds of past audio per window (lab: 16)")
     p.add_argument("--stride-s", type=float, default=DEFAULT_STRIDE_S, help="window step (lab: 0.1)")
     p.add_argument("--delays", type=int, nargs="+", default=[1, 2, 3, 4],
@@ -70,10 +73,13 @@ def check_args(args):
         raise StudyError(f"--delays {' '.join(map(str, args.delays))} repeats a delay")
 
 
-def settings(args):
-    """The settings a stage 02 result depends on (the seed only matters with --sweep-voxels)."""
+def settings(args, chosen_on=None):
+    """The settings a stage 02 result depends on (the seed only matters with --sweep-voxels; the
+    subjects a study-wide layer was chosen on, when they are not the whole study's)."""
     out = {k: getattr(args, k) for k in SETTINGS}
     out["seed"] = args.seed if args.sweep_voxels else 0
+    if chosen_on:
+        out["chosen_on"] = sorted(chosen_on)
     return out
 
 
@@ -94,24 +100,18 @@ def story_features(model, fingerprint, study, args):
     return features
 
 
-def fit_and_score(features, subject_data, study, layers, args, device):
-    """Layer sweep on validation stories, best layer refit on train + val, scored on the test story.
-
-    The responses are read once into one array (train rows, then validation rows): the sweep uses
-    views of it and the final fit all of it, so a subject's responses are in memory once. With
-    --sweep-voxels N, the sweep sees N voxels drawn at random (the layer choice is a mean over
-    voxels, so a subset picks it at a fraction of the cost); the final fit always sees every voxel."""
+def layer_sweep(features, subject_data, study, layers, args, device):
+    """Each layer fit on the training stories and scored on the validation stories: (validation r,
+    layers x voxels swept; the voxels swept). With --sweep-voxels N, the sweep sees N voxels drawn at
+    random (the layer choice is a mean over voxels, so a subset picks it at a fraction of the cost)."""
     train, val = study["train"], study["val"]
-    Y_fit = common.stack_responses(subject_data, train + val)
-    n_train = sum(plumbing.array_shape(subject_data, f"resp_{s}")[0] for s in train)
-    n_vox = Y_fit.shape[1]
+    n_vox = plumbing.array_shape(subject_data, "test_resp")[1]
     sweep = np.arange(n_vox)
     if args.sweep_voxels and args.sweep_voxels < n_vox:
         sweep = np.sort(np.random.default_rng(args.seed).choice(n_vox, args.sweep_voxels, replace=False))
         print(f"    layer sweep on {len(sweep)} of {n_vox} voxels (--sweep-voxels)", flush=True)
-    Y_train, Y_val = Y_fit[:n_train], Y_fit[n_train:]
-    if len(sweep) < n_vox:
-        Y_train, Y_val = Y_train[:, sweep], Y_val[:, sweep]
+    voxels = sweep if len(sweep) < n_vox else None
+    Y_train, Y_val = common.stack_responses(subject_data, train, voxels), common.stack_responses(subject_data, val, voxels)
     val_r = []
     for layer in layers:
         t0 = time.time()
@@ -119,14 +119,17 @@ def fit_and_score(features, subject_data, study, layers, args, device):
                                   n_folds=args.n_folds, device=device)
         val_r.append(common.pearson_r(Y_val, common.ridge_predict(stack(features, val, layer, args.delays), W, device)))
         print(f"    layer {layer}: mean validation r {val_r[-1].mean():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    del Y_train, Y_val, W
-    val_r = np.array(val_r)
-    best = layers[int(np.argmax(val_r.mean(1)))]
-    best_features = {s: features[s][best] for s in features}
-    test_r, W, alphas = common.score_on_test(best_features, subject_data, study, args.delays, args.alphas,
-                                             device, args.n_folds, Y=Y_fit)
-    return dict(test_r=test_r, val_r_by_layer=val_r.astype(np.float32), best_layer=np.int64(best),
-                alphas=alphas, sweep_voxels=sweep), W
+    return np.array(val_r, np.float32), sweep
+
+
+def choose_layer(val_r, layers, choice):
+    """The best layer by mean validation r: {subject: layer}. 'study': one layer for all, the mean
+    over subjects of each subject's mean over voxels; 'subject': each subject's own."""
+    own = {subj: layers[int(np.argmax(r.mean(1)))] for subj, r in val_r.items()}
+    if choice == "subject":
+        return own
+    best = layers[int(np.argmax(np.mean([r.mean(1) for r in val_r.values()], axis=0)))]
+    return {subj: best for subj in val_r}
 
 
 def print_table(results):
@@ -194,31 +197,41 @@ def main(argv=None):
         study = common.load_study(args.data)
         subjects = plumbing.subject_list(args.subjects, study)
         subject_files = {s: common.load_subject(args.data, s, study) for s in subjects}
-        defaults = settings(get_args([]))
-        tag = provenance.settings_tag(settings(args), defaults)
-        flags = provenance.as_flags(settings(args), defaults)
-        print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {device}"
-              + (f"; settings {' '.join(flags)} -> files tagged {tag[1:]}" if tag else ""))
         model = common.load_wavlm(args.model, args.model_seed, device)
         n_states = model.config.num_hidden_layers + 1
         layers = args.layers if args.layers else list(range(n_states))
         if any(not 0 <= layer < n_states for layer in layers):
             raise StudyError(f"--layers {' '.join(map(str, layers))}: {args.model} has hidden states 0..{n_states - 1}")
+        subset = args.layer_choice == "study" and len(layers) > 1 and subjects != study["subjects"]
+        mine, defaults = settings(args, subjects if subset else None), settings(get_args([]))
+        tag, flags = provenance.settings_tag(mine, defaults), provenance.as_flags(mine, defaults)
+        print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {device}"
+              + (f"; settings {' '.join(flags)} -> files tagged {tag[1:]}" if tag else ""))
         fingerprint = plumbing.model_fingerprint(model)
         features = story_features(model, fingerprint, study, args)
+        val_r, swept = {}, {}
+        for subj in subjects:
+            n_vox = plumbing.array_shape(subject_files[subj], "test_resp")[1]
+            print(f"  subject {subj}: {n_vox} voxels, ridge per layer on the training stories", flush=True)
+            val_r[subj], swept[subj] = layer_sweep(features, subject_files[subj], study, layers, args, device)
+        best = choose_layer(val_r, layers, args.layer_choice)
+        print(f"  layer {'for the study' if args.layer_choice == 'study' else 'per subject'}: "
+              + ", ".join(f"{subj} {layer}" for subj, layer in best.items()), flush=True)
         results = {}
         for subj in subjects:
             subject_data = subject_files[subj]
-            n_vox = plumbing.array_shape(subject_data, "test_resp")[1]
-            print(f"  subject {subj}: {n_vox} voxels, ridge per layer", flush=True)
-            res, W = fit_and_score(features, subject_data, study, layers, args, device)
+            test_r, W, alphas = common.score_on_test({s: features[s][best[subj]] for s in features}, subject_data,
+                                                     study, args.delays, args.alphas, device, args.n_folds)
+            res = dict(test_r=test_r, val_r_by_layer=val_r[subj], best_layer=np.int64(best[subj]), alphas=alphas,
+                       sweep_voxels=swept[subj], best_layer_own=np.int64(layers[int(np.argmax(val_r[subj].mean(1)))]),
+                       layer_chosen_on=np.array(subjects if args.layer_choice == "study" else [subj]))
             if args.save_weights:  # apart from the results: stages 03-05 read those whole
                 plumbing.save_npz(os.path.join(args.results, f"02_weights_{subj}{tag}.npz"), weights=W)
             del W
             # what this result was built from: later stages check it before using it
             prov = dict(stage="02", subject=subj, stories=study["stories_fingerprint"],
                         subject_data=study["subject_fingerprints"][subj], model=args.model,
-                        model_fingerprint=fingerprint, settings=settings(args), tag=tag[1:], flags=flags)
+                        model_fingerprint=fingerprint, settings=mine, tag=tag[1:], flags=flags)
             path = os.path.join(args.results, f"02_baseline_{subj}{tag}.npz")
             provenance.note_replacement(path, prov)
             plumbing.save_npz(path, **res, layers=np.array(layers), noise_ceiling=subject_data["noise_ceiling"],

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import common
-from lib import anatomy, checkpoints, plumbing, provenance
+from lib import anatomy, checkpoints, plumbing, provenance, scoring
 from lib.checkpoints import ROIS
 from lib.plumbing import StudyError
 
@@ -287,8 +287,10 @@ def run(args, subj, seed, study, device, baseline):
     del resp  # the ridge below reads the responses again: never hold them twice (UTS01: ~10 GB each)
     direct, tuned, tuned_alphas = evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, layer,
                                            study, baseline, device, delays)
+    untuned = scoring.untuned_r(baseline, layer, subject_data, study, args, device, {})  # like for like (--layer)
 
-    out = dict(test_r_baseline=baseline["test_r"], test_r_tuned=tuned, alphas_tuned=tuned_alphas, test_r_direct=direct,
+    out = dict(test_r_baseline=baseline["test_r"], test_r_untuned=untuned, test_r_tuned=tuned, alphas_tuned=tuned_alphas,
+               test_r_direct=direct,
                val_r_by_epoch=np.array(history["val_r"], np.float32), loss_by_epoch=np.array(history["loss"], np.float32),
                best_epoch=np.int64(int(np.argmax(history["val_r"])) + 1), layer=np.int64(layer), roi_mask=mask,
                roi=np.array(args.roi), mode=np.array(prov["mode"]), seed=np.int64(seed), subject=np.array(subj),
@@ -334,13 +336,13 @@ def plot(out, subject_data, path):
     flat = "flat_index" in subject_data
     fig = plt.figure(figsize=(10, 7.5 if flat else 4))
     ax = [fig.add_subplot(2 if flat else 1, 2, k) for k in (1, 2)]
-    b, t = out["test_r_baseline"], out["test_r_tuned"]
+    b, t = out["test_r_untuned"], out["test_r_tuned"]  # the untuned model at the run's layer (stage 02's, by default)
     ac = subject_data.get("roi_AC", np.zeros(len(b), bool))
     ax[0].scatter(b[~ac], t[~ac], s=4, alpha=0.5, label="non-AC")
     ax[0].scatter(b[ac], t[ac], s=4, alpha=0.7, label="AC")
     lim = [min(b.min(), t.min()), max(b.max(), t.max())]
     ax[0].plot(lim, lim, "k--", lw=1)
-    ax[0].set(xlabel="baseline test r", ylabel="tuned test r (linearized)", title=str(out["subject"]))
+    ax[0].set(xlabel="untuned test r (same layer)", ylabel="tuned test r (linearized)", title=str(out["subject"]))
     ax[0].legend()
     names = ["all"] + [r for r in ("AC", "LH", "RH") if f"roi_{r}" in subject_data]
     deltas = [np.mean(t - b)] + [np.mean((t - b)[subject_data[f"roi_{r}"]]) for r in names[1:]]
@@ -392,15 +394,20 @@ def main(argv=None):
             f"--init-from {args.init_from}" if args.init_from else "",
             f"--baseline-tag {args.baseline_tag}" if args.baseline_tag else "",
             *provenance.as_flags(run_settings(a), dict(DEFAULTS, full_finetune=a.full_finetune)), "--resume"), 130)
-    print("\n  run                                   best epoch  mean delta r  (AC)    direct r")
+    print("\n  run                                   best epoch  mean delta r  (AC)    direct r   (delta r: tuned - "
+          "untuned at the run's layer)")
     for name, out, subject_data in rows:
-        delta = out["test_r_tuned"] - out["test_r_baseline"]
+        delta = out["test_r_tuned"] - out.get("test_r_untuned", out["test_r_baseline"])
         ac = np.mean(delta[subject_data["roi_AC"]]) if "roi_AC" in subject_data else np.nan
         print(f"  {name:38s} {int(out['best_epoch']):5d}  {delta.mean():+11.4f}  {ac:+.4f}  {np.nanmean(out['test_r_direct']):8.4f}")
     if len(rows) > 1:
-        gains = [np.mean(o["test_r_tuned"] - o["test_r_baseline"]) for _, o, _ in rows]
+        gains = [np.mean(o["test_r_tuned"] - o.get("test_r_untuned", o["test_r_baseline"])) for _, o, _ in rows]
         across = "seeds" if len({str(o["subject"]) for _, o, _ in rows}) == 1 else "runs"  # not seeds if subjects differ
         print(f"  gain over {len(rows)} runs: mean {np.mean(gains):+.4f}, std across {across} {np.std(gains):.4f}")
+    last = [name for name, out, _ in rows if int(out["best_epoch"]) == len(out["val_r_by_epoch"])]
+    if last:  # validation was still improving when training stopped: the gain is measured mid-climb
+        print(f"  the best epoch was the last in {len(last)} of {len(rows)} runs ({', '.join(last)}): "
+              "more --epochs would tell whether they were still improving")
     print(f"\nstage 03 done in {time.time() - t0:.0f} s")
 
 

@@ -2,8 +2,11 @@
 
 The paper's cross-subject analysis (Section 3.3): a WavLM fine-tuned on subject A's responses
 (stage 03) gives features; stage 02's exact ridge recipe maps them to subject B's voxels (fit on
-B's train + validation stories, scored on B's test story). The gain over B's own baseline says
-whether what the model learned from A is a property of the speech, not of A's brain.
+B's train + validation stories, scored on B's test story). The gain says whether what the model
+learned from A is a property of the speech, not of A's brain. It is measured like for like: against
+the untuned model at the same layer, with B's ridge recipe (mean_delta_r); the gain against B's
+best-layer baseline is printed and saved beside it (mean_delta_r_vs_best): a change of layer alone
+moves r.
 
     python 04_cross_subject.py                  # every subject's whole-cortex LoRA model, on everyone
     python 04_cross_subject.py --roi AC --tuned-on sim01
@@ -22,7 +25,7 @@ import time
 import numpy as np
 
 import common
-from lib import checkpoints, plumbing, provenance
+from lib import checkpoints, plumbing, provenance, scoring
 from lib.checkpoints import ROIS
 from lib.plumbing import StudyError
 
@@ -78,9 +81,64 @@ def plot(mean_delta, tuned_on, evaluated_on, path):
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2))
     ax.set_xticks(range(len(evaluated_on)), evaluated_on)
     ax.set_yticks(range(len(tuned_on)), tuned_on)
-    ax.set(xlabel="evaluated on", ylabel="tuned on", title="mean delta r over the baseline (test story)")
+    ax.set(xlabel="evaluated on", ylabel="tuned on", title="mean delta r over the untuned model at the same layer")
     fig.colorbar(im, ax=ax)
     plumbing.save_figure(fig, path)
+
+
+def find_runs(args, tuned_on, study):
+    """The stage 03 run (and checkpoint) of every tuned-on subject, all found before any work. Runs
+    missing: one error naming the command that makes them, with the flags of a run that is there,
+    or --tuned-on for the runs there are."""
+    runs, missing = {}, []
+    for a in tuned_on:
+        try:
+            runs[a] = checkpoints.find_tuned(args, a, study)
+        except StudyError as e:
+            if "no stage 03 result" not in str(e):
+                raise
+            missing.append(a)
+    if missing:
+        found = next(iter(runs.values()), None)
+        flags = [f for f in (found["provenance"]["flags"] if found else []) if not f.startswith("--init-from")]
+        make = provenance.command("03_finetune_lora.py", args, "--subject " + " ".join(missing),
+                                  "" if args.roi == "whole" else f"--roi {args.roi}",
+                                  f"--seed {args.seed}" if args.seed else "", "--full-finetune" if args.full_finetune else "",
+                                  f"--init-from {args.init_from}" if args.init_from else "", *flags)
+        mode = "full" if args.full_finetune else "lora"
+        names = ", ".join(provenance.run_name(a, args.roi, mode, args.seed) + "*" for a in missing)
+        raise StudyError(f"no stage 03 result {names} in {args.results}/ (nothing was scored): run {make} first"
+                         + (f" (the flags of {found['name']}), or pass --tuned-on {' '.join(runs)} to use the runs there "
+                            "are" if found else " (with your training flags)"))
+    if len({r["tag"] for r in runs.values()}) > 1:  # a matrix compares like with like
+        raise StudyError("the runs differ in settings: " + ", ".join(f"{r['name']}" for r in runs.values())
+                         + "; choose one setting with --tag TAG")
+    return runs
+
+
+def baselines_for(args, run, evaluated_on, study, loaded):
+    """Each evaluated subject's stage 02 result of the setting the run was scored against, checked
+    to be fit on the run's base model (read once per subject and setting: `loaded`)."""
+    tag = run["provenance"]["baseline"]["tag"]
+    out = {}
+    for b in evaluated_on:
+        if (b, tag) not in loaded:
+            loaded[b, tag] = provenance.load_baseline(args, b, study, tag)
+        out[b] = loaded[b, tag]
+        if out[b]["provenance"]["model_fingerprint"] != run["provenance"]["model_fingerprint"]:
+            raise StudyError(f"{out[b]['path']} was fit on another base model than {run['name']} was tuned "
+                             f"from: rerun it with {out[b]['rebuild']}")
+    return out
+
+
+def print_matrix(title, matrix, tuned_on, evaluated_on):
+    print(f"\n  {title} (rows: tuned on, columns: evaluated on)")
+    print("  " + " " * 10 + "".join(f"{b:>10s}" for b in evaluated_on))
+    for i, a in enumerate(tuned_on):
+        print(f"  {a:10s}" + "".join(f"{matrix[i, j]:+10.4f}" for j in range(len(evaluated_on))))
+    mask = np.array([[a != b for b in evaluated_on] for a in tuned_on])
+    if mask.any():
+        print(f"  off-diagonal mean {matrix[mask].mean():+.4f}, min {matrix[mask].min():+.4f}")
 
 
 def main(argv=None):
@@ -95,23 +153,13 @@ def main(argv=None):
         evaluated_on = plumbing.subject_list(args.evaluate_on, study)
         subj_data = {s: common.load_subject(args.data, s, study) for s in evaluated_on}
         print(f"stage 04: models tuned on {', '.join(tuned_on)} evaluated on {', '.join(evaluated_on)}")
-        mean_delta = np.zeros((len(tuned_on), len(evaluated_on)), np.float32)
-        out, used, loaded = {}, {}, {}  # loaded: stage 02 results by (subject, tag), read once
-        for i, a in enumerate(tuned_on):
-            model, run = checkpoints.load_tuned(args, a, study, device)
-            used[a] = run
-            if len({r["tag"] for r in used.values()}) > 1:  # a matrix compares like with like
-                raise StudyError("the runs differ in settings: " + ", ".join(f"{r['name']}" for r in used.values())
-                                 + "; choose one setting with --tag TAG")
-            base_tag = run["provenance"]["baseline"]["tag"]
-            for b in evaluated_on:
-                if (b, base_tag) not in loaded:
-                    loaded[b, base_tag] = provenance.load_baseline(args, b, study, base_tag)
-            baselines = {b: loaded[b, base_tag] for b in evaluated_on}
-            for b, base in baselines.items():
-                if base["provenance"]["model_fingerprint"] != run["provenance"]["model_fingerprint"]:
-                    raise StudyError(f"{base['path']} was fit on another base model than {run['name']} was tuned "
-                                     f"from: rerun it with {base['rebuild']}")
+        # like for like: against the untuned model at the tuned model's layer; and against B's best baseline
+        mean_delta, mean_vs_best = (np.zeros((len(tuned_on), len(evaluated_on)), np.float32) for _ in range(2))
+        out, loaded, memo, untuned = {}, {}, {}, {}  # untuned: r of the untuned model by (subject, layer)
+        used = find_runs(args, tuned_on, study)  # every run and checkpoint checked before any scoring
+        baselines_of = {a: baselines_for(args, run, evaluated_on, study, loaded) for a, run in used.items()}
+        for i, (a, run) in enumerate(used.items()):
+            model, baselines = checkpoints.load_tuned(args, run, device), baselines_of[a]
             layer, stories = int(run["layer"]), study["train"] + study["val"] + [study["test"]]
             fp = plumbing.model_fingerprint(model)
             features = {s: common.story_features(model, fp, os.path.join(args.data, "features", run["name"]),
@@ -121,13 +169,17 @@ def main(argv=None):
             for j, b in enumerate(evaluated_on):
                 r, _, _ = common.score_on_test(features, subj_data[b], study, device=device,
                                                **common.ridge_recipe(baselines[b]))
-                delta = r - baselines[b]["test_r"]
-                mean_delta[i, j] = delta.mean()
-                out[f"test_r_{a}_on_{b}"] = r
-                out[f"delta_r_{a}_on_{b}"] = delta
-                out[f"baseline_{b}"] = np.array(baselines[b]["fingerprint"])
-                print(f"  tuned on {a}, evaluated on {b}: mean r {r.mean():.4f} (baseline "
-                      f"{baselines[b]['test_r'].mean():.4f}), delta {delta.mean():+.4f}", flush=True)
+                if (b, layer) not in untuned:
+                    untuned[b, layer] = scoring.untuned_r(baselines[b], layer, subj_data[b], study, args, device, memo)
+                delta, vs_best = r - untuned[b, layer], r - baselines[b]["test_r"]
+                mean_delta[i, j], mean_vs_best[i, j] = delta.mean(), vs_best.mean()
+                out.update({f"test_r_{a}_on_{b}": r, f"delta_r_{a}_on_{b}": delta, f"delta_vs_best_{a}_on_{b}": vs_best,
+                            f"untuned_r_{b}_layer{layer}": untuned[b, layer],
+                            f"baseline_{b}": np.array(baselines[b]["fingerprint"])})
+                print(f"  tuned on {a}, evaluated on {b}: mean r {r.mean():.4f}; untuned at layer {layer} "
+                      f"{untuned[b, layer].mean():.4f} (delta {delta.mean():+.4f}); {b}'s best baseline, layer "
+                      f"{int(baselines[b]['best_layer'])}, {baselines[b]['test_r'].mean():.4f} (delta "
+                      f"{vs_best.mean():+.4f})", flush=True)
     except StudyError as e:
         plumbing.fail(e)
     except KeyboardInterrupt:
@@ -137,18 +189,15 @@ def main(argv=None):
     prov = dict(stage="04", stories=study["stories_fingerprint"], runs={a: r["fingerprint"] for a, r in used.items()},
                 baselines={k[len("baseline_"):]: str(v) for k, v in out.items() if k.startswith("baseline_")})
     plumbing.save_npz(os.path.join(args.results, f"{name}.npz"), tuned_on=np.array(tuned_on),
-                    evaluated_on=np.array(evaluated_on), mean_delta_r=mean_delta, roi=np.array(args.roi),
-                    mode=np.array("full" if args.full_finetune else "lora"), seed=np.int64(args.seed),
-                    runs=np.array([r["name"] for r in used.values()]),
-                    provenance=np.array(json.dumps(prov, sort_keys=True)), **out)
+                      evaluated_on=np.array(evaluated_on), mean_delta_r=mean_delta, mean_delta_r_vs_best=mean_vs_best,
+                      roi=np.array(args.roi), mode=np.array("full" if args.full_finetune else "lora"),
+                      seed=np.int64(args.seed), runs=np.array([r["name"] for r in used.values()]),
+                      provenance=np.array(json.dumps(prov, sort_keys=True)), **out)
     plot(mean_delta, tuned_on, evaluated_on, os.path.join(args.results, f"{name}.png"))
-    print("\n  mean delta r (rows: tuned on, columns: evaluated on)")
-    print("  " + " " * 10 + "".join(f"{b:>10s}" for b in evaluated_on))
-    for i, a in enumerate(tuned_on):
-        print(f"  {a:10s}" + "".join(f"{mean_delta[i, j]:+10.4f}" for j in range(len(evaluated_on))))
-    mask = np.array([[a != b for b in evaluated_on] for a in tuned_on])
-    if mask.any():
-        print(f"  off-diagonal mean {mean_delta[mask].mean():+.4f}, min {mean_delta[mask].min():+.4f}")
+    print_matrix("mean delta r, like for like: tuned - untuned at the same layer, the evaluated subject's recipe",
+                 mean_delta, tuned_on, evaluated_on)
+    print_matrix("mean delta r against the evaluated subject's best baseline (stage 02's layer)", mean_vs_best,
+                 tuned_on, evaluated_on)
     print(f"\nwrote {args.results}/{name}.npz and .png in {time.time() - t0:.0f} s")
 
 

@@ -191,6 +191,11 @@ def main(argv=None):
     print("\n  best layer score per model: " + " | ".join(
         f"{m}: " + ", ".join(f"{p_} {scores[i, :, k].max():.3f}" for k, p_ in enumerate(probes))
         for i, m in enumerate(args.models)))
+    tuned_layer = int(runs["whole"]["layer"]) if "whole" in runs else None
+    if tuned_layer is not None:  # like for like: every model at the layer the whole-cortex run was tuned at
+        print(f"  at the tuned layer {tuned_layer}: " + " | ".join(
+            f"{m}: " + ", ".join(f"{p_} {scores[i, tuned_layer, k]:.3f}" for k, p_ in enumerate(probes))
+            for i, m in enumerate(args.models)))
     print(f"\nwrote {args.results}/{name}.npz and .png in {time.time() - t0:.0f} s")
 
 

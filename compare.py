@@ -42,7 +42,7 @@ def load_runs(paths):
         for f in files:
             r = plumbing.load_npz(f, "stage 03 result")
             prov = provenance.read_provenance(r, f, "03_finetune_lora.py")
-            delta = r["test_r_tuned"] - r["test_r_baseline"]
+            delta = r["test_r_tuned"] - r.get("test_r_untuned", r["test_r_baseline"])  # like for like, same layer
             runs.append(dict(name=os.path.basename(f)[:-4], folder=k, prov=prov, delta=delta,
                              val=r["val_r_by_epoch"], best=int(r["best_epoch"]),
                              base=float(np.mean(r["test_r_baseline"]))))

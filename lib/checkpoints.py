@@ -205,9 +205,9 @@ def load_tuned_wavlm(baseline, folder, full, device=None):
     return PeftModel.from_pretrained(model, folder).to(pick_device(device)).eval()
 
 
-def load_tuned(args, subj, study, device):
-    """The best epoch of the stage 03 run of `subj` asked for (checked by load_run), and its
-    checkpoint, checked to be that run's: (model, run)."""
+def find_tuned(args, subj, study):
+    """The stage 03 run of `subj` asked for (checked by load_run) with its checkpoint, checked to be
+    that run's, before any work: the run's npz dict, with `best`, its best epoch's folder."""
     mode = "full" if args.full_finetune else "lora"
     run = load_run(args, subj, args.roi, mode, args.seed, args.init_from, baseline_tag_flag(args.tag), study)
     best = os.path.join(args.checkpoints, run["name"], "best")
@@ -219,5 +219,10 @@ def load_tuned(args, subj, study, device):
         raise StudyError(f"{best} is not the checkpoint of {run['path']} (another run of the same name was "
                          "trained since): rerun it with " + command("03_finetune_lora.py", args, f"--subject {subj}",
                                                                    *run["provenance"]["flags"]))
-    model = load_tuned_wavlm(run["baseline"], os.path.join(best, "model"), args.full_finetune, device)
-    return model.eval(), run
+    run["best"] = best
+    return run
+
+
+def load_tuned(args, run, device):
+    """A run found by find_tuned as a model (its best epoch), in eval mode."""
+    return load_tuned_wavlm(run["baseline"], os.path.join(run["best"], "model"), args.full_finetune, device).eval()

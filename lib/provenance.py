@@ -36,7 +36,7 @@ def as_flags(settings, defaults):
     for k, v in sorted(settings.items()):
         if v == defaults.get(k) or v is None or v is False:
             continue
-        flag = "--" + k.replace("_", "-")
+        flag = "--subjects" if k == "chosen_on" else "--" + k.replace("_", "-")  # stage 02's layer for these
         values = v if isinstance(v, (list, tuple)) else [] if v is True else [v]
         out.append(" ".join([flag] + [f"{x:g}" if isinstance(x, float) else str(x) for x in values]))
     return out

@@ -199,10 +199,20 @@ def signal_sd(raw, drives):
 
 # The regime of the study on S1 (docs/methods.md, with the facts it follows): fixed before the
 # claims were measured, and not tuned to make one appear.
-ACOUSTIC_FALLOFF_MM = 12.0   # acoustic amplitude exp(-d / 12 mm), d: distance along cortex to AC
+ACOUSTIC_FALLOFF_MM = 12.0   # outside the AC ROI, acoustic amplitude 1/2 exp(-d / 12 mm), d: distance along cortex
 SEMANTIC_SHARE = 0.25        # share of cortex in the semantic network (its amplitude > 1/2)
 SMOOTH_MM = 15.0             # length scale of the smooth maps (tuning, network, noise)
 NOISE_SD = 2.5               # noise sd against a signal amplitude of 1: single-trial r 0.37 at best
+# Where the semantic system is (Binder et al. 2009, Cereb Cortex 19:2767, a meta-analysis of 120
+# studies; Huth et al. 2016, Nature 532:453, from story listening, "consistent across individuals"):
+# lateral temporal cortex, inferior parietal (angular gyrus), medial parietal (precuneus), inferior
+# frontal, dorsolateral and medial prefrontal cortex, in both hemispheres. Centres in S1's space (mm,
+# x right, y anterior, z superior), placed from S1's own ROI outlines (pycortex: AC at (+-55, 23, -3),
+# Broca's area at (+-52, 53, 16), IPS at (+-24, -30, 29), V1 at (+-8, -45, -18)); x mirrored for LH.
+SEMANTIC_CENTRES_MM = [(55, 40, -15), (55, 5, -12), (45, -25, 22), (8, -25, 30), (52, 53, 16), (35, 75, 25),
+                       (8, 70, 20)]
+SEMANTIC_RADIUS_MM = 18.0    # a Gaussian of this sd around each centre
+INDIVIDUAL = 0.35            # a subject's own smooth deviation from the study's network (against 1)
 
 
 def smooth_fields(xyz, rng, n_fields, length_mm, n_waves=256):
@@ -213,14 +223,35 @@ def smooth_fields(xyz, rng, n_fields, length_mm, n_waves=256):
     return np.stack([np.sqrt(2 / n_waves) * np.cos(xyz @ omega[k].T + phase[k]).sum(1) for k in range(n_fields)])
 
 
-def cortex_voxels(args, rng, drives, n_aco, c):
-    """Voxels on S1's cortex. Acoustic tuning in and around AC, its amplitude falling off with the
-    distance along the cortex; semantic tuning over a broad network (a smooth map covering
+def study_anatomy(c, rng):
+    """What every subject of a study shares on S1's cortex `c`: the acoustic amplitude (1 in the AC
+    ROI, half that at its edge and falling with the distance along cortex outside it, so that AC as
+    a ROI and AC as the truth agree) and the semantic network (the literature's centres, plus one
+    smooth field for the study)."""
+    amp_aco = np.where(c["roi_AC"], 1.0, 0.5 * np.exp(-c["dist_AC_mm"] / ACOUSTIC_FALLOFF_MM))
+    xyz = c["xyz_mm"]
+    centres = np.array([(sign * x, y, z) for x, y, z in SEMANTIC_CENTRES_MM for sign in (1, -1)], np.float64)
+    d2 = ((xyz[:, None, :] - centres[None]) ** 2).sum(-1)
+    prior = np.exp(-d2 / (2 * SEMANTIC_RADIUS_MM ** 2)).max(1)
+    network = prior / prior.std() + 0.5 * smooth_fields(xyz, rng, 1, 2 * SMOOTH_MM)[0]
+    return dict(amp_aco=amp_aco, network=network)
+
+
+def ac_agreement(c, amp_aco):
+    """AC as the ROI against AC as the truth (acoustic amplitude above 1/2): (ROI size, truth size,
+    Dice overlap)."""
+    truth = amp_aco > 0.5
+    return int(c["roi_AC"].sum()), int(truth.sum()), float(2 * (truth & c["roi_AC"]).sum() / (truth.sum() + c["roi_AC"].sum()))
+
+
+def cortex_voxels(args, rng, drives, n_aco, c, shared):
+    """Voxels on S1's cortex. Acoustic tuning in AC and, weaker, around it (shared: study_anatomy);
+    semantic tuning over the study's network with the subject's own variation (a smooth map covering
     SEMANTIC_SHARE of cortex, weaker inside AC); the tuning itself (which bands, which meanings)
     a mix of a few smooth maps; noise of about equal size everywhere, so that the signal-to-noise
     map follows the two amplitudes: high in AC and the language network, low in most of cortex."""
-    amp_aco = np.exp(-c["dist_AC_mm"] / ACOUSTIC_FALLOFF_MM)
-    net = smooth_fields(c["xyz_mm"], rng, 1, 2 * SMOOTH_MM)[0]
+    amp_aco = shared["amp_aco"]
+    net = shared["network"] + INDIVIDUAL * smooth_fields(c["xyz_mm"], rng, 1, 2 * SMOOTH_MM)[0]
     net = 1 / (1 + np.exp(-3 * (net - np.quantile(net, 1 - SEMANTIC_SHARE))))
     amp_sem = net * (1 - 0.8 * amp_aco)  # primary auditory cortex carries sound more than meaning
     maps = smooth_fields(c["xyz_mm"], rng, 4 + 6, SMOOTH_MM)  # 4 acoustic and 6 semantic tuning maps

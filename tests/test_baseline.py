@@ -31,13 +31,35 @@ def test_baseline_outputs(baseline):
         # the weights (1 GB per subject at real scale) stay out of the file later stages read whole
         assert "weights" not in r and str(r["model"]) == "tiny-pretrained"
         assert np.array_equal(r["sweep_voxels"], np.arange(n_vox))
-        assert int(r["best_layer"]) == [0, 2][int(np.argmax(r["val_r_by_layer"].mean(1)))]
+        assert int(r["best_layer_own"]) == [0, 2][int(np.argmax(r["val_r_by_layer"].mean(1)))]
+        # one layer for the study (--layer-choice study, the default): the best mean over its subjects
+        study_mean = np.mean([plumbing.load_npz(one(f"{results}/02_baseline_{s}_*.npz"))["val_r_by_layer"].mean(1)
+                              for s in truth["subjects"]], axis=0)
+        assert int(r["best_layer"]) == [0, 2][int(np.argmax(study_mean))]
+        assert list(r["layer_chosen_on"]) == list(truth["subjects"])
         kind = truth[f"{subj}_kind"]
         # sound-driven voxels are predicted from the tiny WavLM; pure-noise voxels are not
         assert r["test_r"][kind == 0].mean() > 0.3
         assert r["test_r"][kind == 0].mean() > r["test_r"][kind == 3].mean() + 0.2
     assert os.path.exists(one(f"{results}/02_baseline_*.png"))
     assert len(os.listdir(f"{data}/features/tiny-pretrained/context16s_stride4s")) == 5
+
+
+def test_a_layer_chosen_on_fewer_subjects_is_another_result(baseline, tmp_path):
+    """The study-wide layer depends on the subjects it was chosen on: a subset run gets its own file
+    (tagged), never replacing the full run's; --layer-choice subject gives each its own best."""
+    data, results = baseline
+    out = str(tmp_path / "r")
+    shutil.copytree(results, out)
+    full = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    assert run_stage(STAGE, ["--data", data, "--results", out, "--layers", "0", "2", "--subjects", "sim01"]) == 0
+    assert all(os.path.getmtime(os.path.join(out, f)) == t for f, t in full.items())
+    new = [f for f in os.listdir(out) if f not in full and f.endswith(".npz")]
+    assert len(new) == 1 and list(plumbing.load_npz(os.path.join(out, new[0]))["layer_chosen_on"]) == ["sim01"]
+    assert run_stage(STAGE, ["--data", data, "--results", out, "--layers", "0", "2", "--layer-choice", "subject"]) == 0
+    for f in [f for f in os.listdir(out) if f not in full and f.endswith(".npz") and f != new[0]]:
+        r = plumbing.load_npz(os.path.join(out, f))
+        assert int(r["best_layer"]) == int(r["best_layer_own"]) and len(r["layer_chosen_on"]) == 1
 
 
 def test_each_window_setting_keeps_its_own_feature_cache(baseline, tmp_path, capsys):

@@ -87,3 +87,17 @@ def test_the_simulated_study_lives_on_s1(default_study):
         ceiling = truth[f"{subj}_true_ceiling"]
         assert np.median(ceiling) < 0.3 and ceiling[d["roi_AC"]].mean() > 0.6
         assert d["flat_index"].max() < len(columns)
+        # AC as the ROI and AC as the truth agree: full acoustic amplitude in the ROI, under 1/2 outside
+        np.testing.assert_array_equal(aco > 0.5, d["roi_AC"])
+    # one anatomy: the subjects share the semantic network (with individual variation), placed where
+    # the literature puts it (lib/simulate.SEMANTIC_CENTRES_MM), in both hemispheres
+    amps = np.array([truth[f"{s}_semantic_amplitude"] for s in study["subjects"]])
+    corr = np.corrcoef(amps)[np.triu_indices(len(amps), 1)]
+    assert np.all(corr > 0.7) and np.all(corr < 0.99), corr
+    xyz = asset["xyz_mm"][columns]
+    from lib.simulate import SEMANTIC_CENTRES_MM
+    centres = np.array([(s * x, y, z) for x, y, z in SEMANTIC_CENTRES_MM for s in (1, -1)])
+    near = np.sqrt(((xyz[:, None] - centres[None]) ** 2).sum(-1)).min(1) < 15
+    assert amps[:, near].mean() > amps[:, ~near].mean() + 0.2
+    lh = d["roi_LH"]
+    assert (amps[:, lh] > 0.5).mean() > 0.1 and (amps[:, ~lh] > 0.5).mean() > 0.1

@@ -1,6 +1,7 @@
 """Stages 04 and 05 on a tiny study: the outputs, their meaning, provenance and the bad-input paths.
 Also the issue-20 scenarios: a rebuilt study, a stage 02 rerun, subsets that must not replace
 the full results."""
+import glob
 import json
 import os
 import shutil
@@ -114,6 +115,36 @@ def test_cross_subject_scores_on_b_with_b_s_own_recipe(tuned, tmp_path):
     assert np.mean(np.abs(got - mine) < 1e-3) > 0.95 and abs(got.mean() - mine.mean()) < 1e-3
 
 
+def test_cross_subject_gain_is_like_for_like_when_layers_differ(tuned, tmp_path):
+    """sim01's model tuned and read out at layer 2, where the stage 02 baselines are at layer 1: its
+    gain on each subject is against the untuned model at layer 2 with that subject's recipe (stage
+    02's own test r at layer 2, run here apart), in stage 04 and in stage 03's own result; the gain
+    against the subject's best baseline is saved beside it, and differs."""
+    data, results, ckpt = _copy(tuned, tmp_path)
+    ck = str(tmp_path / "ck")
+    assert run_stage("03_finetune_lora.py", ["--data", data, "--results", results, "--checkpoints", ck,
+                                             "--subject", "sim01", "--layer", "2"] + FAST) == 0
+    r03 = next(r for r in (plumbing.load_npz(f) for f in glob.glob(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
+               if int(r["layer"]) == 2)
+    tag = json.loads(str(r03["provenance"]))["tag"]
+    assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ck, "--tuned-on",
+                                             "sim01", "--tag", tag]) == 0
+    out = plumbing.load_npz(one(f"{results}/04_cross_subject_{tag}_sim01-on-sim01-sim02.npz"))
+    apart = str(tmp_path / "layer2")
+    assert run_stage("02_baseline_ridge.py", ["--data", data, "--results", apart, "--layers", "2", "--context-s", "4",
+                                              "--stride-s", "2"] + GRID) == 0
+    for j, b in enumerate(["sim01", "sim02"]):
+        at_2 = plumbing.load_npz(one(f"{apart}/02_baseline_{b}_*.npz"))["test_r"]
+        best = plumbing.load_npz(one(f"{results}/02_baseline_{b}_*.npz"))
+        r = out[f"test_r_sim01_on_{b}"]
+        np.testing.assert_allclose(out[f"delta_r_sim01_on_{b}"], r - at_2, atol=1e-5)
+        np.testing.assert_allclose(out["mean_delta_r"][0, j], np.mean(r - at_2), atol=1e-5)
+        np.testing.assert_allclose(out["mean_delta_r_vs_best"][0, j], np.mean(r - best["test_r"]), atol=1e-5)
+        assert int(best["best_layer"]) == 1 and abs(np.mean(at_2 - best["test_r"])) > 1e-3  # the yardsticks differ
+        if b == "sim01":
+            np.testing.assert_allclose(r03["test_r_untuned"], at_2, atol=1e-5)
+
+
 def r03_name(results, subject):
     return os.path.basename(one(f"{results}/03_{subject}_whole_lora_seed0_*.npz"))[:-4]
 
@@ -199,6 +230,22 @@ def test_cross_subject_bad_inputs(tuned, tmp_path, capsys, flags, msg):
     data, results, ckpt = _copy(tuned, tmp_path)
     fails_cleanly("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt] + flags, capsys,
                   msg, results)
+
+
+def test_cross_subject_checks_every_run_before_any_scoring(tuned, tmp_path, capsys, monkeypatch):
+    """Only sim01's run there: stage 04 fails before it scores anything, naming the command that
+    makes sim02's run with the flags of the run it found, or --tuned-on for what exists."""
+    data, results, ckpt = _copy(tuned, tmp_path)
+    for f in os.listdir(results):
+        if f.startswith("03_sim02_"):
+            os.remove(os.path.join(results, f))
+    scored = []
+    monkeypatch.setattr(common, "score_on_test", lambda *a, **k: scored.append(1))
+    err = fails_cleanly("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt], capsys,
+                        "no stage 03 result 03_sim02_whole_lora_seed0*", results)
+    sim01 = json.loads(str(plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))["provenance"]))
+    assert f"python 03_finetune_lora.py --data {data} --results {results} --checkpoints {ckpt} --subject sim02" in err
+    assert " ".join(sim01["flags"]) in err and "or pass --tuned-on sim01" in err and scored == []
 
 
 def test_cross_subject_without_checkpoint(tuned, tmp_path, capsys):
