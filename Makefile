@@ -14,8 +14,8 @@ SUBJ ?= sim01
 # rates 30x / 10x the paper's, because the study gives about 9 steps per epoch where the paper had
 # thousands: at the paper's 1e-4 the gain over 3 seeds was -0.0001 (README, bench/RESULTS.md).
 # Training stops 3 epochs after the best validation r (--patience 3). The demo caps it at 12 epochs
-# for its 10-minute budget: most runs are still improving at 12 (stage 03 says which), and trained
-# until they stop (best epochs 11-15, bench/claims.sh's --epochs 20) they gain more (bench/RESULTS.md).
+# to stay near its 10-minute budget (it takes 13 min, bench/RESULTS.md): most runs still improve at 12
+# (stage 03 says which); trained until they stop (bench/claims.sh, up to 20) they gain more.
 LORA := --lr-adapter 3e-3 --lr-readout 1e-3 --epochs 12 --patience 3
 FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 12 --patience 3
 STAGE_ARGS := --data $(DATA) --results $(RESULTS)

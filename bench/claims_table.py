@@ -60,8 +60,9 @@ print(f"2. AC tuning from the pretrained model: AC {ms(a2)} / non-AC {ms(n2)}")
 if acw:
     over = [(r["test_r_tuned"] - w["test_r_tuned"])[ac].mean() for r, w in zip(acw, whole)]
     kept = [(r["test_r_tuned"] - r["test_r_untuned"])[~ac].mean() / w_n for r, w_n in zip(acw, n)]
-    print(f"2. AC tuning from the whole-cortex model: AC over it {ms(over)}; non-AC gain kept "
-          f"{np.mean(kept):.0%} ({', '.join(f'{k:.0%}' for k in kept)})")
+    kept_text = (f"{np.mean(kept):.0%} ({', '.join(f'{k:.0%}' for k in kept)})" if np.mean(n) > 2 * np.std(n)
+                 else "no gain to keep (the whole-cortex runs' non-AC gain is within its seed spread)")
+    print(f"2. AC tuning from the whole-cortex model: AC over it {ms(over)}; non-AC gain kept {kept_text}")
 cross = glob.glob(os.path.join(R, "04_cross_subject*.npz"))
 if cross:
     c = plumbing.load_npz(cross[0])
