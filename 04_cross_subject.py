@@ -91,21 +91,16 @@ def find_runs(args, tuned_on, study):
     missing: one error naming the command that makes them, with the flags of a run that is there,
     or --tuned-on for the runs there are."""
     runs, missing = {}, []
+    mode = "full" if args.full_finetune else "lora"
     for a in tuned_on:
         try:
             runs[a] = checkpoints.find_tuned(args, a, study)
-        except StudyError as e:
-            if "no stage 03 result" not in str(e):
-                raise
+        except provenance.MissingRun:
             missing.append(a)
     if missing:
         found = next(iter(runs.values()), None)
         flags = [f for f in (found["provenance"]["flags"] if found else []) if not f.startswith("--init-from")]
-        make = provenance.command("03_finetune_lora.py", args, "--subject " + " ".join(missing),
-                                  "" if args.roi == "whole" else f"--roi {args.roi}",
-                                  f"--seed {args.seed}" if args.seed else "", "--full-finetune" if args.full_finetune else "",
-                                  f"--init-from {args.init_from}" if args.init_from else "", *flags)
-        mode = "full" if args.full_finetune else "lora"
+        make = provenance.train_command(args, missing, args.roi, mode, args.seed, args.init_from, *flags)
         names = ", ".join(provenance.run_name(a, args.roi, mode, args.seed) + "*" for a in missing)
         raise StudyError(f"no stage 03 result {names} in {args.results}/ (nothing was scored): run {make} first"
                          + (f" (the flags of {found['name']}), or pass --tuned-on {' '.join(runs)} to use the runs there "

@@ -216,17 +216,26 @@ def init_matches(source, wanted, subject):
     return source == wanted.removeprefix("03_") or source.startswith(f"{subject}_{wanted}_")
 
 
+class MissingRun(StudyError):
+    """No stage 03 result of the run asked for (load_run): stage 04 names every missing one at once."""
+
+
+def train_command(args, subjects, roi, mode, seed, init_from=None, *flags):
+    """The stage 03 command that makes a run of `subjects` (for an error message)."""
+    return command("03_finetune_lora.py", args, "--subject " + " ".join(subjects), "" if roi == "whole" else f"--roi {roi}",
+                   f"--seed {seed}" if seed else "", "--full-finetune" if mode == "full" else "",
+                   f"--init-from {init_from}" if init_from else "", *flags)
+
+
 def load_run(args, subject, roi, mode, seed, init_from=None, tag=None, study=None):
     """The one stage 03 result matching the request, checked against the study and against the
     stage 02 result it was scored against (same file, unchanged since). Returns the npz as a dict
     with its name, provenance and its baseline (load_baseline's dict)."""
     runs = [(n, t, s) for n, t, s in find_runs(args.results, subject, roi, mode, seed, ".npz")
             if init_matches(s, init_from, subject) and (tag is None or t == tag)]
-    train = command("03_finetune_lora.py", args, f"--subject {subject}", "" if roi == "whole" else f"--roi {roi}",
-                    f"--seed {seed}" if seed else "", "--full-finetune" if mode == "full" else "",
-                    f"--init-from {init_from}" if init_from else "")
+    train = train_command(args, [subject], roi, mode, seed, init_from)
     if not runs:
-        raise StudyError(f"no stage 03 result {run_name(subject, roi, mode, seed)}{'*' if tag is None else tag}"
+        raise MissingRun(f"no stage 03 result {run_name(subject, roi, mode, seed)}{'*' if tag is None else tag}"
                          f"{f' started from {init_from}' if init_from else ''} in {args.results}/: run {train} "
                          "first (with your training flags)")
     if len(runs) > 1:
