@@ -4,8 +4,8 @@ The standard speech encoding model the paper starts from (Section 2.2 and the "b
 figures): causal WavLM features of each story, Lanczos-downsampled to the TRs, z-scored per story,
 stacked at delays of 1-4 TRs, and mapped to each voxel by ridge regression with a per-voxel alpha
 chosen by cross-validation over contiguous TR blocks. Layers are compared on the validation
-stories; the best layer is refit on train + validation stories and scored on the held-out test
-story (Pearson r per voxel, also as a fraction of the noise ceiling).
+stories, and one layer, the best mean over the study's subjects, is refit for each subject on its
+train + validation stories and scored on the held-out test story (Pearson r per voxel, also as a fraction of the noise ceiling).
 
     python 02_baseline_ridge.py                                      # simulated study, pretrained tiny WavLM
     python 02_baseline_ridge.py --model tiny                         # the same with a random tiny WavLM
@@ -40,8 +40,8 @@ def get_parser():
     p.add_argument("--subjects", nargs="+", help="default: every subject in the study")
     p.add_argument("--layers", type=int, nargs="+", help="hidden states to compare (default: all)")
     p.add_argument("--layer-choice", choices=["study", "subject"], default="study", help="study: one layer for "
-                   "every subject, the best mean validation r over all of them (docs/methods.md: a stable "
-                   "choice); subject: each subject's own best")
+                   "every subject, the best mean validation r over all of them, so that comparisons across "
+                   "subjects are at one layer (docs/methods.md); subject: each subject's own best")
     p.add_argument("--context-s", type=float, default=16.0, help="seconds of past audio per window (lab: 16)")
     p.add_argument("--stride-s", type=float, default=DEFAULT_STRIDE_S, help="window step (lab: 0.1)")
     p.add_argument("--delays", type=int, nargs="+", default=[1, 2, 3, 4],
@@ -202,7 +202,7 @@ def main(argv=None):
         layers = args.layers if args.layers else list(range(n_states))
         if any(not 0 <= layer < n_states for layer in layers):
             raise StudyError(f"--layers {' '.join(map(str, layers))}: {args.model} has hidden states 0..{n_states - 1}")
-        subset = args.layer_choice == "study" and len(layers) > 1 and subjects != study["subjects"]
+        subset = args.layer_choice == "study" and len(layers) > 1 and set(subjects) != set(study["subjects"])
         mine, defaults = settings(args, subjects if subset else None), settings(get_args([]))
         tag, flags = provenance.settings_tag(mine, defaults), provenance.as_flags(mine, defaults)
         print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {device}"
@@ -214,7 +214,7 @@ def main(argv=None):
             n_vox = plumbing.array_shape(subject_files[subj], "test_resp")[1]
             print(f"  subject {subj}: {n_vox} voxels, ridge per layer on the training stories", flush=True)
             val_r[subj], swept[subj] = layer_sweep(features, subject_files[subj], study, layers, args, device)
-        best = choose_layer(val_r, layers, args.layer_choice)
+        own, best = choose_layer(val_r, layers, "subject"), choose_layer(val_r, layers, args.layer_choice)
         print(f"  layer {'for the study' if args.layer_choice == 'study' else 'per subject'}: "
               + ", ".join(f"{subj} {layer}" for subj, layer in best.items()), flush=True)
         results = {}
@@ -223,7 +223,7 @@ def main(argv=None):
             test_r, W, alphas = common.score_on_test({s: features[s][best[subj]] for s in features}, subject_data,
                                                      study, args.delays, args.alphas, device, args.n_folds)
             res = dict(test_r=test_r, val_r_by_layer=val_r[subj], best_layer=np.int64(best[subj]), alphas=alphas,
-                       sweep_voxels=swept[subj], best_layer_own=np.int64(layers[int(np.argmax(val_r[subj].mean(1)))]),
+                       sweep_voxels=swept[subj], best_layer_own=np.int64(own[subj]),
                        layer_chosen_on=np.array(subjects if args.layer_choice == "study" else [subj]))
             if args.save_weights:  # apart from the results: stages 03-05 read those whole
                 plumbing.save_npz(os.path.join(args.results, f"02_weights_{subj}{tag}.npz"), weights=W)
