@@ -5,7 +5,8 @@ figures): causal WavLM features of each story, Lanczos-downsampled to the TRs, z
 stacked at delays of 1-4 TRs, and mapped to each voxel by ridge regression with a per-voxel alpha
 chosen by cross-validation over contiguous TR blocks. Layers are compared on the validation
 stories, and one layer, the best mean over the study's subjects, is refit for each subject on its
-train + validation stories and scored on the held-out test story (Pearson r per voxel, also as a fraction of the noise ceiling).
+train + validation stories and scored on the held-out test story (Pearson r per voxel, also as a
+fraction of the noise ceiling).
 
     python 02_baseline_ridge.py                                      # simulated study, pretrained tiny WavLM
     python 02_baseline_ridge.py --model tiny                         # the same with a random tiny WavLM
