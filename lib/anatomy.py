@@ -56,10 +56,33 @@ def pycortex_rois(root, subject):
     (in order); AC from the ROI outlines in overlays.svg, as public brain-tuning code reads it."""
     cortex, xfm = pycortex_subject(root, subject)
     thick = np.asarray(cortex.db.get_mask(subject, xfm, "thick"), bool)
-    ac = cortex.utils.get_roi_masks(subject, xfm, roi_list=["AC"], gm_sampler="cortical-conservative",
-                                    threshold=0.9)["AC"]
+    # = cortex.utils.get_roi_masks(subject, xfm, ["AC"], gm_sampler="cortical-conservative", threshold=0.9)
+    mapper = cortex.utils.get_mapper(subject, xfm, type="nearest")
+    ac = mapper.backwards(roi_vertices(cortex, subject, "AC").astype(float)) > 0.9
     lh, rh = cortex.utils.get_hemi_masks(subject, xfm)
     return masks_from_volumes(thick, {"AC": ac}, lh, rh)
+
+
+def roi_vertices(cortex, subject, roi):
+    """cortex.utils.get_roi_verts(subject, roi, mask=True)[roi], the same vertices without its
+    Python loop over every triangle (about 5 s a subject; tests/test_cortex.py checks S1's counts):
+    the vertices inside the ROI's outline on the flat surface, plus their fiducial-surface
+    neighbours that the flattening cut away."""
+    svg = cortex.db.get_overlay(subject)
+    if roi not in svg.rois.shapes:
+        raise StudyError(f"the pycortex database of {subject} has no {roi} outline in its overlays.svg; pass "
+                         "--roi-file masks.npz instead")
+    pts, flat = cortex.db.get_surf(subject, "flat", merge=True)
+    _, full = cortex.db.get_surf(subject, "fiducial", merge=True)
+    on_flat = np.zeros(len(pts), bool)
+    on_flat[np.unique(flat)] = True
+    inside = np.zeros(len(pts), bool)
+    inside[np.asarray(svg.rois.get_mask(roi), int)] = True
+    inside &= on_flat
+    edges = np.concatenate([full[:, [0, 1]], full[:, [1, 2]], full[:, [2, 0]]])
+    edges = np.concatenate([edges, edges[:, ::-1]])
+    inside[edges[inside[edges[:, 0]] & ~on_flat[edges[:, 1]], 1]] = True
+    return inside
 
 
 def pycortex_flatmap(root, subject, height=FLAT_HEIGHT):
@@ -147,7 +170,7 @@ def build_s1_asset(root):
     vox = np.c_[kji[:, ::-1], np.ones(len(kji))]
     xyz = (np.linalg.inv(coord) @ vox.T).T[:, :3]
     # geodesic distance to AC on each hemisphere's fiducial surface, read at each column's nearest vertex
-    ac_verts = np.asarray(cortex.utils.get_roi_verts("S1", "AC")["AC"])
+    ac_verts = np.flatnonzero(roi_vertices(cortex, "S1", "AC"))
     dist, points, offset = [], [], 0
     for hemi in ("lh", "rh"):
         pts, polys = cortex.db.get_surf("S1", "fiducial", hemi)
