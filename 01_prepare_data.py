@@ -13,6 +13,7 @@ Two sources, one layout (README, "Data layout"; common.load_study and common.loa
     python 01_prepare_data.py --source ds003020 --ds-root PATH --subjects UTS01 UTS02 UTS03 \\
         [--roi-file masks.npz | --rois-from-pycortex]
 """
+import json
 import os
 import shutil
 import time
@@ -22,7 +23,7 @@ import numpy as np
 from common import SR, noise_ceiling, zscore
 from lib import anatomy, ds003020, simulate, speech
 from lib.plumbing import StudyError, fail, load_npz, parser, save_npz
-from lib.provenance import digest, install_study
+from lib.provenance import code_state, digest, install_study, link_tree, same_record
 
 
 def get_args(argv=None):
@@ -35,6 +36,8 @@ def get_parser():
     p.add_argument("--source", choices=["simulated", "ds003020"], default="simulated",
                    help="simulated: the embedded study (no download); ds003020: the real data (--ds-root)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (simulated study)")
+    p.add_argument("--reuse", metavar="DIR", help="when DIR (or DATA) holds the study these settings and this code "
+                   "build, link it into DATA instead of building (the quick loop; simulated studies only)")
     g = p.add_argument_group("simulated study")
     g.add_argument("--n-subjects", type=int, default=3, help="simulated subjects (sim01, sim02, ...)")
     g.add_argument("--cortex", choices=["S1", "none"], default="S1", help="S1: voxels on pycortex's example "
@@ -163,7 +166,7 @@ def build_simulated(args, out):
     truth["test_semantic_drive"] = drives["test"][1].astype(np.float32)
     prints["truth"] = save_npz(os.path.join(out, "truth.npz"), **truth)
     names = list(stories)
-    write_study(out, "simulated", subjects, names[:n_train], names[n_train:-1], "test", args.seed, prints)
+    write_study(out, "simulated", subjects, names[:n_train], names[n_train:-1], "test", args, prints)
     return subjects, stories
 
 
@@ -226,11 +229,29 @@ def build_ds003020(args, out):
     if args.rois_from_pycortex:  # reusable as --roi-file without pycortex
         save_npz(os.path.join(out, "roi_masks.npz"),
                  **{f"{s}_{name}": m for s, masks in rois.items() for name, m in masks.items()})
-    write_study(out, "ds003020", args.subjects, train, args.val_stories, args.test_story, args.seed, prints)
+    write_study(out, "ds003020", args.subjects, train, args.val_stories, args.test_story, args, prints)
     return args.subjects, stories
 
 
-def write_study(out, source, subjects, train, val, test, seed, prints):
+def study_record(args):
+    """What study.npz records of how it was built: stage 01's settings and code (lib/provenance.py)."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "reuse")}
+    return dict(stage="01", settings=settings, code=code_state(__file__))
+
+
+def reuse_study(args):
+    """--reuse DIR: a study built by this code with these settings is linked, not rebuilt."""
+    for folder in (args.data, args.reuse):
+        if same_record(os.path.join(folder, "study.npz"), study_record(args)):
+            if folder != args.data:
+                link_tree(folder, args.data)
+            print(f"stage 01: {folder}/ holds the study these settings and this code build"
+                  + (f": linked into {args.data}/" if folder != args.data else ": nothing to do") + " (--reuse)")
+            return True
+    return False
+
+
+def write_study(out, source, subjects, train, val, test, args, prints):
     """study.npz: the splits and the fingerprints every later result records. stories_fingerprint
     covers the splits and every story file; each subject file has its own, so rebuilding with one
     subject more or less (or other noise) leaves the others' results valid."""
@@ -238,13 +259,16 @@ def write_study(out, source, subjects, train, val, test, seed, prints):
                           files={k: v for k, v in prints.items() if k not in subjects and k != "truth"}))
     save_npz(os.path.join(out, "study.npz"), source=np.array(source), subjects=np.array(subjects),
              train_stories=np.array(train), val_stories=np.array(val), test_story=np.array(test),
-             tr=np.float64(ds003020.TR), seed=np.int64(seed), stories_fingerprint=np.array(stories),
-             subject_fingerprints=np.array([prints[s] for s in subjects]))
+             tr=np.float64(ds003020.TR), seed=np.int64(args.seed), stories_fingerprint=np.array(stories),
+             subject_fingerprints=np.array([prints[s] for s in subjects]),
+             provenance=np.array(json.dumps(study_record(args), sort_keys=True)))
 
 
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
+    if args.reuse and args.source == "simulated" and reuse_study(args):
+        return
     print(f"stage 01: building the {args.source} study into {args.data}/")
     tmp_out = args.data.rstrip("/") + ".tmp_build"  # built aside, swapped in whole when complete
     try:

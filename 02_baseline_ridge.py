@@ -56,6 +56,8 @@ def get_parser():
     p.add_argument("--save-weights", action="store_true", help="also write the ridge weights (features x "
                    "voxels: ~1 GB per subject for wavlm-base-plus on ds003020) to 02_weights_<subject>.npz")
     p.add_argument("--refresh-features", action="store_true", help="recompute the feature cache")
+    p.add_argument("--reuse", metavar="DIR", help="when DIR (or RESULTS) holds every subject's result made from this "
+                   "study and model with these settings by this code, link them into RESULTS instead (the quick loop)")
     return p
 
 
@@ -209,6 +211,16 @@ def main(argv=None):
         print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {device}"
               + (f"; settings {' '.join(flags)} -> files tagged {tag[1:]}" if tag else ""))
         fingerprint = plumbing.model_fingerprint(model)
+        # what each result is built from: later stages check it before using it
+        provs = {subj: dict(stage="02", subject=subj, stories=study["stories_fingerprint"],
+                            subject_data=study["subject_fingerprints"][subj], model=args.model,
+                            model_fingerprint=fingerprint, settings=mine, tag=tag[1:], flags=flags,
+                            code=provenance.code_state(__file__)) for subj in subjects}
+        paths = {subj: os.path.join(args.results, f"02_baseline_{subj}{tag}.npz") for subj in subjects}
+        if args.reuse and provenance.reuse({paths[s]: provs[s] for s in subjects}, args.reuse):
+            print(f"  02_baseline_<subject>{tag}.npz: made from this study and model with these settings by this code, "
+                  f"in {args.results}/ or linked from {args.reuse}/: nothing to do (--reuse)")
+            return
         features = story_features(model, fingerprint, study, args)
         val_r, swept = {}, {}
         for subj in subjects:
@@ -229,11 +241,7 @@ def main(argv=None):
             if args.save_weights:  # apart from the results: stages 03-05 read those whole
                 plumbing.save_npz(os.path.join(args.results, f"02_weights_{subj}{tag}.npz"), weights=W)
             del W
-            # what this result was built from: later stages check it before using it
-            prov = dict(stage="02", subject=subj, stories=study["stories_fingerprint"],
-                        subject_data=study["subject_fingerprints"][subj], model=args.model,
-                        model_fingerprint=fingerprint, settings=mine, tag=tag[1:], flags=flags)
-            path = os.path.join(args.results, f"02_baseline_{subj}{tag}.npz")
+            prov, path = provs[subj], paths[subj]
             provenance.note_replacement(path, prov)
             plumbing.save_npz(path, **res, layers=np.array(layers), noise_ceiling=subject_data["noise_ceiling"],
                               model=np.array(args.model), model_seed=np.int64(args.model_seed),

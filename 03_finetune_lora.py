@@ -104,9 +104,13 @@ DEFAULTS = run_settings(get_args([]))
 
 
 def run_tag(args, baseline):
-    """'' for the defaults' settings against stage 02's defaults' result, else '_' + 6 hex digits."""
+    """'' for the defaults' settings against stage 02's defaults' result with committed code, else
+    '_' + 6 hex digits."""
     mine = dict(run_settings(args), baseline=baseline["tag"])
     mine.pop("full_finetune")
+    code = provenance.code_state(__file__)
+    if code["edited"]:  # code that differs from the git commit: a name of its own, never the reference's
+        mine["code"] = code["fingerprint"]
     return provenance.settings_tag(mine, dict(DEFAULTS, baseline=""))
 
 
@@ -299,7 +303,9 @@ def run(args, subj, seed, study, device, baseline):
                provenance=np.array(json.dumps(prov, sort_keys=True)), fingerprint=np.array(provenance.digest(prov)))
     result = os.path.join(args.results, f"{name}.npz")
     provenance.note_replaced_run(result, out["fingerprint"])
-    plot(out, subject_data, os.path.join(args.results, f"{name}.png"))
+    start = os.path.join(args.results, f"{init[1]}.npz") if init else None
+    start = dict(name=init[1], tuned=plumbing.load_npz(start)["test_r_tuned"]) if start and os.path.exists(start) else None
+    plot(out, subject_data, os.path.join(args.results, f"{name}.png"), start)
     plumbing.save_npz(result, **out)  # last: a run with its result file is finished (--resume skips it)
     return name, out, subject_data
 
@@ -311,6 +317,7 @@ def run_provenance(args, subj, seed, study, baseline):
     return dict(stage="03", subject=subj, roi=args.roi, seed=seed, stories=study["stories_fingerprint"],
                 subject_data=study["subject_fingerprints"][subj], settings=run_settings(args),
                 tag=run_tag(args, baseline)[1:], flags=provenance.as_flags(run_settings(args), DEFAULTS),
+                code=provenance.code_state(__file__),
                 baseline=dict(file=os.path.basename(baseline["path"]), tag=baseline["tag"],
                               fingerprint=baseline["fingerprint"]))
 
@@ -327,9 +334,10 @@ def open_run(args, subj, seed, prov, init):
     return name, finished
 
 
-def plot(out, subject_data, path):
+def plot(out, subject_data, path, start=None):
     """Tuned against baseline r per voxel, the mean change per ROI and, where stage 01 stored the
-    subject's flatmap, the change on the flattened cortex with AC outlined (the paper's figure)."""
+    subject's flatmap, the change on the flattened cortex with AC outlined (the paper's figure).
+    start: for an --init-from run, {name, tuned: test r} of the run it started from."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -345,10 +353,18 @@ def plot(out, subject_data, path):
     ax[0].set(xlabel="untuned test r (same layer)", ylabel="tuned test r (linearized)", title=str(out["subject"]))
     ax[0].legend()
     names = ["all"] + [r for r in ("AC", "LH", "RH") if f"roi_{r}" in subject_data]
-    deltas = [np.mean(t - b)] + [np.mean((t - b)[subject_data[f"roi_{r}"]]) for r in names[1:]]
-    ax[1].bar(names, deltas)
+    masks = [np.ones(len(b), bool)] + [subject_data[f"roi_{r}"] for r in names[1:]]
+    x = np.arange(len(names))
+    ax[1].bar(x - 0.2 * bool(start), [np.mean((t - b)[m]) for m in masks], 0.4 if start else 0.8,
+              label="over the untuned model")
+    what = f"{out['roi']}-tuned {out['mode']}, seed {int(out['seed'])}"
+    if start:  # an --init-from run: its change over the run it started from, too
+        ax[1].bar(x + 0.2, [np.mean((t - start["tuned"])[m]) for m in masks], 0.4, label=f"over {start['name']}")
+        ax[1].legend(fontsize=7)
+        what += f"\nstarted from {start['name']}"
     ax[1].axhline(0, color="k", lw=1)
-    ax[1].set(ylabel="mean delta r (tuned - baseline)", title=f"{out['roi']} {out['mode']} seed {int(out['seed'])}")
+    ax[1].set_xticks(x, names)
+    ax[1].set(ylabel="mean delta r (linearized test r)", title=what)
     if flat:
         delta = t - b
         lim = float(np.quantile(np.abs(delta), 0.99)) or 1.0

@@ -70,6 +70,15 @@ def plot(mean_delta, tuned_on, evaluated_on, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    title = "mean delta r over the untuned model at the same layer"
+    if len(tuned_on) == 1:  # one tuned model: a bar per subject it is scored on, not a one-row heatmap
+        fig, ax = plt.subplots(figsize=(1.2 * len(evaluated_on) + 3, 3.6))
+        ax.bar(range(len(evaluated_on)), mean_delta[0], color=["C1" if s == tuned_on[0] else "C0" for s in evaluated_on])
+        ax.axhline(0, color="k", lw=1)
+        ax.set_xticks(range(len(evaluated_on)), [f"{s}{' (own)' if s == tuned_on[0] else ''}" for s in evaluated_on])
+        ax.set(xlabel="evaluated on", ylabel="mean delta r", title=f"{tuned_on[0]}'s tuned model:\n{title}")
+        plumbing.save_figure(fig, path)
+        return
     fig, ax = plt.subplots(figsize=(1.3 * len(evaluated_on) + 2.5, 1.1 * len(tuned_on) + 1.8))
     lim = np.nanmax(np.abs(mean_delta)) or 1
     im = ax.imshow(mean_delta, cmap="RdBu_r", vmin=-lim, vmax=lim)
@@ -81,7 +90,7 @@ def plot(mean_delta, tuned_on, evaluated_on, path):
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2))
     ax.set_xticks(range(len(evaluated_on)), evaluated_on)
     ax.set_yticks(range(len(tuned_on)), tuned_on)
-    ax.set(xlabel="evaluated on", ylabel="tuned on", title="mean delta r over the untuned model at the same layer")
+    ax.set(xlabel="evaluated on", ylabel="tuned on", title=title)
     fig.colorbar(im, ax=ax)
     plumbing.save_figure(fig, path)
 
@@ -182,7 +191,8 @@ def main(argv=None):
     tag = next(iter(used.values()))["tag"]
     name = output_name(args, study, tuned_on, evaluated_on, tag)
     prov = dict(stage="04", stories=study["stories_fingerprint"], runs={a: r["fingerprint"] for a, r in used.items()},
-                baselines={k[len("baseline_"):]: str(v) for k, v in out.items() if k.startswith("baseline_")})
+                baselines={k[len("baseline_"):]: str(v) for k, v in out.items() if k.startswith("baseline_")},
+                code=provenance.code_state(__file__))
     plumbing.save_npz(os.path.join(args.results, f"{name}.npz"), tuned_on=np.array(tuned_on),
                       evaluated_on=np.array(evaluated_on), mean_delta_r=mean_delta, mean_delta_r_vs_best=mean_vs_best,
                       roi=np.array(args.roi), mode=np.array("full" if args.full_finetune else "lora"),

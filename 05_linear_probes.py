@@ -107,17 +107,23 @@ def acoustic_targets(story):
     return np.array(rows, np.float32)
 
 
-def plot(scores, models, layers, probes, path):
+def plot(scores, models, layers, probes, path, subject, runs):
+    """Each probe's score by hidden state, one line per model; the legend names the runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(1, len(probes), figsize=(4.5 * len(probes), 3.8))
-    ax = np.atleast_1d(ax)
+    fig, ax = plt.subplots(1, len(probes), figsize=(4.5 * len(probes), 4.4), squeeze=False)
     for k, name in enumerate(probes):
         for m, model in enumerate(models):
-            ax[k].plot(layers, scores[m, :, k], "o-", label=model)
-        ax[k].set(xlabel="hidden state", ylabel="accuracy" if name == "category" else "mean r", title=f"{name} probe")
-        ax[k].legend()
+            ax[0, k].plot(layers, scores[m, :, k], "o-", label=f"{model}: {runs[model]}" if model in runs else
+                          f"{model}: untuned (stage 02's model)")
+        ax[0, k].set_xticks(layers)  # hidden states are whole numbers
+        ax[0, k].set(xlabel="hidden state (0: the transformer's input)",
+                     ylabel="accuracy" if name == "category" else "mean r (held-out stories)", title=f"{name} probe")
+    handles, names = ax[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=1, fontsize=7, frameon=False)
+    fig.suptitle(f"Linear probes of {subject}'s models: word representations -> targets")
+    fig.subplots_adjust(bottom=0.18 + 0.05 * len(models), top=0.85, wspace=0.3)
     plumbing.save_figure(fig, path)
 
 
@@ -182,12 +188,14 @@ def main(argv=None):
     tag = next(iter(runs.values()))["tag"] if runs else ""
     name = output_name(args, study, subj, f"{tag}")
     prov = dict(stage="05", stories=study["stories_fingerprint"], subject=subj, baseline=base["fingerprint"],
-                runs={k: r["fingerprint"] for k, r in runs.items()}, word_vectors=args.word_vectors, n_folds=args.n_folds)
+                runs={k: r["fingerprint"] for k, r in runs.items()}, word_vectors=args.word_vectors, n_folds=args.n_folds,
+                code=provenance.code_state(__file__))
     plumbing.save_npz(os.path.join(args.results, f"{name}.npz"), models=np.array(args.models),
                     layers=np.array(layers), probes=np.array(probes), scores=scores, subject=np.array(subj),
                     runs=np.array([runs[m]["name"] if m in runs else "" for m in args.models]),
                     provenance=np.array(json.dumps(prov, sort_keys=True)))
-    plot(scores, args.models, layers, probes, os.path.join(args.results, f"{name}.png"))
+    plot(scores, args.models, layers, probes, os.path.join(args.results, f"{name}.png"), subj,
+         {m: r["name"] for m, r in runs.items()})
     print("\n  best layer score per model: " + " | ".join(
         f"{m}: " + ", ".join(f"{p_} {scores[i, :, k].max():.3f}" for k, p_ in enumerate(probes))
         for i, m in enumerate(args.models)))

@@ -14,7 +14,7 @@ SUBJ ?= sim01
 # rates 30x / 10x the paper's, because the study gives about 9 steps per epoch where the paper had
 # thousands: at the paper's 1e-4 the gain over 3 seeds was -0.0001 (README, bench/RESULTS.md).
 # Training stops 3 epochs after the best validation r (--patience 3). The demo caps it at 12 epochs
-# to stay near its 10-minute budget (it takes 13 min, bench/RESULTS.md): most runs still improve at 12
+# to stay within its 10-minute budget (8 min 41 s, bench/RESULTS.md): most runs still improve at 12
 # (stage 03 says which); trained until they stop (bench/claims.sh, up to 20) they gain more.
 LORA := --lr-adapter 3e-3 --lr-readout 1e-3 --epochs 12 --patience 3
 FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 12 --patience 3
@@ -63,20 +63,21 @@ stability: $(VENV)/.installed
 05: $(VENV)/.installed
 	$(PY) 05_linear_probes.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ)
 
-# The student's loop: change a stage, then `make quick EXP=mine`: stages 01-05 for one subject and one
-# seed into experiments/$(EXP)/ with the demo's settings (sim01 is the demo's own sim01, and the
-# demo's feature caches are reused when present), then compare.py against the demo's results.
+# The student's loop: change a stage, then `make quick EXP=mine`: stages 01-05 into experiments/$(EXP)/
+# with the demo's settings, tuning sim01 with one seed, then compare.py against the demo's results.
+# Stages 01 and 02 are linked from the demo's data/ and results/ when their code, inputs and flags
+# are the demo's (--reuse: a stage 03 edit costs stage 03 and after); else they run.
 # Any stage's flags pass through: make quick EXP=mse ARGS03="--loss mse" (ARGS01 ... ARGS05).
 EXP ?= quick
 SEED ?= 0
 QUICK := experiments/$(EXP)
 QUICK_ARGS := --data $(QUICK)/data --results $(QUICK)/results
 quick: $(VENV)/.installed
-	$(PY) 01_prepare_data.py --data $(QUICK)/data --n-subjects 1 $(ARGS01)
+	$(PY) 01_prepare_data.py --data $(QUICK)/data --reuse $(DATA) $(ARGS01)
 	if [ -d $(DATA)/features ] && [ ! -d $(QUICK)/data/features ]; then cp -r $(DATA)/features $(QUICK)/data/; fi
-	$(PY) 02_baseline_ridge.py $(QUICK_ARGS) $(ARGS02)
+	$(PY) 02_baseline_ridge.py $(QUICK_ARGS) --reuse $(RESULTS) $(ARGS02)
 	$(PY) 03_finetune_lora.py $(QUICK_ARGS) --checkpoints $(QUICK)/checkpoints --subject sim01 --seed $(SEED) $(LORA) $(ARGS03)
-	$(PY) 04_cross_subject.py $(QUICK_ARGS) --checkpoints $(QUICK)/checkpoints --seed $(SEED) $(ARGS04)
+	$(PY) 04_cross_subject.py $(QUICK_ARGS) --checkpoints $(QUICK)/checkpoints --tuned-on sim01 --seed $(SEED) $(ARGS04)
 	$(PY) 05_linear_probes.py $(QUICK_ARGS) --checkpoints $(QUICK)/checkpoints --seed $(SEED) --models baseline whole $(ARGS05)
 	if [ -d $(RESULTS) ]; then $(PY) compare.py $(RESULTS) $(QUICK)/results --out $(QUICK)/results/compare.png; fi
 

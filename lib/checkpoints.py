@@ -15,7 +15,7 @@ import torch
 import common
 
 from lib.plumbing import StudyError, load_npz, pick_device
-from lib.provenance import as_flags, baseline_tag_flag, command, digest, find_runs, init_matches, load_run, run_name
+from lib.provenance import as_flags, baseline_tag_flag, code_differs, command, digest, find_runs, init_matches, load_run, run_name
 
 ROIS = ("whole", "AC", "LH", "RH")  # the voxels a run's loss sees (Section 3.2)
 
@@ -168,8 +168,11 @@ def start(ckpt, result, prov, resume, epochs):
         saved = last["provenance"]
         if digest(saved) != digest(prov):
             why = [k for k in ("stories", "subject_data", "baseline", "model_fingerprint", "init_from") if saved.get(k) != prov.get(k)]
-            raise StudyError(f"--resume: {ckpt} was trained from other inputs ({', '.join(why) or 'settings'} differ: the "
-                             "study, stage 02 or the run it started from changed since); start it again without --resume")
+            edited = code_differs(prov.get("code"), saved.get("code"))
+            why += [f"code ({edited})"] if edited else []
+            raise StudyError(f"--resume: {ckpt} was trained from other inputs ({', '.join(why) or 'settings'} differ: "
+                             "the study, stage 02, the run it started from or the code changed since); start it again "
+                             "without --resume")
         if os.path.exists(result) and str(load_npz(result).get("fingerprint")) == digest(prov) \
                 and last["epoch"] + 1 >= epochs:
             print(f"  {name}: already finished, {result} is its result")

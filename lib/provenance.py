@@ -5,18 +5,23 @@ subject's file, of the model and of its settings (and of the results it builds o
 an input built from anything else, with one line naming the command that rebuilds it. Results made
 with settings other than the defaults carry a tag in their file name (a hash of what differs), so no
 run replaces another's. Stage 03's runs are named here (run_name) and found here (find_runs, load_run).
+Every result also records the code that made it (code_state): its files' hashes and the git commit.
 """
 import argparse
+import ast
+import functools
 import glob
 import hashlib
 import json
 import os
 import re
 import shutil
+import subprocess
 
 from lib.plumbing import StudyError, load_npz
 
 FOLDERS = {"data": "data", "results": "results", "checkpoints": "checkpoints"}  # the stages' defaults
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def digest(obj):
@@ -59,6 +64,101 @@ def command(script, args, *flags):
     io = [f"--{k} {getattr(args, k)}" for k, d in FOLDERS.items()
           if getattr(args, k, d) != d and not (k == "checkpoints" and script.startswith(("01", "02")))]
     return "`" + " ".join(["python", script, *io, *[f for f in flags if f]]) + "`"
+
+
+# ---- the code a result was made by ----
+
+def code_files(script):
+    """The repository's files a stage runs: the script and every module of this repository it
+    imports, followed through their own imports (common.py, lib/...), read from the source."""
+    todo, seen = [os.path.relpath(os.path.abspath(script), ROOT)], set()
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, f), encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            todo += [n.replace(".", "/") + ".py" for n in names if os.path.isfile(os.path.join(ROOT, *n.split(".")) + ".py")]
+    return sorted(seen)
+
+
+@functools.lru_cache(maxsize=None)
+def code_state(script):
+    """What a result records of the code that made it: each file's hash (code_files), their
+    fingerprint, and, in a git checkout, the commit and which of the files differ from it
+    (`edited`). A stage 03 run made by edited code is named apart from the committed code's."""
+    files = {f: hashlib.sha1(open(os.path.join(ROOT, f), "rb").read()).hexdigest()[:12] for f in code_files(script)}
+    state = dict(fingerprint=digest(files), files=files, commit=None, edited=None)
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
+        if head.returncode == 0:
+            status = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", *files], capture_output=True,
+                                    text=True, timeout=30)
+            state.update(commit=head.stdout.strip(), edited=sorted(line[3:] for line in status.stdout.splitlines()))
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git (a downloaded copy): the files' hashes still tell codes apart
+    return state
+
+
+def same_record(path, record):
+    """Does the result at `path` record what `record` holds (code compared by its files, not by
+    commit)? --if-changed skips a stage whose results already do."""
+    def comparable(p):
+        p = json.loads(json.dumps(p, sort_keys=True, default=str))
+        return dict(p, code=(p.get("code") or {}).get("fingerprint"))
+    try:
+        old = json.loads(str(load_npz(path).get("provenance", "{}")))
+    except (StudyError, ValueError):
+        return False
+    return comparable(old) == comparable(record)
+
+
+def reuse(records, source):
+    """--reuse SOURCE: when each path in `records` (a result to make) already holds what its record
+    says, or SOURCE holds such a file of the same name, link those in (a copy across file systems)
+    and return True: the stage has nothing to do. Links are safe: every write is a new file renamed
+    over the old, never an edit in place."""
+    found = {}
+    for path, record in records.items():
+        other = os.path.join(source, os.path.basename(path))
+        found[path] = path if same_record(path, record) else other if same_record(other, record) else None
+    if not all(found.values()):
+        return False
+    for path, src in found.items():
+        if os.path.abspath(src) != os.path.abspath(path):
+            link_tree(os.path.dirname(src), os.path.dirname(path), [os.path.basename(src)])
+    return True
+
+
+def link_tree(src, dest, names=None):
+    """Hard-link `names` (default: everything) of folder src into dest, folders recreated."""
+    for name in os.listdir(src) if names is None else names:
+        a, b = os.path.join(src, name), os.path.join(dest, name)
+        if os.path.isdir(a):
+            os.makedirs(b, exist_ok=True)
+            link_tree(a, b)
+            continue
+        os.makedirs(dest, exist_ok=True)
+        tmp = b + ".link_tmp"
+        try:
+            os.link(a, tmp)
+        except OSError:
+            shutil.copy2(a, tmp)
+        os.replace(tmp, b)
+
+
+def code_differs(mine, ref):
+    """The files whose code differs between two results' code records ('' when the same or unknown)."""
+    if not mine or not ref or mine["fingerprint"] == ref["fingerprint"]:
+        return ""
+    a, b = mine["files"], ref["files"]
+    return ", ".join(sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f)))
 
 
 # ---- checking what a result was built from ----
@@ -131,15 +231,17 @@ def note_replacement(path, prov):
     except StudyError:
         old = {}
     if digest(old) != digest(prov):
+        edited = code_differs(prov.get("code"), old.get("code"))
         why = ("another study" if old.get("stories") != prov["stories"] or old.get("subject_data") != prov["subject_data"]
-               else "other model weights" if old.get("model_fingerprint") != prov["model_fingerprint"] else "other inputs")
+               else "other model weights" if old.get("model_fingerprint") != prov["model_fingerprint"]
+               else f"other code ({edited})" if edited else "other inputs")
         print(f"  note: replacing {path}, built from {why}: stage 03 runs scored against it will be refused until rerun")
 
 
 def note_replaced_run(result, fingerprint):
     """Rerunning a stage 03 run replaces its result; say so when the old one had other inputs."""
     if os.path.exists(result) and str(load_npz(result).get("fingerprint")) != fingerprint:
-        print(f"  note: replacing {result}, made from other inputs (the study or stage 02 changed since)")
+        print(f"  note: replacing {result}, made from other inputs or code (the study, stage 02 or the code changed since)")
 
 
 # ---- finding stage 02 and stage 03 results ----

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -167,6 +168,46 @@ def _same_result(a, b):
     np.testing.assert_allclose(b["val_r_by_epoch"], a["val_r_by_epoch"], atol=1e-6)
     np.testing.assert_allclose(b["test_r_tuned"], a["test_r_tuned"], atol=1e-5)
     assert str(a["fingerprint"]) == str(b["fingerprint"])
+
+
+def test_an_edit_to_stage_03_is_a_run_of_its_own_and_compare_names_it(trained, tmp_path, capsys):
+    """A student's code edit (an L2 penalty on the readout, after the loss) in a git checkout, run with
+    the same flags: the run gets a name of its own (never the reference's), records the edited file,
+    and compare.py reports the code change with a difference paired by seed."""
+    import subprocess
+    from conftest import ROOT
+    if shutil.which("git") is None:
+        pytest.skip("needs git: the edit is told from the commit")
+    data, results, _ = trained
+    repo, mine = tmp_path / "repo", tmp_path / "mine"
+    shutil.copytree(ROOT, repo, ignore=lambda d, names: [n for n in names if n in {
+        ".git", ".venv", "data", "results", "checkpoints", "experiments", "tests", "bench", "docs", "figures",
+        "__pycache__"} or n.startswith(("data.", "results_"))])
+    git = ["git", "-c", "user.name=student", "-c", "user.email=student@example.org"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "as cloned"]):
+        subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True)
+    loss_line = '                loss = common.spatial_corr_loss(pred, y) if args.loss == "corr" else torch.mean((pred - y) ** 2)\n'
+    code = open(repo / STAGE).read()
+    assert loss_line in code
+    open(repo / STAGE, "w").write(code.replace(loss_line, loss_line + "                loss = loss + 1e-2 * sum("
+                                                  "p_.pow(2).sum() for p_ in readout.parameters())\n"))
+    os.makedirs(mine)
+    for f in os.listdir(results):
+        if f.startswith("02_baseline_sim01"):
+            shutil.copy(os.path.join(results, f), mine)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, STAGE, "--data", data, "--results", str(mine), "--checkpoints",
+                           str(tmp_path / "ckpt"), "--subject", "sim01"] + FAST, cwd=repo, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    reference, edited = one(f"{results}/03_sim01_whole_lora_seed0_*.npz"), one(f"{mine}/03_sim01_whole_lora_seed0_*.npz")
+    assert os.path.basename(reference) != os.path.basename(edited)
+    record = json.loads(str(plumbing.load_npz(edited)["provenance"]))["code"]
+    assert record["edited"] == [STAGE] and record["commit"]
+    assert run_stage("compare.py", [reference, str(mine), "--out", str(tmp_path / "compare.png")]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if " against [" in x)
+    assert f"changes code differs (files {STAGE})" in line and "paired by seed 0: gain " in line
 
 
 @pytest.fixture(scope="module")
@@ -393,11 +434,19 @@ def test_each_scenario_of_a_lost_result_gives_a_separate_file(trained, tmp_path)
     assert settings["loss"] == "mse"
 
 
-def test_every_training_setting_alone_changes_the_run_tag():
+def test_every_training_setting_alone_changes_the_run_tag(monkeypatch):
     """A run's name carries a tag of every setting that differs from the defaults: each setting
-    changed alone gives a tag of its own (the mode, LoRA or full, is in the name itself)."""
+    changed alone gives a tag of its own (the mode, LoRA or full, is in the name itself); so does
+    code edited since the commit. (The committed code here, whatever the checkout's state.)"""
     m = stage(STAGE)
+    committed = dict(fingerprint="c0de", files={}, commit="abc", edited=[])
+    monkeypatch.setattr(provenance, "code_state", lambda script: committed)
     assert m.run_tag(m.get_args([]), dict(tag="")) == ""
+    monkeypatch.setattr(provenance, "code_state", lambda script: dict(committed, edited=[STAGE]))
+    edited = m.run_tag(m.get_args([]), dict(tag=""))
+    monkeypatch.setattr(provenance, "code_state", lambda script: dict(committed, fingerprint="0ther", edited=[STAGE]))
+    assert edited and m.run_tag(m.get_args([]), dict(tag="")) not in ("", edited)  # each edit its own name
+    monkeypatch.setattr(provenance, "code_state", lambda script: committed)
     new = dict(loss="mse", norm="none", tune_stories=3, layer=2)
     tags = {}
     for k in m.TRAIN_SETTINGS:
