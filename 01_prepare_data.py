@@ -267,13 +267,13 @@ def write_study(out, source, subjects, train, val, test, args, prints):
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
-    if args.reuse and args.source == "simulated" and reuse_study(args):
-        return
-    print(f"stage 01: building the {args.source} study into {args.data}/")
     tmp_out = args.data.rstrip("/") + ".tmp_build"  # built aside, swapped in whole when complete
     try:
         if args.source == "simulated":
-            check_args(args)
+            check_args(args)  # (fills in the defaults that depend on other flags: compare after it)
+            if args.reuse and reuse_study(args):
+                return
+        print(f"stage 01: building the {args.source} study into {args.data}/")
         shutil.rmtree(tmp_out, ignore_errors=True)
         subjects, stories = (build_simulated if args.source == "simulated" else build_ds003020)(args, tmp_out)
     except (StudyError, KeyboardInterrupt) as e:

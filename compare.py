@@ -62,16 +62,12 @@ def kind(run):
     return (p["subject"], p["roi"], p["mode"], f"from {source.split('_')[2]}" if source else "")
 
 
-def label(group, paths):
-    """A group in words: what it is, its flags, edited code, and its folder."""
-    p = group[0]["prov"]
-    flags = [f for f in p.get("flags", []) if not f.startswith("--init-from")]
-    edited = (p.get("code") or {}).get("edited")
-    what = " ".join(flags) or "default flags"
+def label(group, ref, paths):
+    """A group in words for the figure: what it is, what differs from its reference, its folder."""
     folder = paths[group[0]["folder"]]
     folder = folder if len(folder) < 30 else os.path.join(*os.path.normpath(folder).split(os.sep)[-2:])
-    return (f"{' '.join(x for x in kind(group[0]) if x)}, {what}" + (f", code edited ({', '.join(edited)})" if edited else "")
-            + f" [{folder}]")
+    what = "the reference" if ref is group else changes(group, ref)
+    return f"{' '.join(x for x in kind(group[0]) if x)}: {what} [{folder}]"
 
 
 def gains(group, ac, start=None):
@@ -196,7 +192,7 @@ def main(argv=None):
                 print(f"{name} {words}")
             elif ref is group:
                 print(f"{name}: the reference for its kind")
-            panels.setdefault(k[1], []).append((label(group, args.paths), from_start or per, from_start is not None))
+            panels.setdefault(k[1], []).append((label(group, ref, args.paths), from_start or per, from_start is not None))
         out = args.out or os.path.join(args.paths[0] if os.path.isdir(args.paths[0]) else os.path.dirname(args.paths[0]),
                                        "compare.png")
         plot(panels, out)
@@ -226,7 +222,9 @@ def plot(panels, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 4.5), squeeze=False)
+    widths = [max(2, len(rows)) for rows in panels.values()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.7 * sum(widths) + 1.5, 5), squeeze=False,
+                             gridspec_kw=dict(width_ratios=widths), constrained_layout=True)
     for ax, (roi, rows) in zip(axes[0], panels.items()):
         col = 1 if roi == "AC" and all(np.isfinite(v[1]) for _, per, _ in rows for v in per.values()) else 0
         for i, (name, per, from_start) in enumerate(rows):
@@ -235,8 +233,8 @@ def plot(panels, path):
             ax.errorbar(i + 0.15, np.mean(values), yerr=np.std(values) if len(values) > 1 else None, fmt="_",
                         color="k", ms=14, capsize=3)
         ax.axhline(0, color="0.6", lw=0.8)
-        ax.set_xticks(range(len(rows)), ["\n".join(wrap(name + (" [vs its start run]" if f else ""))) for name, _, f in rows],
-                      fontsize=6.5)
+        ax.set_xticks(range(len(rows)), ["\n".join(wrap(name + (" (against its start run)" if f else ""), 24))
+                                         for name, _, f in rows], fontsize=6.5)
         ax.set(xlim=(-0.6, len(rows) - 0.4), title=f"tuned on {roi}",
                ylabel=f"gain in mean test r {'in AC' if col else 'over all voxels'} (seeds; mean +- sd)")
     fig.suptitle("stage 03 runs: linearized test r over the untuned model at the same layer", fontsize=10)

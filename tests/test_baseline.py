@@ -20,6 +20,19 @@ def baseline(tiny_study, tmp_path_factory):
     return tiny_study, results
 
 
+def test_reuse_links_results_made_from_the_same_inputs_settings_and_code(baseline, tmp_path, capsys):
+    """--reuse DIR (make quick): stage 02 with the fixture's flags links its results instead of
+    fitting again; other settings (another tag) are computed."""
+    data, results = baseline
+    mine = str(tmp_path / "mine")
+    assert run_stage(STAGE, ["--data", data, "--results", mine, "--layers", "0", "2", "--reuse", results]) == 0
+    assert "nothing to do (--reuse)" in capsys.readouterr().out
+    for f in glob.glob(f"{results}/02_baseline_sim0*_*.npz"):
+        assert os.path.samefile(f, os.path.join(mine, os.path.basename(f)))
+    assert run_stage(STAGE, ["--data", data, "--results", mine, "--layers", "0", "--reuse", results]) == 0
+    assert "nothing to do" not in capsys.readouterr().out
+
+
 def test_baseline_outputs(baseline):
     data, results = baseline
     truth = plumbing.load_npz(f"{data}/truth.npz")

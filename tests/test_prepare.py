@@ -137,6 +137,23 @@ def test_simulated_same_seed_same_files(tiny_study, tmp_path):
                               plumbing.load_npz(f"{tiny_study}/subjects/sim01.npz")["test_resp"])
 
 
+def test_reuse_links_the_study_these_settings_and_this_code_build(default_study, tmp_path, capsys):
+    """--reuse DIR (make quick): the default study (whose voxel count stage 01 fills in from its
+    other flags) is linked, not rebuilt, by the same command with another --data; another setting
+    builds anew."""
+    quick = str(tmp_path / "quick")
+    assert run_stage(STAGE, ["--data", quick, "--reuse", default_study]) == 0
+    assert "linked into" in capsys.readouterr().out
+    for rel in ["study.npz", "subjects/sim01.npz", "stories/test.npz"]:
+        assert os.path.samefile(f"{quick}/{rel}", f"{default_study}/{rel}")  # hard links: no copy, no rebuild
+    assert run_stage(STAGE, ["--data", quick, "--reuse", default_study]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    other = str(tmp_path / "other")
+    assert run_stage(STAGE, ["--data", other, "--reuse", default_study, "--n-subjects", "1", "--n-voxels", "500"]) == 0
+    assert "building the simulated study" in capsys.readouterr().out and not os.path.samefile(
+        f"{other}/stories/test.npz", f"{default_study}/stories/test.npz")
+
+
 # --------------------------------------------------------------------------- ds003020 fixture
 
 TRAIN = ["alpha", "beta"]
