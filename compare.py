@@ -148,8 +148,7 @@ def changes(group, ref_group):
     files = provenance.code_differs(mine.get("code"), ref.get("code"))
     if files:
         changed["code"] = f"differs (files {files})"
-    other = "" if mine["stories"] == ref["stories"] else " (ANOTHER STUDY: not comparable)"
-    return (", ".join(f"{key} {v}" for key, v in changed.items()) or "nothing") + other
+    return ", ".join(f"{key} {v}" for key, v in changed.items()) or "nothing"
 
 
 def main(argv=None):
@@ -158,14 +157,13 @@ def main(argv=None):
         runs = load_runs(args.paths)
         groups = {}
         for r in runs:
-            groups.setdefault((kind(r), r["prov"]["tag"], r["folder"], r["prov"]["stories"]), []).append(r)
-        masks = {}
-        ac = {key: masks.setdefault((key[0][0], len(g[0]["delta"])), find_ac(args.paths, key[0][0], len(g[0]["delta"])))
-              for key, g in groups.items()}
+            study = (r["prov"]["stories"], r["prov"].get("subject_data"))  # the stories and the subject's data
+            groups.setdefault((kind(r), r["prov"]["tag"], r["folder"], study), []).append(r)
+        ac = {key: find_ac(args.paths, key[0][0], len(g[0]["delta"]), key[3][1]) for key, g in groups.items()}
         by_name = {r["name"]: r for r in runs}
         refs = {}
         for key, group in groups.items():
-            refs.setdefault(key[0], group)
+            refs.setdefault(key[0], (key, group))
         print(f"{'runs (subject roi mode [from])':36s} {'tag':7s} {'seeds':>5s} {'gain':>8s} {'sd':>7s} "
               f"{'AC':>8s} {'non-AC':>8s}  best epoch / epochs")
         for key, group in groups.items():
@@ -181,11 +179,14 @@ def main(argv=None):
         print()
         panels = {}
         for key, group in groups.items():
-            ref, k = refs[key[0]], key[0]
+            (ref_key, ref), k = refs[key[0]], key[0]
             name = f"{' '.join(x for x in k if x)} [{key[1] or 'default'}]"
-            if ref is not group:
+            if ref is not group and key[3] != ref_key[3]:
+                print(f"{name} against [{ref[0]['prov']['tag'] or 'default'}]: ANOTHER STUDY (its stories or "
+                      f"{k[0]}'s responses differ): not comparable, no verdict")
+            elif ref is not group:
                 print(f"{name} against [{ref[0]['prov']['tag'] or 'default'}]: changes {changes(group, ref)}; "
-                      f"gain {verdict(gains(group, ac[key]), gains(ref, ac[key]))}")
+                      f"gain {verdict(gains(group, ac[key]), gains(ref, ac[ref_key]))}")
             per, from_start = gains(group, ac[key]), None
             if k[3]:
                 words, from_start = against_start(group, ac[key], by_name)
@@ -201,17 +202,22 @@ def main(argv=None):
         plumbing.fail(e)
 
 
-def find_ac(paths, subject, n_voxels):
-    """The subject's AC mask from the data folder its results sit beside (results/ -> data/), when it
-    has the runs' number of voxels (else another study's: no AC split)."""
+def find_ac(paths, subject, n_voxels, subject_data):
+    """The subject's AC mask from the data folder of the runs' own study: a folder beside the
+    results (or ./data) whose study.npz gives the subject the runs' fingerprint (else None)."""
     for path in paths:
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        for data in (os.path.join(os.path.dirname(os.path.abspath(folder)), "data"), "data"):
-            f = os.path.join(data, "subjects", f"{subject}.npz")
-            if os.path.exists(f):
-                with np.load(f, allow_pickle=False) as d:
-                    if "roi_AC" in d and len(d["roi_AC"]) == n_voxels:
-                        return d["roi_AC"]
+        folder = os.path.dirname(os.path.abspath(path if os.path.isdir(path) else os.path.dirname(path)))
+        for study in sorted(glob.glob(os.path.join(glob.escape(folder), "*", "study.npz"))) + ["data/study.npz"]:
+            f = os.path.join(os.path.dirname(study), "subjects", f"{subject}.npz")
+            if not (os.path.exists(study) and os.path.exists(f)):
+                continue
+            with np.load(study, allow_pickle=False) as st:
+                if "subject_fingerprints" not in st or dict(zip(st["subjects"], st["subject_fingerprints"])).get(
+                        subject) != subject_data:  # another study's folder
+                    continue
+            with np.load(f, allow_pickle=False) as d:
+                if "roi_AC" in d and len(d["roi_AC"]) == n_voxels:
+                    return d["roi_AC"]
     return None
 
 

@@ -8,12 +8,12 @@ from conftest import fails_cleanly, run_stage
 
 
 def fake_run(folder, seed, gain, tag="", settings=None, stories="s1", roi="whole", init_from=None, code=None,
-             tuned=None):
+             tuned=None, n=50, subject_data="x"):
     """A stage 03 result with a known gain (every voxel changes by `gain`, or tuned r = `tuned`)."""
-    base = np.linspace(0.0, 0.5, 50).astype(np.float32)
+    base = np.linspace(0.0, 0.5, n).astype(np.float32)
     settings = dict({"loss": "corr", "epochs": 7}, **(settings or {}))
     prov = dict(stage="03", subject="sim01", roi=roi, seed=seed, tag=tag, settings=settings, mode="lora",
-                stories=stories, subject_data="x", init_from=dict(name=init_from, fingerprint="f") if init_from else None,
+                stories=stories, subject_data=subject_data, init_from=dict(name=init_from, fingerprint="f") if init_from else None,
                 baseline=dict(file="02_baseline_sim01.npz", tag="", fingerprint="b"), code=code,
                 flags=[f"--{k} {v}" for k, v in (settings or {}).items()])
     name = f"03_sim01_{roi}_lora_seed{seed}{'_' + tag if tag else ''}" + (f"_from_{init_from[3:]}" if init_from else "")
@@ -58,7 +58,7 @@ def test_compare_knows_the_seed_spread(tmp_path, capsys):
     other = tmp_path / "other"
     fake_run(other, 0, 0.02, tag="dddddd", settings={"loss": "mse"}, stories="another")
     assert run_stage("compare.py", [str(ref), str(other)]) == 0
-    assert "ANOTHER STUDY: not comparable" in capsys.readouterr().out
+    assert "against [default]: ANOTHER STUDY (its stories or sim01's responses differ)" in capsys.readouterr().out
     fails_cleanly("compare.py", [str(tmp_path / "empty")], capsys, "no stage 03 results")
 
 
@@ -85,6 +85,8 @@ def test_a_run_started_from_another_is_measured_against_it(tmp_path, capsys):
     ac = np.zeros(50, bool)
     ac[:10] = True
     plumbing.save_npz(tmp_path / "demo" / "data" / "subjects" / "sim01.npz", roi_AC=ac)
+    plumbing.save_npz(tmp_path / "demo" / "data" / "study.npz", subjects=np.array(["sim01"]),
+                      subject_fingerprints=np.array(["x"]))
     for seed, gain in enumerate([0.010, 0.014]):
         start, tuned = fake_run(res, seed, gain)
         fake_run(res, seed, 0, roi="AC", init_from=start, tuned=tuned + np.where(ac, 0.02 + 0.002 * seed, -0.005))
@@ -94,6 +96,25 @@ def test_a_run_started_from_another_is_measured_against_it(tmp_path, capsys):
     assert ("over the run each started from (2 seeds, paired): AC +0.0210 +- 0.0010, outside AC -0.0050 +- 0.0000; "
             "outside AC it keeps 58% of that run's gain (+0.0070 against +0.0120)") in line
     assert "sim01 whole lora [default]: the reference for its kind" in out
+
+
+def test_two_studies_of_other_sizes_each_find_their_own_ac_mask(tmp_path, capsys):
+    """Exercise 1 compares the abstract study (results_abstract/, data_abstract/: the same stories,
+    other subjects) with the demo's: each run's AC mask comes from its own study's data folder (by
+    the subject's fingerprint), and runs of two studies get no verdict (this crashed on the sizes)."""
+    for folder, n, subject_data in (("results_abstract", 30, "abs"), ("results", 50, "s1")):
+        ac = np.arange(n) < 10
+        data = tmp_path / folder.replace("results", "data")
+        plumbing.save_npz(data / "subjects" / "sim01.npz", roi_AC=ac)
+        plumbing.save_npz(data / "study.npz", subjects=np.array(["sim01"]), subject_fingerprints=np.array([subject_data]))
+        for seed in (0, 1):
+            fake_run(tmp_path / folder, seed, 0, n=n, subject_data=subject_data,
+                     tuned=np.linspace(0.0, 0.5, n).astype(np.float32) + np.where(ac, 0.02, 0.01))
+    assert run_stage("compare.py", [str(tmp_path / "results_abstract"), str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out
+    rows = [x for x in out.splitlines() if x.startswith("sim01 whole lora  ")]
+    assert len(rows) == 2 and all("+0.0200  +0.0100" in x for x in rows), rows  # AC, outside AC: each its own
+    assert "ANOTHER STUDY (its stories or sim01's responses differ): not comparable, no verdict" in out
 
 
 def test_compare_ignores_an_ac_mask_of_another_study(tmp_path, capsys, monkeypatch):
