@@ -107,19 +107,22 @@ def acoustic_targets(story):
     return np.array(rows, np.float32)
 
 
-def plot(scores, models, layers, probes, path, subject, runs):
-    """Each probe's score by hidden state, one line per model; the legend names the runs."""
+def plot(scores, spreads, models, layers, probes, path, subject, runs):
+    """Each probe's score by hidden state, one line per model, +- its sd across the held-out folds
+    (models side by side); the legend names the runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, len(probes), figsize=(4.5 * len(probes), 4.4), squeeze=False)
     for k, name in enumerate(probes):
         for m, model in enumerate(models):
-            ax[0, k].plot(layers, scores[m, :, k], "o-", label=f"{model}: {runs[model]}" if model in runs else
-                          f"{model}: untuned (stage 02's model)")
+            ax[0, k].errorbar(np.array(layers) + 0.06 * (m - (len(models) - 1) / 2), scores[m, :, k], spreads[m, :, k],
+                              fmt="o-", capsize=2, label=f"{model}: {runs[model]}" if model in runs else
+                              f"{model}: untuned (stage 02's model)")
         ax[0, k].set_xticks(layers)  # hidden states are whole numbers
         ax[0, k].set(xlabel="hidden state (0: the transformer's input)",
-                     ylabel="accuracy" if name == "category" else "mean r (held-out stories)", title=f"{name} probe")
+                     ylabel=("accuracy" if name == "category" else "mean r") + " (held-out stories; +- sd across folds)",
+                     title=f"{name} probe")
     handles, names = ax[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=1, fontsize=7, frameon=False)
     fig.suptitle(f"Linear probes of {subject}'s models: word representations -> targets")
@@ -162,7 +165,7 @@ def main(argv=None):
             targets["semantic"] = (known, np.array([vecs.get(w, np.zeros(dim)) for w in words], np.float32), None)
         probes = [p_ for p_ in ("semantic", "acoustic", "category") if p_ in targets]
         print(f"stage 05: probes {', '.join(probes)} on {len(words)} words, models {', '.join(args.models)}")
-        scores, layers, cnn = [], None, None
+        scores, spreads, layers, cnn = [], [], None, None
         for which in args.models:
             model = load_model(args, which, runs.get(which), base, device)
             if cnn is None:  # the CNN is frozen in stage 03, so one pass serves every model
@@ -170,31 +173,36 @@ def main(argv=None):
             reps = np.concatenate([probing.word_representations(model, stories[s], cnn[s], float(base["context_s"]),
                                                         float(base["stride_s"])) for s in names], axis=1)
             layers = list(range(reps.shape[0]))
-            per_layer = []
+            per_layer, sd_layer = [], []
             for li in layers:
-                row = []
+                row, sd = [], []
                 for name in probes:
                     sel, Y, classes = targets[name]
+                    folds = []  # the score on each fold's held-out stories: its spread
                     row.append(probing.probe(reps[li][sel], Y[sel], groups[sel], args.n_folds,
-                                     None if classes is None else classes[sel]))
+                                             None if classes is None else classes[sel], folds))
+                    sd.append(np.std(folds))
                 per_layer.append(row)
+                sd_layer.append(sd)
                 print(f"  {which:8s} layer {li}: " + ", ".join(f"{n} {v:.3f}" for n, v in zip(probes, row)), flush=True)
             scores.append(per_layer)
+            spreads.append(sd_layer)
     except StudyError as e:
         plumbing.fail(e)
     except KeyboardInterrupt:
         plumbing.fail("interrupted: nothing was written; rerun the same command", 130)
-    scores = np.array(scores, np.float32)
+    scores, spreads = np.array(scores, np.float32), np.array(spreads, np.float32)
     tag = next(iter(runs.values()))["tag"] if runs else ""
     name = output_name(args, study, subj, f"{tag}")
     prov = dict(stage="05", stories=study["stories_fingerprint"], subject=subj, baseline=base["fingerprint"],
                 runs={k: r["fingerprint"] for k, r in runs.items()}, word_vectors=args.word_vectors, n_folds=args.n_folds,
                 code=provenance.code_state(__file__))
     plumbing.save_npz(os.path.join(args.results, f"{name}.npz"), models=np.array(args.models),
-                    layers=np.array(layers), probes=np.array(probes), scores=scores, subject=np.array(subj),
+                    layers=np.array(layers), probes=np.array(probes), scores=scores, scores_sd_across_folds=spreads,
+                    subject=np.array(subj),
                     runs=np.array([runs[m]["name"] if m in runs else "" for m in args.models]),
                     provenance=np.array(json.dumps(prov, sort_keys=True)))
-    plot(scores, args.models, layers, probes, os.path.join(args.results, f"{name}.png"), subj,
+    plot(scores, spreads, args.models, layers, probes, os.path.join(args.results, f"{name}.png"), subj,
          {m: r["name"] for m, r in runs.items()})
     print("\n  best layer score per model: " + " | ".join(
         f"{m}: " + ", ".join(f"{p_} {scores[i, :, k].max():.3f}" for k, p_ in enumerate(probes))

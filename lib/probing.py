@@ -24,17 +24,20 @@ def word_representations(model, story, cnn, context_s, stride_s):
     return out
 
 
-def probe(X, Y, groups, n_folds, classes=None):
-    """Ridge probe with whole stories held out: mean r over target dims, or accuracy for classes."""
+def probe(X, Y, groups, n_folds, classes=None, per_fold=None):
+    """Ridge probe with whole stories held out: mean r over target dims, or accuracy for classes.
+    per_fold: a list that receives the same score on each fold's held-out stories (its spread)."""
     stories = np.unique(groups)
     folds = np.array_split(stories, min(n_folds, len(stories)))
     pred = np.zeros_like(Y)
+    score = (lambda p, rows: float(np.mean(np.argmax(p, 1) == classes[rows]))) if classes is not None else \
+        (lambda p, rows: float(np.mean(common.pearson_r(Y[rows], p))))
     for held in folds:
         te = np.isin(groups, held)
         mu, sd = X[~te].mean(0), X[~te].std(0) + 1e-6
         ym, ys = Y[~te].mean(0), Y[~te].std(0) + 1e-6
         W, _, _ = common.ridge_cv((X[~te] - mu) / sd, (Y[~te] - ym) / ys, n_folds=5)
         pred[te] = ((X[te] - mu) / sd) @ W * ys + ym
-    if classes is not None:
-        return float(np.mean(np.argmax(pred, 1) == classes))
-    return float(np.mean(common.pearson_r(Y, pred)))
+        if per_fold is not None:
+            per_fold.append(score(pred[te], te))
+    return score(pred, np.ones(len(Y), bool))

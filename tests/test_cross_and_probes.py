@@ -261,7 +261,8 @@ def test_probes(tuned, tmp_path):
     out = plumbing.load_npz(one(f"{results}/05_probes_*.npz"))
     assert list(out["models"]) == ["baseline", "whole", "AC"]
     assert list(out["probes"]) == ["semantic", "acoustic", "category"]
-    assert out["scores"].shape == (3, 4, 3)
+    assert out["scores"].shape == out["scores_sd_across_folds"].shape == (3, 4, 3)
+    assert np.all(np.isfinite(out["scores_sd_across_folds"])) and out["scores_sd_across_folds"].max() > 0
     s = out["scores"]
     # acoustics are linearly there in every model; the words' meaning is too, above chance in some
     # layer (the semantic vectors are category centroids plus noise: the category is heard in the word)
@@ -313,6 +314,10 @@ def test_probe_recovers_a_linear_target_and_holds_out_whole_stories():
     assert abs(probing.probe(X, rng.standard_normal((300, 4)).astype(np.float32), groups, 3)) < 0.1
     cls = (X[:, 0] > 0).astype(int)
     assert probing.probe(X, np.eye(2, dtype=np.float32)[cls], groups, 3, cls) > 0.9
+    folds = []  # the spread stage 05 plots: the score on each fold's held-out stories
+    pooled = probing.probe(X, np.eye(2, dtype=np.float32)[cls], groups, 3, cls, folds)
+    held = [np.isin(groups, f) for f in np.array_split(np.arange(6), 3)]
+    assert len(folds) == 3 and np.isclose(np.average(folds, weights=[h.sum() for h in held]), pooled)
     # rows of one story share a story-specific offset in both X and Y (as words of one story share
     # its topic): a probe that mixed rows of a story across folds would find it, one that holds out
     # whole stories cannot
