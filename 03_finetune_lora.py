@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import re
+import textwrap
 import time
 
 import numpy as np
@@ -304,7 +305,11 @@ def run(args, subj, seed, study, device, baseline):
     result = os.path.join(args.results, f"{name}.npz")
     provenance.note_replaced_run(result, out["fingerprint"])
     start = os.path.join(args.results, f"{init[1]}.npz") if init else None
-    start = dict(name=init[1], tuned=plumbing.load_npz(start)["test_r_tuned"]) if start and os.path.exists(start) else None
+    if start and os.path.exists(start):  # the run it started from, for the figure
+        start = plumbing.load_npz(start)
+        start = dict(name=provenance.describe_run(json.loads(str(start["provenance"]))), tuned=start["test_r_tuned"])
+    else:
+        start = None
     plot(out, subject_data, os.path.join(args.results, f"{name}.png"), start)
     plumbing.save_npz(result, **out)  # last: a run with its result file is finished (--resume skips it)
     return name, out, subject_data
@@ -357,14 +362,16 @@ def plot(out, subject_data, path, start=None):
     x = np.arange(len(names))
     ax[1].bar(x - 0.2 * bool(start), [np.mean((t - b)[m]) for m in masks], 0.4 if start else 0.8,
               label="over the untuned model")
-    what = f"{out['roi']}-tuned {out['mode']}, seed {int(out['seed'])}"
+    what = provenance.describe_run(json.loads(str(out["provenance"])))
     if start:  # an --init-from run: its change over the run it started from, too
-        ax[1].bar(x + 0.2, [np.mean((t - start["tuned"])[m]) for m in masks], 0.4, label=f"over {start['name']}")
+        ax[1].bar(x + 0.2, [np.mean((t - start["tuned"])[m]) for m in masks], 0.4, label="over the run it started from")
         ax[1].legend(fontsize=7)
-        what += f"\nstarted from {start['name']}"
+        what = [what, f"started from: {start['name']}"]
     ax[1].axhline(0, color="k", lw=1)
     ax[1].set_xticks(x, names)
-    ax[1].set(ylabel="mean delta r (linearized test r)", title=what)
+    ax[1].set_title("\n".join(line for part in ([what] if isinstance(what, str) else what)
+                               for line in textwrap.wrap(part, 55)), fontsize=9)
+    ax[1].set(ylabel="mean delta r (linearized test r)")
     if flat:
         delta = t - b
         lim = float(np.quantile(np.abs(delta), 0.99)) or 1.0

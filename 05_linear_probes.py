@@ -107,6 +107,18 @@ def acoustic_targets(story):
     return np.array(rows, np.float32)
 
 
+def probe_layer(reps, targets, probes, groups, n_folds):
+    """Every probe on one layer's word representations: (scores, their sd across the folds of
+    held-out stories)."""
+    row, sd = [], []
+    for name in probes:
+        sel, Y, classes = targets[name]
+        folds = []
+        row.append(probing.probe(reps[sel], Y[sel], groups[sel], n_folds, None if classes is None else classes[sel], folds))
+        sd.append(np.std(folds))
+    return row, sd
+
+
 def plot(scores, spreads, models, layers, probes, path, subject, runs):
     """Each probe's score by hidden state, one line per model, +- its sd across the held-out folds
     (models side by side); the legend names the runs."""
@@ -173,20 +185,11 @@ def main(argv=None):
             reps = np.concatenate([probing.word_representations(model, stories[s], cnn[s], float(base["context_s"]),
                                                         float(base["stride_s"])) for s in names], axis=1)
             layers = list(range(reps.shape[0]))
-            per_layer, sd_layer = [], []
-            for li in layers:
-                row, sd = [], []
-                for name in probes:
-                    sel, Y, classes = targets[name]
-                    folds = []  # the score on each fold's held-out stories: its spread
-                    row.append(probing.probe(reps[li][sel], Y[sel], groups[sel], args.n_folds,
-                                             None if classes is None else classes[sel], folds))
-                    sd.append(np.std(folds))
-                per_layer.append(row)
-                sd_layer.append(sd)
+            per_layer = [probe_layer(reps[li], targets, probes, groups, args.n_folds) for li in layers]
+            for li, (row, _) in enumerate(per_layer):
                 print(f"  {which:8s} layer {li}: " + ", ".join(f"{n} {v:.3f}" for n, v in zip(probes, row)), flush=True)
-            scores.append(per_layer)
-            spreads.append(sd_layer)
+            scores.append([row for row, _ in per_layer])
+            spreads.append([sd for _, sd in per_layer])
     except StudyError as e:
         plumbing.fail(e)
     except KeyboardInterrupt:
@@ -203,7 +206,7 @@ def main(argv=None):
                     runs=np.array([runs[m]["name"] if m in runs else "" for m in args.models]),
                     provenance=np.array(json.dumps(prov, sort_keys=True)))
     plot(scores, spreads, args.models, layers, probes, os.path.join(args.results, f"{name}.png"), subj,
-         {m: r["name"] for m, r in runs.items()})
+         {m: provenance.describe_run(r["provenance"]) for m, r in runs.items()})
     print("\n  best layer score per model: " + " | ".join(
         f"{m}: " + ", ".join(f"{p_} {scores[i, :, k].max():.3f}" for k, p_ in enumerate(probes))
         for i, m in enumerate(args.models)))

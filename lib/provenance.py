@@ -153,6 +153,17 @@ def link_tree(src, dest, names=None):
         os.replace(tmp, b)
 
 
+def describe_run(prov):
+    """A stage 03 run in words (figures): what it tuned, its seed, its flags, edited code."""
+    edited = (prov.get("code") or {}).get("edited")
+    start = (prov.get("init_from") or {}).get("name")
+    flags = [f for f in prov.get("flags", []) if not f.startswith("--init-from")]
+    return (f"{prov['subject']} {prov['roi']} {'LoRA' if prov['mode'] == 'lora' else 'full fine-tuning'}, seed "
+            f"{prov['seed']}" + (f", from {start.split('_')[1]}'s {start.split('_')[2]} run" if start else "")
+            + (f", {' '.join(flags)}" if flags else ", default flags")
+            + (f", code edited ({', '.join(edited)})" if edited else ""))
+
+
 def code_differs(mine, ref):
     """The files whose code differs between two results' code records ('' when the same or unknown)."""
     if not mine or not ref or mine["fingerprint"] == ref["fingerprint"]:
