@@ -370,7 +370,7 @@ def plot(out, subject_data, path, start=None):
     ax[1].axhline(0, color="k", lw=1)
     ax[1].set_xticks(x, names)
     ax[1].set_title("\n".join(line for part in ([what] if isinstance(what, str) else what)
-                               for line in textwrap.wrap(part, 55)), fontsize=9)
+                               for line in textwrap.wrap(part, 55, break_on_hyphens=False)), fontsize=9)
     ax[1].set(ylabel="mean delta r (linearized test r)")
     if flat:
         delta = t - b

@@ -20,6 +20,7 @@ the default runs on every subject, and a file named after the choice otherwise (
 import json
 import os
 import re
+import textwrap
 import time
 
 import numpy as np
@@ -66,11 +67,12 @@ def output_name(args, study, tuned_on, evaluated_on, tag):
     return "_".join(["04_cross_subject"] + [p for p in parts if p])
 
 
-def plot(mean_delta, tuned_on, evaluated_on, path):
+def plot(mean_delta, tuned_on, evaluated_on, path, runs=""):
+    """The like-for-like gain of each tuned model on each subject; `runs`: the runs, in words."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    title = "mean delta r over the untuned model at the same layer"
+    title = "\n".join(["mean delta r over the untuned model at the same layer"] + textwrap.wrap(f"runs: {runs}", 60, break_on_hyphens=False))
     if len(tuned_on) == 1:  # one tuned model: a bar per subject it is scored on, not a one-row heatmap
         fig, ax = plt.subplots(figsize=(1.2 * len(evaluated_on) + 3, 3.6))
         ax.bar(range(len(evaluated_on)), mean_delta[0], color=["C1" if s == tuned_on[0] else "C0" for s in evaluated_on])
@@ -198,7 +200,9 @@ def main(argv=None):
                       roi=np.array(args.roi), mode=np.array("full" if args.full_finetune else "lora"),
                       seed=np.int64(args.seed), runs=np.array([r["name"] for r in used.values()]),
                       provenance=np.array(json.dumps(prov, sort_keys=True)), **out)
-    plot(mean_delta, tuned_on, evaluated_on, os.path.join(args.results, f"{name}.png"))
+    words = provenance.describe_run(next(iter(used.values()))["provenance"]).split(", ", 1)[1]  # all but the subject
+    plot(mean_delta, tuned_on, evaluated_on, os.path.join(args.results, f"{name}.png"),
+         f"{args.roi} {'full' if args.full_finetune else 'lora'}, {words}")
     print_matrix("mean delta r, like for like: tuned - untuned at the same layer, the evaluated subject's recipe",
                  mean_delta, tuned_on, evaluated_on)
     print_matrix("mean delta r against the evaluated subject's best baseline (stage 02's layer)", mean_vs_best,
