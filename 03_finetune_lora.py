@@ -362,15 +362,15 @@ def plot(out, subject_data, path, start=None):
     x = np.arange(len(names))
     ax[1].bar(x - 0.2 * bool(start), [np.mean((t - b)[m]) for m in masks], 0.4 if start else 0.8,
               label="over the untuned model")
-    what = provenance.describe_run(json.loads(str(out["provenance"])))
+    what = [provenance.describe_run(json.loads(str(out["provenance"])))]
     if start:  # an --init-from run: its change over the run it started from, too
         ax[1].bar(x + 0.2, [np.mean((t - start["tuned"])[m]) for m in masks], 0.4, label="over the run it started from")
         ax[1].legend(fontsize=7)
-        what = [what, f"started from: {start['name']}"]
+        what.append(f"started from: {start['name']}")
     ax[1].axhline(0, color="k", lw=1)
     ax[1].set_xticks(x, names)
-    ax[1].set_title("\n".join(line for part in ([what] if isinstance(what, str) else what)
-                               for line in textwrap.wrap(part, 55, break_on_hyphens=False)), fontsize=9)
+    ax[1].set_title("\n".join(line for part in what for line in textwrap.wrap(part, 55, break_on_hyphens=False)),
+                    fontsize=9)
     ax[1].set(ylabel="mean delta r (linearized test r)")
     if flat:
         delta = t - b

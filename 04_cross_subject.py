@@ -72,7 +72,8 @@ def plot(mean_delta, tuned_on, evaluated_on, path, runs=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    title = "\n".join(["mean delta r over the untuned model at the same layer"] + textwrap.wrap(f"runs: {runs}", 60, break_on_hyphens=False))
+    title = "\n".join(["mean delta r over the untuned model at the same layer"]
+                      + textwrap.wrap(f"runs: {runs}", 60, break_on_hyphens=False))
     if len(tuned_on) == 1:  # one tuned model: a bar per subject it is scored on, not a one-row heatmap
         fig, ax = plt.subplots(figsize=(1.2 * len(evaluated_on) + 3, 3.6))
         ax.bar(range(len(evaluated_on)), mean_delta[0], color=["C1" if s == tuned_on[0] else "C0" for s in evaluated_on])
@@ -200,9 +201,8 @@ def main(argv=None):
                       roi=np.array(args.roi), mode=np.array("full" if args.full_finetune else "lora"),
                       seed=np.int64(args.seed), runs=np.array([r["name"] for r in used.values()]),
                       provenance=np.array(json.dumps(prov, sort_keys=True)), **out)
-    words = provenance.describe_run(next(iter(used.values()))["provenance"]).split(", ", 1)[1]  # all but the subject
-    plot(mean_delta, tuned_on, evaluated_on, os.path.join(args.results, f"{name}.png"),
-         f"{args.roi} {'full' if args.full_finetune else 'lora'}, {words}")
+    runs_in_words = provenance.describe_run(next(iter(used.values()))["provenance"]).split(" ", 1)[1]  # not the subject
+    plot(mean_delta, tuned_on, evaluated_on, os.path.join(args.results, f"{name}.png"), runs_in_words)
     print_matrix("mean delta r, like for like: tuned - untuned at the same layer, the evaluated subject's recipe",
                  mean_delta, tuned_on, evaluated_on)
     print_matrix("mean delta r against the evaluated subject's best baseline (stage 02's layer)", mean_vs_best,

@@ -21,6 +21,7 @@ Writes compare.png (each run's gain, one panel per ROI) beside the first folder,
 import glob
 import os
 import sys
+import textwrap
 
 import numpy as np
 
@@ -160,6 +161,7 @@ def main(argv=None):
             study = (r["prov"]["stories"], r["prov"].get("subject_data"))  # the stories and the subject's data
             groups.setdefault((kind(r), r["prov"]["tag"], r["folder"], study), []).append(r)
         ac = {key: find_ac(args.paths, key[0][0], len(g[0]["delta"]), key[3][1]) for key, g in groups.items()}
+        per = {key: gains(group, ac[key]) for key, group in groups.items()}  # per seed: all, AC, outside AC
         by_name = {r["name"]: r for r in runs}
         refs = {}
         for key, group in groups.items():
@@ -167,8 +169,7 @@ def main(argv=None):
         print(f"{'runs (subject roi mode [from])':36s} {'tag':7s} {'seeds':>5s} {'gain':>8s} {'sd':>7s} "
               f"{'AC':>8s} {'non-AC':>8s}  best epoch / epochs")
         for key, group in groups.items():
-            per = gains(group, ac[key])
-            (g, sd), (a, _), (o, _) = spread(per), spread(per, 1), spread(per, 2)
+            (g, sd), (a, _), (o, _) = spread(per[key]), spread(per[key], 1), spread(per[key], 2)
             print(f"{' '.join(x for x in key[0] if x):36s} {key[1] or 'default':7s} {len(group):5d} {g:+8.4f} {sd:7.4f} "
                   f"{a:+8.4f} {o:+8.4f}  " + " ".join(f"{r['best']}/{len(r['val'])}" for r in group)
                   + f"   [{args.paths[key[2]]}]")
@@ -186,14 +187,15 @@ def main(argv=None):
                       f"{k[0]}'s responses differ): not comparable, no verdict")
             elif ref is not group:
                 print(f"{name} against [{ref[0]['prov']['tag'] or 'default'}]: changes {changes(group, ref)}; "
-                      f"gain {verdict(gains(group, ac[key]), gains(ref, ac[ref_key]))}")
-            per, from_start = gains(group, ac[key]), None
+                      f"gain {verdict(per[key], per[ref_key])}")
+            from_start = None
             if k[3]:
                 words, from_start = against_start(group, ac[key], by_name)
                 print(f"{name} {words}")
             elif ref is group:
                 print(f"{name}: the reference for its kind")
-            panels.setdefault(k[1], []).append((label(group, ref, args.paths), from_start or per, from_start is not None))
+            panels.setdefault(k[1], []).append((label(group, ref, args.paths), from_start or per[key],
+                                                from_start is not None))
         out = args.out or os.path.join(args.paths[0] if os.path.isdir(args.paths[0]) else os.path.dirname(args.paths[0]),
                                        "compare.png")
         plot(panels, out)
@@ -239,22 +241,13 @@ def plot(panels, path):
             ax.errorbar(i + 0.15, np.mean(values), yerr=np.std(values) if len(values) > 1 else None, fmt="_",
                         color="k", ms=14, capsize=3)
         ax.axhline(0, color="0.6", lw=0.8)
-        ax.set_xticks(range(len(rows)), ["\n".join(wrap(name + (" (against its start run)" if f else ""), 24))
+        ax.set_xticks(range(len(rows)), ["\n".join(textwrap.wrap(name + (" (against its start run)" if f else ""), 24,
+                                                                break_long_words=False, break_on_hyphens=False))
                                          for name, _, f in rows], fontsize=6.5)
         ax.set(xlim=(-0.6, len(rows) - 0.4), title=f"tuned on {roi}",
                ylabel=f"gain in mean test r {'in AC' if col else 'over all voxels'} (seeds; mean +- sd)")
     fig.suptitle("stage 03 runs: linearized test r over the untuned model at the same layer", fontsize=10)
     plumbing.save_figure(fig, path)
-
-
-def wrap(text, width=34):
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + len(word) > width:
-            lines.append(line)
-            line = ""
-        line = f"{line} {word}".strip()
-    return lines + [line]
 
 
 if __name__ == "__main__":

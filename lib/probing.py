@@ -30,8 +30,12 @@ def probe(X, Y, groups, n_folds, classes=None, per_fold=None):
     stories = np.unique(groups)
     folds = np.array_split(stories, min(n_folds, len(stories)))
     pred = np.zeros_like(Y)
-    score = (lambda p, rows: float(np.mean(np.argmax(p, 1) == classes[rows]))) if classes is not None else \
-        (lambda p, rows: float(np.mean(common.pearson_r(Y[rows], p))))
+
+    def score(p, rows):
+        if classes is not None:
+            return float(np.mean(np.argmax(p, 1) == classes[rows]))
+        return float(np.mean(common.pearson_r(Y[rows], p)))
+
     for held in folds:
         te = np.isin(groups, held)
         mu, sd = X[~te].mean(0), X[~te].std(0) + 1e-6

@@ -108,7 +108,7 @@ def code_state(script):
 
 def same_record(path, record):
     """Does the result at `path` record what `record` holds (code compared by its files, not by
-    commit)? --if-changed skips a stage whose results already do."""
+    commit)? --reuse skips a stage whose results already do."""
     def comparable(p):
         p = json.loads(json.dumps(p, sort_keys=True, default=str))
         return dict(p, code=(p.get("code") or {}).get("fingerprint"))
