@@ -78,11 +78,14 @@ out["model_params_m"] = round(sum(p.numel() for p in WavLMModel(cfg).parameters(
 
 # 3. a small simulated study, then stage 02 and one epoch of stage 03 (paper defaults) on the device
 data, results, ckpt = (os.path.join(args.out, x) for x in ("data", "results", "checkpoints"))
+# tiny: the smallest study with whole 32-TR training blocks (80 s stories), and 4 s windows of context
 study = [] if args.size == "full" else ["--n-subjects", "1", "--n-voxels", "50", "--n-train-stories", "2",
-                                        "--story-seconds", "80", "--test-seconds", "40"]
+                                        "--n-val-stories", "1", "--story-seconds", "80", "--test-seconds", "40"]
+window = [] if args.size == "full" else ["--context-s", "4"]
 rc, out["stage01_s"] = timed([py, "01_prepare_data.py", "--data", data, *study], "stage01.log")
 io = ["--data", data, "--results", results, "--device", args.device]
-out["stage02_rc"], out["stage02_s"] = timed([py, "02_baseline_ridge.py", *io, "--model", folder], "stage02.log")
+out["stage02_rc"], out["stage02_s"] = timed([py, "02_baseline_ridge.py", *io, "--model", folder, *window],
+                                             "stage02.log")
 out["stage03_rc"], out["stage03_s"] = timed([py, "03_finetune_lora.py", *io, "--checkpoints", ckpt,
                                              "--subject", "sim01", "--epochs", "1"], "stage03.log")
 save()

@@ -4,9 +4,10 @@ The lines come from README.md (the fenced block after the 'real-data recipe' mar
 order, through one bash process (as in a terminal: `. .venv/bin/activate` in the block is what makes
 `python` the project's), in a copy of the repository whose .venv is this test's environment. The
 shell starts without this test's interpreter on PATH, so a line that needs the environment and runs
-before it is activated fails here as it would for a user. Three substitutions only: the dataset path
+before it is activated fails here as it would for a user. Four substitutions only: the dataset path
 becomes the fixture's, microsoft/wavlm-base-plus becomes this repository's tiny pretrained WavLM,
-and stage 03 trains one epoch. The `make fetch` and `make pycortex` lines are left out: there is no
+stage 02's windows carry 4 s of context instead of 16 (stages 03-05 take their windows from its
+result: 17 s less in this test, the slowest of the suite) and stage 03 trains one epoch. The `make fetch` and `make pycortex` lines are left out: there is no
 network here (tests/test_fetch.py runs the fetch with a stand-in for openneuro-py) and the test
 set-up has installed pycortex.
 
@@ -55,6 +56,8 @@ def test_the_readme_recipe_runs_as_written(miniature, tmp_path, monkeypatch):
             continue
         line = line.replace("/data/ds003020", root).replace("microsoft/wavlm-base-plus", "tiny-pretrained")
         argv = shlex.split(line)
+        if argv[:2] == ["python", "02_baseline_ridge.py"]:
+            line += " --context-s 4"
         if argv[:2] == ["python", "03_finetune_lora.py"]:
             line += " --epochs 1"
         if argv[0] == "python":
@@ -74,7 +77,7 @@ def test_the_readme_recipe_runs_as_written(miniature, tmp_path, monkeypatch):
     for subj in SUBJECTS:
         d = common.load_subject("data", subj, common.load_study("data"))
         assert d["roi_AC"].sum() == 36 and len(d["roi_AC"]) == n_vox[subj] and d["flat_index"].max() < n_vox[subj]
-        one(f"{res}/02_baseline_{subj}_*.npz")
+        assert float(plumbing.load_npz(one(f"{res}/02_baseline_{subj}_*.npz"))["context_s"]) == 4.0
         one(f"{res}/03_{subj}_whole_lora_seed0_*.npz")
     assert len([f for f in os.listdir(res) if re.match(r"03_UTS01_whole_lora_seed\d_[0-9a-f]{6}\.npz$", f)]) == 3
     assert len([f for f in os.listdir(res) if re.match(r"03_UTS01_whole_full_seed\d_[0-9a-f]{6}\.npz$", f)]) == 3
