@@ -81,8 +81,9 @@ quick: $(VENV)/.installed
 	$(PY) 05_linear_probes.py $(QUICK_ARGS) --checkpoints $(QUICK)/checkpoints --seed $(SEED) --models baseline whole $(ARGS05)
 	if [ -d $(RESULTS) ]; then $(PY) compare.py $(RESULTS) $(QUICK)/results --out $(QUICK)/results/compare.png; fi
 
+# two pytest-xdist workers, each taking whole files, the longest first (tests/conftest.py says why)
 test: $(VENV)/.installed $(VENV)/.pycortex
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # the README's figures, from the last demo run
 # (the demo's runs carry the tag of its LORA settings in their names: one match each after make demo)

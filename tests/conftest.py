@@ -16,7 +16,11 @@ sys.path.insert(0, ROOT)
 
 from lib import plumbing  # noqa: E402
 
-plumbing.set_threads(2)
+# torch's threads per test process: the machine's cores shared among pytest-xdist's workers (make test
+# runs two), and the same count for the stage processes the tests start (BRAINWAVLM_THREADS)
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
+os.environ["BRAINWAVLM_THREADS"] = str(THREADS)
+plumbing.set_threads(THREADS)
 
 TINY = ["--cortex", "none", "--n-subjects", "2", "--n-voxels", "60", "--n-train-stories", "3", "--n-val-stories", "1",
         "--story-seconds", "60", "--test-seconds", "60", "--seed", "3"]
@@ -35,6 +39,17 @@ def run_stage(script, argv):
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     return 0
+
+
+# make test runs two pytest-xdist workers, each taking a whole file at a time (--dist loadfile: a
+# file's fixtures are built once) in this order (--no-loadscope-reorder): the longest files first,
+# so that the workers finish together instead of one running the README recipe alone at the end
+SLOWEST_FIRST = ["test_real_recipe.py", "test_gpu_check.py", "test_real_architecture.py", "test_cortex.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from conftest import ROOT, one
 
 
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, BRAINWAVLM_THREADS="2")
+    env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(["bash", "bench/gpu_check.sh", "--device", "cpu", "--size", "tiny", "--steps", "2",
                            "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
