@@ -108,15 +108,41 @@ def acoustic_targets(story):
 
 
 def probe_layer(reps, targets, probes, groups, n_folds):
-    """Every probe on one layer's word representations: (scores, their sd across the folds of
-    held-out stories)."""
-    row, sd = [], []
-    for name in probes:
+    """Every probe on one layer's word representations: (scores, each probe's score on each fold of
+    held-out stories, NaN-padded to n_folds). The folds depend on the stories only, so fold k holds
+    out the same stories for every model: models compare fold by fold (summarize)."""
+    row, by_fold = [], np.full((len(probes), n_folds), np.nan, np.float32)
+    for k, name in enumerate(probes):
         sel, Y, classes = targets[name]
         folds = []
         row.append(probing.probe(reps[sel], Y[sel], groups[sel], n_folds, None if classes is None else classes[sel], folds))
-        sd.append(np.std(folds))
-    return row, sd
+        by_fold[k, :len(folds)] = folds
+    return row, by_fold
+
+
+def summarize(scores, by_fold, models, probes, tuned_layer):
+    """The printed comparison: each model's best layer; every model at the layer the whole-cortex run
+    was tuned at (like for like); there, each tuned model against the baseline fold by fold (the
+    folds differ in difficulty for every model alike, so the paired differences spread less than
+    the scores do)."""
+    print("\n  best layer score per model: " + " | ".join(
+        f"{m}: " + ", ".join(f"{p_} {scores[i, :, k].max():.3f}" for k, p_ in enumerate(probes))
+        for i, m in enumerate(models)))
+    if tuned_layer is None:
+        return
+    print(f"  at the tuned layer {tuned_layer}: " + " | ".join(
+        f"{m}: " + ", ".join(f"{p_} {scores[i, tuned_layer, k]:.3f}" for k, p_ in enumerate(probes))
+        for i, m in enumerate(models)))
+    if "baseline" not in models:
+        return
+    b = models.index("baseline")
+    for i, m in [(i, m) for i, m in enumerate(models) if m != "baseline"]:
+        parts = []
+        for k, p_ in enumerate(probes):
+            d = by_fold[i, tuned_layer, k] - by_fold[b, tuned_layer, k]
+            d = d[np.isfinite(d)]
+            parts.append(f"{p_} {d.mean():+.3f} +- {d.std():.3f} (higher on {(d > 0).sum()} of {len(d)} folds)")
+        print(f"  {m} - baseline at layer {tuned_layer}, paired by held-out fold: " + ", ".join(parts))
 
 
 def plot(scores, spreads, models, layers, probes, path, subject, runs):
@@ -177,7 +203,7 @@ def main(argv=None):
             targets["semantic"] = (known, np.array([vecs.get(w, np.zeros(dim)) for w in words], np.float32), None)
         probes = [p_ for p_ in ("semantic", "acoustic", "category") if p_ in targets]
         print(f"stage 05: probes {', '.join(probes)} on {len(words)} words, models {', '.join(args.models)}")
-        scores, spreads, layers, cnn = [], [], None, None
+        scores, by_fold, layers, cnn = [], [], None, None
         for which in args.models:
             model = load_model(args, which, runs.get(which), base, device)
             if cnn is None:  # the CNN is frozen in stage 03, so one pass serves every model
@@ -189,12 +215,13 @@ def main(argv=None):
             for li, (row, _) in enumerate(per_layer):
                 print(f"  {which:8s} layer {li}: " + ", ".join(f"{n} {v:.3f}" for n, v in zip(probes, row)), flush=True)
             scores.append([row for row, _ in per_layer])
-            spreads.append([sd for _, sd in per_layer])
+            by_fold.append([folds for _, folds in per_layer])
     except StudyError as e:
         plumbing.fail(e)
     except KeyboardInterrupt:
         plumbing.fail("interrupted: nothing was written; rerun the same command", 130)
-    scores, spreads = np.array(scores, np.float32), np.array(spreads, np.float32)
+    scores, by_fold = np.array(scores, np.float32), np.array(by_fold, np.float32)
+    spreads = np.nanstd(by_fold, axis=-1)
     tag = next(iter(runs.values()))["tag"] if runs else ""
     name = output_name(args, study, subj, f"{tag}")
     prov = dict(stage="05", stories=study["stories_fingerprint"], subject=subj, baseline=base["fingerprint"],
@@ -202,19 +229,13 @@ def main(argv=None):
                 code=provenance.code_state(__file__))
     plumbing.save_npz(os.path.join(args.results, f"{name}.npz"), models=np.array(args.models),
                     layers=np.array(layers), probes=np.array(probes), scores=scores, scores_sd_across_folds=spreads,
+                    scores_by_fold=by_fold,
                     subject=np.array(subj),
                     runs=np.array([runs[m]["name"] if m in runs else "" for m in args.models]),
                     provenance=np.array(json.dumps(prov, sort_keys=True)))
     plot(scores, spreads, args.models, layers, probes, os.path.join(args.results, f"{name}.png"), subj,
          {m: provenance.describe_run(r["provenance"]) for m, r in runs.items()})
-    print("\n  best layer score per model: " + " | ".join(
-        f"{m}: " + ", ".join(f"{p_} {scores[i, :, k].max():.3f}" for k, p_ in enumerate(probes))
-        for i, m in enumerate(args.models)))
-    tuned_layer = int(runs["whole"]["layer"]) if "whole" in runs else None
-    if tuned_layer is not None:  # like for like: every model at the layer the whole-cortex run was tuned at
-        print(f"  at the tuned layer {tuned_layer}: " + " | ".join(
-            f"{m}: " + ", ".join(f"{p_} {scores[i, tuned_layer, k]:.3f}" for k, p_ in enumerate(probes))
-            for i, m in enumerate(args.models)))
+    summarize(scores, by_fold, args.models, probes, int(runs["whole"]["layer"]) if "whole" in runs else None)
     print(f"\nwrote {args.results}/{name}.npz and .png in {time.time() - t0:.0f} s")
 
 

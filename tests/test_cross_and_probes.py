@@ -254,15 +254,27 @@ def test_cross_subject_without_checkpoint(tuned, tmp_path, capsys):
                   "has no checkpoint", results)
 
 
-def test_probes(tuned, tmp_path):
+def test_probes(tuned, tmp_path, capsys):
     data, results, ckpt = _copy(tuned, tmp_path)
     assert run_stage("05_linear_probes.py", ["--data", data, "--results", results, "--checkpoints", ckpt,
                                              "--n-folds", "3"]) == 0
+    printed = capsys.readouterr().out
     out = plumbing.load_npz(one(f"{results}/05_probes_*.npz"))
     assert list(out["models"]) == ["baseline", "whole", "AC"]
     assert list(out["probes"]) == ["semantic", "acoustic", "category"]
     assert out["scores"].shape == out["scores_sd_across_folds"].shape == (3, 4, 3)
     assert np.all(np.isfinite(out["scores_sd_across_folds"])) and out["scores_sd_across_folds"].max() > 0
+    # each score on each fold of held-out stories, and the tuned models against the baseline fold by
+    # fold at the tuned layer: the differences of the saved scores, not the groups' spreads
+    by_fold = out["scores_by_fold"]
+    assert by_fold.shape == (3, 4, 3, 3) and np.all(np.isfinite(by_fold))
+    np.testing.assert_allclose(by_fold.std(-1), out["scores_sd_across_folds"], atol=1e-6)
+    layer = int(plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))["layer"])
+    for m, name in ((1, "whole"), (2, "AC")):
+        d = by_fold[m, layer] - by_fold[0, layer]
+        parts = [f"{p} {d[k].mean():+.3f} +- {d[k].std():.3f} (higher on {(d[k] > 0).sum()} of 3 folds)"
+                 for k, p in enumerate(out["probes"])]
+        assert f"{name} - baseline at layer {layer}, paired by held-out fold: " + ", ".join(parts) in printed, printed
     s = out["scores"]
     # acoustics are linearly there in every model; the words' meaning is too, above chance in some
     # layer (the semantic vectors are category centroids plus noise: the category is heard in the word)
