@@ -78,7 +78,7 @@ def get_parser():
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     g = p.add_argument_group("training examples")
     g.add_argument("--block-trs", type=int, default=32, help="TRs per training example (normalised as one "
-                   "block: see readout_head)")
+                   "block: see readout_input)")
     g.add_argument("--batch-blocks", type=int, default=2, help="examples per optimizer step")
     g.add_argument("--tune-stories", type=int, help="tune on the first N training stories only (default: all); "
                    "the linearized scoring still fits on every training story, as stage 02 did")
@@ -86,6 +86,8 @@ def get_parser():
                    help="past audio per training window, in seconds (stage 02 and the evaluation use 16; 0 "
                    "keeps training 5x cheaper: the forward pass dominates the cost, docs/methods.md)")
     g.add_argument("--train-stride-s", type=float, default=4.0, help="training window length/step, seconds")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer layers (CUDA graphs on "
+                   "a GPU): the same numbers to float precision; whether it pays: bench/RESULTS.md")
     return p
 
 
@@ -145,11 +147,8 @@ def check_lora_targets(model, targets):
 
 
 def predict_story(model, readout, story, layer, args, delays):
-    """A whole story's predicted responses, block by block (no gradient)."""
-    rows = len(story["tr_times"])
-    with torch.no_grad():
-        return torch.cat([common.predict_block(model, readout, story, i, min(rows, i + args.block_trs), layer, args,
-                                               delays, grad=False) for i in range(0, rows, args.block_trs)]).cpu().numpy()
+    """A whole story's predicted responses, in training's blocks (no gradient)."""
+    return common.predict_story(model, readout, story, layer, args.block_trs, delays, args.norm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +193,7 @@ def setup_model(args, baseline, seed, n_vox, device, prov=None):
     n_delays = len(common.ridge_recipe(baseline)["delays"])
     readout = common.make_readout(model.config.hidden_size * n_delays, n_vox, args.bottleneck).to(device)
     opt = torch.optim.Adam([{"params": [p_ for p_ in model.parameters() if p_.requires_grad], "lr": args.lr_adapter},
-                            {"params": readout.parameters(), "lr": args.lr_readout}])
+                            {"params": readout.parameters(), "lr": args.lr_readout}], fused=True)  # one kernel
     return model, readout, opt, prov, init
 
 
@@ -202,7 +201,8 @@ def train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, 
     """Epochs of shuffled blocks with the spatial-correlation loss; after each, the validation
     stories' mean r picks the best epoch (early stopping with --patience). best/ is saved before
     last/, so a crash between the two only repeats an epoch (the same numbers: seeded)."""
-    blocks = [(s, i) for s in study["train"][:args.tune_stories] for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
+    blocks = [(s, i, min(len(stories[s]["tr_times"]), i + args.block_trs)) for s in study["train"][:args.tune_stories]
+              for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
     history, start = dict(val_r=[], loss=[]), 0
     if args.resume:
         history, start = checkpoints.resume(ckpt, model, readout, opt, args.full_finetune)
@@ -212,31 +212,31 @@ def train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, 
             break
         model.train()
         order = np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))  # seeded, resumable
-        losses = []
+        loss_sum, n_blocks = 0.0, 0  # on the device: read once an epoch (or for the progress bar)
         steps = range(0, len(order), args.batch_blocks)
         bar = plumbing.progress_bar(steps, f"  {name} epoch {epoch + 1}")
         for k in bar:
+            batch = [blocks[j] for j in order[k:k + args.batch_blocks]]
             opt.zero_grad()
-            for j in order[k:k + args.batch_blocks]:
-                s, i0 = blocks[j]
-                i1 = min(len(stories[s]["tr_times"]), i0 + args.block_trs)
-                with plumbing.autocast(device):
-                    pred = common.predict_block(model, readout, stories[s], i0, i1, layer, args, delays).float()
-                y = resp[s][i0:i1]
-                loss = common.spatial_corr_loss(pred, y) if args.loss == "corr" else torch.mean((pred - y) ** 2)
-                (loss / args.batch_blocks).backward()
-                losses.append(loss.item())
+            with plumbing.autocast(device):  # the paper's step: its blocks in one forward, one backward
+                x, in_x = common.block_inputs(model, stories, batch, layer, delays, args.norm)
+                batch = [batch[j] for j in in_x]  # x's order: blocks of one length together
+                y = torch.cat([resp[s][i0:i1] for s, i0, i1 in batch])
+                loss = common.blocks_loss(readout, x, y, [i1 - i0 for _, i0, i1 in batch], args.loss)
+            (loss / args.batch_blocks).backward()
             torch.nn.utils.clip_grad_norm_([p_ for g in opt.param_groups for p_ in g["params"]], args.grad_clip)
             opt.step()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+            loss_sum, n_blocks = loss_sum + loss.detach(), n_blocks + len(batch)
+            if hasattr(bar, "set_postfix") and k % (20 * args.batch_blocks) == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / n_blocks:.3f}")
+        mean_loss = float(loss_sum) / n_blocks
         model.eval()
         val_r = np.mean([common.pearson_r(val_resp[s], predict_story(model, readout, stories[s], layer, args, delays)).mean()
                          for s in study["val"]])
         history["val_r"].append(float(val_r))
-        history["loss"].append(float(np.mean(losses)))
+        history["loss"].append(mean_loss)
         best = int(np.argmax(history["val_r"]))
-        print(f"  {name} epoch {epoch + 1}: loss {np.mean(losses):.4f}, val r {val_r:.4f}"
+        print(f"  {name} epoch {epoch + 1}: loss {mean_loss:.4f}, val r {val_r:.4f}"
               f"{'  (best)' if best == epoch else ''}", flush=True)
         if best == epoch:
             checkpoints.save_checkpoint(os.path.join(ckpt, "best"), model, readout, opt, epoch, history, prov)
@@ -255,8 +255,9 @@ def evaluate(args, name, ckpt, model, readout, stories, subject_data, mask, laye
     predicted = predict_story(model, readout, stories[study["test"]], layer, args, delays)
     direct[mask] = common.pearson_r(subject_data["test_resp"][:, mask], predicted)
     cache = os.path.join(args.data, "features", name)
-    fingerprint = plumbing.model_fingerprint(model)
-    features = {s: common.story_features(model, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
+    fingerprint = plumbing.model_fingerprint(model)  # of the tuned model: stage 04 finds its cache by it
+    merged = common.merged(model)
+    features = {s: common.story_features(merged, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
                                          float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True,
                                          top_layer=layer, cnn=stories[s]["cnn"])[layer]
                 for s in stories}
@@ -282,9 +283,12 @@ def run(args, subj, seed, study, device, baseline):
     name, finished = open_run(args, subj, seed, prov, init)  # its name; a finished --resume returns its result
     if finished is not None:
         return name, finished, subject_data
+    if args.compile:
+        common.compile_layers(model)
     ckpt = os.path.join(args.checkpoints, name)
 
-    stories = common.load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device)
+    stories = common.load_stories(model, args.data, study["train"] + study["val"] + [study["test"]], device,
+                                  args.train_context_s, args.train_stride_s)
     resp = {s: torch.as_tensor(subject_data[f"resp_{s}"][:, mask], device=device) for s in study["train"][:args.tune_stories]}
     val_resp = {s: subject_data[f"resp_{s}"][:, mask] for s in study["val"]}
     history = train(args, name, ckpt, model, readout, opt, prov, stories, resp, val_resp, layer, seed, device, study,

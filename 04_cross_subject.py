@@ -168,7 +168,8 @@ def main(argv=None):
         for i, (a, run) in enumerate(used.items()):
             model, baselines = checkpoints.load_tuned(args, run, device), baselines_of[a]
             layer, stories = int(run["layer"]), study["train"] + study["val"] + [study["test"]]
-            fp = plumbing.model_fingerprint(model)
+            fp = plumbing.model_fingerprint(model)  # the tuned model's: stage 03 cached its features under it
+            model = common.merged(model)
             features = {s: common.story_features(model, fp, os.path.join(args.data, "features", run["name"]),
                                                  os.path.join(args.data, "stories", f"{s}.npz"),
                                                  float(run["baseline"]["context_s"]), float(run["baseline"]["stride_s"]),

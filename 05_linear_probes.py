@@ -107,7 +107,7 @@ def acoustic_targets(story):
     return np.array(rows, np.float32)
 
 
-def probe_layer(reps, targets, probes, groups, n_folds):
+def probe_layer(reps, targets, probes, groups, n_folds, device="cpu"):
     """Every probe on one layer's word representations: (scores, each probe's score on each fold of
     held-out stories, NaN-padded to n_folds). The folds depend on the stories only, so fold k holds
     out the same stories for every model: models compare fold by fold (summarize)."""
@@ -115,7 +115,8 @@ def probe_layer(reps, targets, probes, groups, n_folds):
     for k, name in enumerate(probes):
         sel, Y, classes = targets[name]
         folds = []
-        row.append(probing.probe(reps[sel], Y[sel], groups[sel], n_folds, None if classes is None else classes[sel], folds))
+        row.append(probing.probe(reps[sel], Y[sel], groups[sel], n_folds, None if classes is None else classes[sel], folds,
+                                 device))
         by_fold[k, :len(folds)] = folds
     return row, by_fold
 
@@ -205,13 +206,13 @@ def main(argv=None):
         print(f"stage 05: probes {', '.join(probes)} on {len(words)} words, models {', '.join(args.models)}")
         scores, by_fold, layers, cnn = [], [], None, None
         for which in args.models:
-            model = load_model(args, which, runs.get(which), base, device)
+            model = common.merged(load_model(args, which, runs.get(which), base, device))
             if cnn is None:  # the CNN is frozen in stage 03, so one pass serves every model
                 cnn = {s: common.story_cnn(model, stories[s]["audio"], args.data, s) for s in names}
             reps = np.concatenate([probing.word_representations(model, stories[s], cnn[s], float(base["context_s"]),
                                                         float(base["stride_s"])) for s in names], axis=1)
             layers = list(range(reps.shape[0]))
-            per_layer = [probe_layer(reps[li], targets, probes, groups, args.n_folds) for li in layers]
+            per_layer = [probe_layer(reps[li], targets, probes, groups, args.n_folds, device) for li in layers]
             for li, (row, _) in enumerate(per_layer):
                 print(f"  {which:8s} layer {li}: " + ", ".join(f"{n} {v:.3f}" for n, v in zip(probes, row)), flush=True)
             scores.append([row for row, _ in per_layer])

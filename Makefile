@@ -82,7 +82,9 @@ quick: $(VENV)/.installed
 	if [ -d $(RESULTS) ]; then $(PY) compare.py $(RESULTS) $(QUICK)/results --out $(QUICK)/results/compare.png; fi
 
 # two pytest-xdist workers, each taking whole files, the longest first (tests/conftest.py says why)
+# (pycortex writes its user config on first import: once here, not by both workers at once)
 test: $(VENV)/.installed $(VENV)/.pycortex
+	-$(PY) -c "import cortex" > /dev/null 2>&1
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # the README's figures, from the last demo run

@@ -6,6 +6,7 @@
   4. BrainWavLM end to end (Section 2.3): frames -> Lanczos -> norm -> delays -> readout; the loss
   5. The study's files: load_study, load_subject (lazy), stack_responses
 """
+import copy
 import json
 import os
 import types
@@ -14,17 +15,17 @@ import numpy as np
 import torch
 
 from lib.plumbing import (StudyError, array_shape, autocast, cached_npz, check_window, from_pretrained, load_npz,
-                          model_fingerprint, pick_device, progress_bar, sha1)
+                          memory_budget, model_fingerprint, pick_device, progress_bar, sha1, to_device)
 
 SR = 16000  # WavLM's audio rate; stage 01 resamples every story to it
 
 
 # ==== 1. The encoding model (the Huth lab's recipe): numpy in, numpy out, float32 ====
 
-def lanczos_interp(data, old_times, new_times, window=3, cutoff_mult=1.0):
-    """Resample `data` (old_times x features) to new_times with the lab's lanczosinterp2D: a
-    Lanczos-windowed sinc, cutoff = cutoff_mult / mean spacing of new_times, not normalised (z-scoring
-    absorbs the scale). numpy in, float32 out; a torch tensor in, a differentiable tensor out."""
+def lanczos_kernel(old_times, new_times, window=3, cutoff_mult=1.0):
+    """The lab's lanczosinterp2D as a matrix (new_times x old_times, float64): a Lanczos-windowed
+    sinc, cutoff = cutoff_mult / mean spacing of new_times, not normalised (z-scoring absorbs the
+    scale)."""
     new_times = np.asarray(new_times, dtype=np.float64)
     cutoff = cutoff_mult / np.mean(np.diff(new_times))
     t = (new_times[:, None] - np.asarray(old_times, dtype=np.float64)[None, :]) * cutoff
@@ -32,6 +33,12 @@ def lanczos_interp(data, old_times, new_times, window=3, cutoff_mult=1.0):
         k = window * np.sin(np.pi * t) * np.sin(np.pi * t / window) / (np.pi ** 2 * t ** 2)
     k[t == 0] = 1.0
     k[np.abs(t) > window] = 0.0
+    return k
+
+def lanczos_interp(data, old_times, new_times, window=3, cutoff_mult=1.0):
+    """Resample `data` (old_times x features) to new_times (lanczos_kernel). numpy in, float32 out;
+    a torch tensor in, a differentiable tensor out."""
+    k = lanczos_kernel(old_times, new_times, window, cutoff_mult)
     if torch.is_tensor(data):
         return torch.as_tensor(k, dtype=data.dtype, device=data.device) @ data
     return (k @ np.asarray(data, dtype=np.float64)).astype(np.float32)
@@ -224,26 +231,37 @@ def tiny_config(hidden=96, layers=3, heads=4, conv=128):
                        layerdrop=0.0, mask_time_prob=0.0, apply_spec_augment=False, num_buckets=64,
                        max_bucket_distance=200)
 
+def relative_position_bias(attn, length):
+    """WavLM's relative position bias (1 x heads x length x length) from layer 1's embedding. The
+    buckets depend on the length alone, so they are built once per length and device and kept
+    there (transformers rebuilds them in every forward); the embedding lookup stays in the forward,
+    since full fine-tuning trains it. Broadcast over the batch, never repeated."""
+    device = attn.rel_attn_embed.weight.device
+    cache = attn.__dict__.setdefault("_bias_buckets", {})
+    if (length, device) not in cache:
+        pos = torch.arange(length, device=device)
+        cache[length, device] = attn._relative_positions_bucket(pos[None, :] - pos[:, None])
+    return attn.rel_attn_embed(cache[length, device]).permute(2, 0, 1).unsqueeze(0)
+
 def _attention_forward(self, hidden_states, attention_mask=None, position_bias=None, index=0, **kwargs):
     """WavLM self-attention that calls q_proj/k_proj/v_proj/out_proj as modules. Stock transformers
     hands their weights straight to F.multi_head_attention_forward, so LoRA wrappers are never called
     and PEFT trains nothing, silently. Same maths (gated relative position bias as an additive mask,
     padding masked out) through the modules and scaled_dot_product_attention."""
     bsz, tgt_len, _ = hidden_states.size()
-    if position_bias is None:
-        position_bias = self.compute_bias(tgt_len, tgt_len)
-        position_bias = position_bias.unsqueeze(0).repeat(bsz, 1, 1, 1).view(bsz * self.num_heads, tgt_len, tgt_len)
+    q, k, v = (proj(hidden_states).view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
+               for proj in (self.q_proj, self.k_proj, self.v_proj))
+    if position_bias is None:  # layer 1 makes it; the layers above receive it
+        position_bias = relative_position_bias(self, tgt_len).to(q.dtype)  # bf16 under autocast
     # gate of the relative position bias, computed from the hidden states as in WavLM
     gated = hidden_states.view(hidden_states.shape[:-1] + (self.num_heads, -1)).permute(0, 2, 1, 3)
     gate_a, gate_b = torch.sigmoid(self.gru_rel_pos_linear(gated).view(gated.shape[:-1] + (2, 4)).sum(-1)).chunk(2, -1)
-    gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0
-    bias = (gate.view(bsz * self.num_heads, -1, 1) * position_bias).view(bsz, self.num_heads, tgt_len, tgt_len)
+    gate = (gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0).to(q.dtype)
+    bias = gate * position_bias  # batch x heads x T x T: broadcast, not repeated
     if attention_mask is not None:  # 1 = real frame, 0 = padding: padded keys get -inf
         bias = bias.masked_fill(attention_mask.ne(1)[:, None, None, :], float("-inf"))
-    q, k, v = (proj(hidden_states).view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
-               for proj in (self.q_proj, self.k_proj, self.v_proj))
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0)
+        q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
     return self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim)), None, position_bias
 
 def make_lora_able(model):
@@ -275,34 +293,47 @@ def add_lora(model, rank=4, alpha=4, dropout=0.1, targets=("q_proj", "k_proj", "
     from peft import LoraConfig, get_peft_model
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets)))
 
+def compile_layers(model):
+    """torch.compile on WavLM's transformer layers, where a step's time goes: their many small
+    operations fused into fewer kernels (on a GPU, replayed as CUDA graphs, one per window shape).
+    In place: names and checkpoints are unchanged. Returns the model."""
+    mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+    for layer in base_wavlm(model).encoder.layers:
+        layer.compile(mode=mode)
+    return model
+
+def merged(model):
+    """The model for passes without a gradient (linearized scoring, stages 04 and 05): a copy with
+    LoRA's adapters merged into the weights they adapt (W + alpha/r B A: one matmul per projection
+    where the adapter takes three). A model without adapters is returned as it is."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    return copy.deepcopy(model).merge_and_unload().eval()
+
 def base_wavlm(model):
     """The WavLMModel inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 # ==== 3. Features: causal windows over a story, Lanczos-downsampled to its TRs ====
 
+def n_frames(n_samples):
+    return (n_samples - FRAME_WIN) // FRAME_HOP + 1
+
+def frame_times(first, count):
+    """Centres of frames first .. first + count - 1 in seconds (each frame spans 25 ms)."""
+    return ((first + np.arange(count)) * FRAME_HOP + FRAME_WIN / 2) / SR
+
+def window_grid(frames, context_s, stride_s):
+    """A story's causal windows, one every stride_s seconds: (first frame fed, first frame kept,
+    end). WavLM's attention is bidirectional, so causality comes from the windows: each keeps its
+    last stride_s seconds of frames and sees up to context_s seconds of the past before them."""
+    s, c = round(stride_s * SR / FRAME_HOP), round(context_s * SR / FRAME_HOP)
+    return [(max(0, k - c), k, min(frames, k + s)) for k in range(0, frames, s)]
+
 def cnn_features(model, audio):
     """The frozen CNN front end: (batch, samples) -> (batch, frames, conv channels)."""
     with torch.no_grad():
         return base_wavlm(model).feature_extractor(audio).transpose(1, 2)
-
-def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None, mask=None, mask_embed=None):
-    """WavLM from CNN output: [input to layer 1, output of layer 1, ..., of n_layers] (transformers'
-    hidden_states; the layers above never run). mask (batch x frames): those frames become mask_embed,
-    for models/pretrain_tiny.py (transformers ignores mask_time_indices once SpecAugment is off)."""
-    m = base_wavlm(model)
-    enc, (h, _) = m.encoder, m.feature_projection(cnn)
-    if mask is not None:
-        h = torch.where(mask[..., None], mask_embed.to(h.dtype), h)
-    h = h + enc.pos_conv_embed(h)
-    states, bias = [enc.dropout(h if m.config.do_stable_layer_norm else enc.layer_norm(h))], None
-    for layer in enc.layers[:n_layers if n_layers is not None else len(enc.layers)]:
-        h, bias = layer(states[-1], attention_mask=attention_mask, position_bias=bias)
-        states.append(h)
-    return states
-
-def n_frames(n_samples):
-    return (n_samples - FRAME_WIN) // FRAME_HOP + 1
 
 def story_cnn(model, audio, data=None, story=None):
     """A local (layer-norm) CNN's output for a whole story (frames x channels): each frame sees only
@@ -324,15 +355,86 @@ def story_cnn(model, audio, data=None, story=None):
     cnn = cached_npz(path, sha1(x.cpu().numpy()), lambda: compute().cpu().numpy(), "cnn")
     return torch.as_tensor(cnn, device=x.device)
 
-def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, batch_size=8,
-                     grad=False, progress=False, cnn=None):
-    """Causal WavLM features of one story. WavLM's attention is bidirectional, so causality comes
-    from sliding windows: each spans context_s + stride_s seconds, moves by stride_s and keeps its
-    last stride_s seconds of frames (context_s of past audio, under stride_s of future). The lab's
-    recipe is 16 s / 0.1 s; the cost is (context_s + stride_s) / stride_s model-seconds per second.
-    cnn: story_cnn's output, if the caller has it. Returns (feats, times): feats[i] (frames x hidden;
-    a tensor on the model's device when grad) is hidden state layers[i] (0: the first layer's
-    input); times: frame centres in seconds."""
+def window_cnn(model, audio, windows, cnn=None):
+    """The frozen CNN's output for each window (frames x channels). A frame-local CNN gives slices
+    of the story's (`cnn`, story_cnn's); a group-norm CNN normalises over its whole input, so each
+    window runs on its own audio (windows of one length batched, under autocast as the rest)."""
+    m = base_wavlm(model)
+    if m.config.feat_extract_norm == "layer":
+        cnn = story_cnn(m, audio) if cnn is None else cnn
+        return [cnn[a:b] for a, _, b in windows]
+    out, lengths = [None] * len(windows), {}
+    for i, (a, _, b) in enumerate(windows):
+        lengths.setdefault(b - a, []).append(i)
+    for length, idx in lengths.items():
+        n = windows_per_batch(m, length, audio.device, cnn=True)
+        for j in range(0, len(idx), n):
+            batch = idx[j:j + n]
+            clips = [audio[windows[i][0] * FRAME_HOP:(windows[i][2] - 1) * FRAME_HOP + FRAME_WIN] for i in batch]
+            with autocast(audio.device):
+                for i, c in zip(batch, cnn_features(m, torch.stack(clips)).unbind()):
+                    out[i] = c
+    return out
+
+def windows_per_batch(model, frames, device, grad=False, cnn=False):
+    """How many windows of `frames` frames one forward takes within the memory budget
+    (plumbing.memory_budget: a share of a GPU's free memory): an estimate of one window's
+    activations, the attention's heads x T x T bias included (the CNN's first layer, for `cnn`)."""
+    c = base_wavlm(model).config
+    if cnn:
+        per_window = 12 * c.conv_dim[0] * frames * FRAME_HOP // c.conv_stride[0]
+    else:
+        per_frame = 2 * c.intermediate_size + (12 + c.num_hidden_layers) * c.hidden_size + 4 * c.num_attention_heads * frames
+        per_window = 4 * frames * per_frame * (3 * c.num_hidden_layers if grad else 1)
+    return max(1, int(memory_budget(device) // per_window))
+
+def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None, mask=None, mask_embed=None):
+    """WavLM from CNN output: [input to layer 1, output of layer 1, ..., of n_layers] (transformers'
+    hidden_states; the layers above never run). attention_mask (batch x frames, True = real):
+    padded frames. mask (batch x frames): those frames become mask_embed, for
+    models/pretrain_tiny.py (transformers ignores mask_time_indices once SpecAugment is off)."""
+    m = base_wavlm(model)
+    enc, (h, _) = m.encoder, m.feature_projection(cnn)
+    if mask is not None:
+        h = torch.where(mask[..., None], mask_embed.to(h.dtype), h)
+    if attention_mask is not None:  # padding is zeros, as beyond a window's ends, to the positional conv
+        h = h * attention_mask[..., None].to(h.dtype)
+    h = h + enc.pos_conv_embed(h)
+    states, bias = [enc.dropout(h if m.config.do_stable_layer_norm else enc.layer_norm(h))], None
+    for layer in enc.layers[:n_layers if n_layers is not None else len(enc.layers)]:
+        h, bias = layer(states[-1], attention_mask=attention_mask, position_bias=bias)
+        states.append(h)
+    return states
+
+def encode_windows(model, cnns, n_layers):
+    """One WavLM forward over windows of any lengths (their CNN outputs): padded to the longest,
+    the padding zeroed before the positional convolution and masked out of the attention, so each
+    window's hidden states are the ones it has alone. Returns hidden states 0..n_layers, each
+    windows x longest x hidden."""
+    device = next(base_wavlm(model).parameters()).device
+    if cnns[0].device != device:  # kept in pinned host memory (load_stories): copied in, asynchronously
+        cnns = [c.to(device, non_blocking=True) for c in cnns]
+    lengths = np.array([len(c) for c in cnns])
+    longest, mask = lengths.max(), None
+    if (lengths < longest).any():
+        mask = to_device(np.arange(longest)[None, :] < lengths[:, None], device)
+        cnns = [torch.nn.functional.pad(c, (0, 0, 0, longest - len(c))) if len(c) < longest else c for c in cnns]
+    return hidden_states_from_cnn(model, torch.stack(cnns), n_layers, attention_mask=mask)
+
+def kept_frames(states, windows):
+    """Each window's kept frames (first kept .. end) one after the other: windows x longest x hidden
+    in, frames x hidden out (the story's frames in order, when the windows are its grid)."""
+    longest = states.shape[1]
+    idx = np.concatenate([j * longest + np.arange(k - a, b - a) for j, (a, k, b) in enumerate(windows)])
+    return states.reshape(-1, states.shape[-1])[to_device(idx, states.device)]
+
+def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, grad=False, progress=False,
+                     cnn=None):
+    """Causal WavLM features of one story: its windows (window_grid; the lab's recipe is 16 s of
+    context every 0.1 s, costing (context_s + stride_s) / stride_s model-seconds per second), as
+    many per forward as memory allows. cnn: story_cnn's output, if the caller has it. Returns
+    (feats, times): feats[i] (frames x hidden; a tensor on the model's device when grad) is hidden
+    state layers[i] (0: the first layer's input); times: frame centres in seconds."""
     m = base_wavlm(model)
     if sr != 16000:
         raise StudyError(f"WavLM needs 16 kHz audio, got {sr} Hz; resample first (stage 01 does)")
@@ -341,36 +443,24 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     if not all(0 <= layer <= n_layers for layer in layers):
         raise StudyError(f"layers {layers} out of range: this model has hidden states 0..{n_layers}")
     check_window(context_s, stride_s, ("context_s", "stride_s"))
-    s_f, c_f = int(round(stride_s * sr / FRAME_HOP)), int(round(context_s * sr / FRAME_HOP))
     x = torch.as_tensor(audio, dtype=torch.float32, device=next(m.parameters()).device).reshape(-1)
     F = n_frames(len(x))
     if F < 1:
         raise StudyError(f"audio of {len(x)} samples is shorter than one WavLM frame ({FRAME_WIN} samples)")
-    local_cnn = m.config.feat_extract_norm == "layer"
-    cnn = story_cnn(m, x) if local_cnn and cnn is None else cnn
-    if local_cnn and len(cnn) != F:
+    if cnn is not None and len(cnn) != F:
         raise StudyError(f"precomputed CNN output has {len(cnn)} frames, the audio {F}")
-    # windows: keep frames [k0, k1), feed frames [k0 - context, k1); equal shapes share a batch
-    wins = [(max(0, k0 - c_f), k0, min(F, k0 + s_f)) for k0 in range(0, F, s_f)]
-    groups = {}
-    for w in wins:
-        groups.setdefault((w[2] - w[0], w[2] - w[1]), []).append(w)
-    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
-    out, index = [[None] * len(wins) for _ in layers], {w: i for i, w in enumerate(wins)}
+    windows = window_grid(F, context_s, stride_s)
+    cnns = window_cnn(m, x, windows, cnn)
+    n = windows_per_batch(m, max(b - a for a, _, b in windows), x.device, grad)
+    batches = [range(i, min(i + n, len(windows))) for i in range(0, len(windows), n)]
+    out = [[] for _ in layers]
     with torch.set_grad_enabled(grad), autocast(x.device):
         for batch in progress_bar(batches, "    windows") if progress else batches:
-            if local_cnn:
-                c = torch.stack([cnn[a:b] for a, _, b in batch])
-            else:
-                c = cnn_features(m, torch.stack([x[a * FRAME_HOP:(b - 1) * FRAME_HOP + FRAME_WIN] for a, _, b in batch]))
-            states, keep = hidden_states_from_cnn(model, c, max(layers)), batch[0][2] - batch[0][1]
+            states = encode_windows(model, [cnns[i] for i in batch], max(layers))
             for li, layer in enumerate(layers):
-                h = states[layer][:, -keep:].float()
-                for j, w in enumerate(batch):
-                    out[li][index[w]] = h[j]
-    feats = [torch.cat(o) for o in out]
-    times = (np.arange(F) * FRAME_HOP + FRAME_WIN / 2) / sr  # the centre of each frame's 25 ms
-    return (feats if grad else [f.cpu().numpy() for f in feats]), times
+                out[li].append(kept_frames(states[layer], [windows[i] for i in batch]).float())
+    feats = [torch.cat(o) for o in out]  # on the device until the story is done
+    return (feats if grad else [f.cpu().numpy() for f in feats]), frame_times(0, F)
 
 def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False, progress=False,
                    top_layer=None, cnn=None, data=None):
@@ -400,57 +490,118 @@ def make_readout(n_in, n_vox, bottleneck):
 def delay_reach(delays):  # TRs the delays read before and after a block (a negative delay reads later rows)
     return max(0, max(delays)), max(0, -min(delays))
 
-def block_features(model, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
-    """WavLM frames (frames x hidden, on the story's clock) covering rows i0..i1 of one story, plus
-    the TR grid the readout needs (rows i0 - max(delays) .. i1). Differentiable through WavLM."""
-    tr = np.mean(np.diff(story["tr_times"]))
-    before, after = delay_reach(delays)
-    grid = story["tr_times"][0] + tr * np.arange(i0 - before, i1 + after)  # rows feeding the delays, too
-    half = 3 * tr  # the Lanczos window reaches 3 TRs each side
-    # segment edges on the story's own window grid (multiples of the stride), plus whole windows of
-    # past context: the block's features are then exactly the whole story's at the same setting
-    step = int(round(args.train_stride_s * SR))
-    ctx = int(np.ceil(args.train_context_s / args.train_stride_s)) * step
-    a = max(0, int((grid[0] - half) * SR) // step * step - ctx)
-    b = min(len(story["audio"]), -(-int((grid[-1] + half) * SR + FRAME_WIN) // step) * step + FRAME_WIN)
-    cnn = story.get("cnn")  # the frozen CNN's output, computed once per story (local CNNs)
-    if cnn is not None:
-        cnn = cnn[a // FRAME_HOP:a // FRAME_HOP + n_frames(b - a)]
-    feats, times = extract_features(model, story["audio"][a:b], layers=[layer], grad=grad, cnn=cnn,
-                                    context_s=args.train_context_s, stride_s=args.train_stride_s)
-    return torch.as_tensor(feats[0], device=story["audio"].device), times + a / SR, grid
-
-def readout_head(readout, frames, times, grid, delays=(1, 2, 3, 4), norm="block"):
-    """Frames -> differentiable Lanczos to the grid -> per-feature norm -> delays -> readout."""
-    x = lanczos_interp(frames, times, grid)
-    if norm == "block":
-        # Per-feature normalisation over the block (the paper's readout starts with an InstanceNorm): a
-        # block is all one step sees, so it is normalised on its own (docs/methods.md: --norm none)
-        x = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    before, after = delay_reach(delays)
-    return readout(make_delayed(x, delays)[before:len(grid) - after])
-
-def predict_block(model, readout, story, i0, i1, layer, args, delays=(1, 2, 3, 4), grad=True):
-    """Predicted responses of rows i0..i1 of one story, differentiable through WavLM."""
-    return readout_head(readout, *block_features(model, story, i0, i1, layer, args, delays, grad), delays, args.norm)
-
-def spatial_corr_loss(pred, y):
-    """-(1/T) sum_t corr_voxels(pred[t], y[t]): the paper's loss; blind to each TR's scale."""
-    p = pred - pred.mean(1, keepdim=True)
-    q = y - y.mean(1, keepdim=True)
-    r = (p * q).sum(1) / (p.norm(dim=1) * q.norm(dim=1) + 1e-8)
-    return -r.mean()
-
-def load_stories(model, data, names, device):
-    """Audio and TR times of each story on `device`, plus the frozen CNN's output when it is
-    frame-local (story_cnn), computed once (and cached on disk for the next run) rather than
-    in every block of every epoch."""
-    stories = {}
+def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0):
+    """Each story's audio and TR times on `device`, its windows on the training grid (window_grid)
+    and the frozen CNN's output for each (window_cnn), computed once rather than in every block of
+    every epoch: on the device while they fit in its budget, else in pinned host memory."""
+    stories, room = {}, memory_budget(device)
     for s in names:
         story_file = load_npz(os.path.join(data, "stories", f"{s}.npz"))
         audio = torch.as_tensor(story_file["audio"], device=device)
-        stories[s] = dict(audio=audio, tr_times=story_file["tr_times"], cnn=story_cnn(model, audio, data, s))
+        windows = window_grid(n_frames(len(audio)), context_s, stride_s)
+        cnn = story_cnn(model, audio, data, s)  # a local CNN's, once per story (cached on disk)
+        cnns = window_cnn(model, audio, windows, cnn)
+        if cnn is None:  # a group-norm CNN's output per window: memory of its own
+            room -= sum(c.numel() * c.element_size() for c in cnns)
+            if room < 0 and torch.device(device).type == "cuda":
+                cnns = [c.cpu().pin_memory() for c in cnns]
+        stories[s] = dict(audio=audio, tr_times=story_file["tr_times"], windows=windows, cnn=cnn, window_cnn=cnns)
     return stories
+
+def block_span(story, i0, i1, delays):
+    """What rows i0..i1 of a story need: the TR grid that feeds their delays (rows i0 - max delay ..
+    i1) and the windows [w0, w1) of the story whose kept frames the Lanczos window (3 TRs each side)
+    reaches from it. The block's features are then exactly the whole story's."""
+    tr = np.mean(np.diff(story["tr_times"]))
+    before, after = delay_reach(delays)
+    grid = story["tr_times"][0] + tr * np.arange(i0 - before, i1 + after)
+    keep = [k for _, k, _ in story["windows"]]
+    first, last = ((np.array([grid[0] - 3 * tr, grid[-1] + 3 * tr]) * SR - FRAME_WIN / 2) / FRAME_HOP)
+    w0 = max(0, int(np.searchsorted(keep, np.ceil(first), "right")) - 1)
+    return grid, w0, max(w0 + 1, int(np.searchsorted(keep, np.floor(last), "right")))
+
+_KERNELS = {}  # Lanczos matrices on a device: the TR and window grids are regular, so blocks share a few
+
+def block_kernel(story, grid, w0, w1, device, dtype):
+    """The Lanczos matrix from the kept frames of windows w0..w1 to the block's grid, on `device`.
+    It depends on the two grids' lengths, the TR and the grid's offset from the first frame alone:
+    keyed by those (to the nanosecond) and built from them, once, the same whichever block asks
+    first (a resumed run equals an uninterrupted one)."""
+    f0, f1 = story["windows"][w0][1], story["windows"][w1 - 1][2]
+    tr = np.mean(np.diff(story["tr_times"]))
+    key = (f1 - f0, len(grid), round((grid[0] - frame_times(f0, 1)[0]) * 1e9), round(tr * 1e9), str(device), dtype)
+    if key not in _KERNELS:
+        old = np.arange(f1 - f0) * (FRAME_HOP / SR)
+        _KERNELS[key] = to_device(lanczos_kernel(old, key[2] * 1e-9 + key[3] * 1e-9 * np.arange(len(grid))),
+                                  device).to(dtype)
+    return _KERNELS[key]
+
+def block_inputs(model, stories, blocks, layer, delays=(1, 2, 3, 4), norm="block"):
+    """The readout's input for blocks [(story, i0, i1), ...] from ONE WavLM forward (a step is all its
+    blocks at once): every window they need -> hidden state `layer`'s kept frames -> each block's
+    differentiable Lanczos to its grid -> per-feature norm over the block -> delays. Returns (rows
+    of every block one under the other x delays * hidden, the blocks' order in it)."""
+    spans, cnns, windows = [], [], []
+    for s, i0, i1 in blocks:
+        grid, w0, w1 = block_span(stories[s], i0, i1, delays)
+        n = stories[s]["windows"][w1 - 1][2] - stories[s]["windows"][w0][1]
+        spans.append((s, grid, w0, w1, sum(b - k for _, k, b in windows), n))
+        cnns += stories[s]["window_cnn"][w0:w1]
+        windows += stories[s]["windows"][w0:w1]
+    frames = kept_frames(encode_windows(model, cnns, layer)[layer], windows).float()
+    groups = {}  # blocks of one length are normalised and delayed together
+    for j, (s, grid, w0, w1, f, n) in enumerate(spans):
+        x = block_kernel(stories[s], grid, w0, w1, frames.device, frames.dtype) @ frames[f:f + n]
+        groups.setdefault(len(grid), []).append((j, x))
+    x = [readout_input(torch.stack([x for _, x in g]), delays, norm).flatten(0, 1) for g in groups.values()]
+    return (torch.cat(x) if len(x) > 1 else x[0]), [j for g in groups.values() for j, _ in g]
+
+def readout_input(x, delays=(1, 2, 3, 4), norm="block"):
+    """Blocks x grid rows x hidden -> per-feature norm over each block -> the delayed copies of the
+    block's own rows (the grid starts max(delays) rows early, so each copy reads real rows:
+    make_delayed without its zero padding)."""
+    if norm == "block":
+        # Per-feature normalisation over the block (the paper's readout starts with an InstanceNorm): a
+        # block is all one step sees, so it is normalised on its own (docs/methods.md: --norm none)
+        x = (x - x.mean(-2, keepdim=True)) / (x.std(-2, keepdim=True) + 1e-5)
+    before, after = delay_reach(delays)
+    n = x.shape[-2]
+    return torch.cat([x[..., before - d:n - after - d, :] for d in delays], -1)
+
+def tr_correlations(pred, y):
+    """The correlation across voxels at each TR (row) of pred and y."""
+    p = pred - pred.mean(-1, keepdim=True)
+    q = y - y.mean(-1, keepdim=True)
+    return (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1) + 1e-8)
+
+def spatial_corr_loss(pred, y):
+    """-(1/T) sum_t corr_voxels(pred[t], y[t]): the paper's loss; blind to each TR's scale."""
+    return -tr_correlations(pred, y).mean()
+
+def blocks_loss(readout, x, y, rows, loss="corr"):
+    """The sum over blocks of each block's loss (the spatial correlation loss, or the mean squared
+    error) in one pass: x, y the rows of every block one under the other (block_inputs), `rows`
+    each block's count; a row's loss weighs 1 / its block's rows."""
+    pred = readout(x).float()
+    per_row = -tr_correlations(pred, y) if loss == "corr" else ((pred - y) ** 2).mean(-1)
+    weights = to_device(np.repeat(1.0 / np.array(rows), rows).astype(np.float32), per_row.device)
+    return (per_row * weights).sum()
+
+def predict_story(model, readout, story, layer, block_trs, delays=(1, 2, 3, 4), norm="block"):
+    """A whole story's predicted responses (rows x voxels), in the blocks training sees, without a
+    gradient: as many blocks per forward as memory allows."""
+    rows = len(story["tr_times"])
+    blocks = [("s", i, min(rows, i + block_trs)) for i in range(0, rows, block_trs)]
+    longest = max(b - a for a, _, b in story["windows"])
+    spans = [block_span(story, i0, i1, delays) for _, i0, i1 in blocks]
+    per = max(1, windows_per_batch(model, longest, story["audio"].device) // max(w1 - w0 for _, w0, w1 in spans))
+    out = []
+    with torch.no_grad(), autocast(story["audio"].device):
+        for j in range(0, len(blocks), per):
+            x, order = block_inputs(model, {"s": story}, blocks[j:j + per], layer, delays, norm)
+            pred = readout(x).float().split([blocks[j + i][2] - blocks[j + i][1] for i in order])
+            out += [p for _, p in sorted(zip(order, pred), key=lambda o: o[0])]
+    return torch.cat(out).cpu().numpy()
 
 # ==== 5. The study's files (README, "Data layout") ====
 

@@ -52,8 +52,9 @@ n_vox = plumbing.array_shape(d, "test_resp")[1]
 readout = common.make_readout(model.config.hidden_size * 4, n_vox, targs.bottleneck).to(device)
 opt = torch.optim.Adam([{"params": [q for q in model.parameters() if q.requires_grad], "lr": 1e-3},
                         {"params": readout.parameters(), "lr": 1e-3}])
-stories = common.load_stories(model, args.data, study["train"], device)
-blocks = [(s, i) for s in study["train"] for i in range(0, len(stories[s]["tr_times"]), targs.block_trs)]
+stories = common.load_stories(model, args.data, study["train"], device, targs.train_context_s, targs.train_stride_s)
+blocks = [(s, i, min(len(stories[s]["tr_times"]), i + targs.block_trs)) for s in study["train"]
+          for i in range(0, len(stories[s]["tr_times"]), targs.block_trs)]
 order = np.random.default_rng(0).permutation(len(blocks))
 
 
@@ -62,19 +63,16 @@ def sync():
         torch.cuda.synchronize()
 
 
-def step(k, frozen=None):
-    """One optimizer step over batch_blocks blocks; with `frozen`, WavLM is replaced by cached output."""
+def step(k):
+    """One optimizer step over batch_blocks blocks, as stage 03 takes it."""
+    batch = [blocks[j] for j in order[k * targs.batch_blocks:(k + 1) * targs.batch_blocks]]
     opt.zero_grad()
-    for j in order[k * targs.batch_blocks:(k + 1) * targs.batch_blocks]:
-        s, i0 = blocks[j]
-        i1 = min(len(stories[s]["tr_times"]), i0 + targs.block_trs)
-        with plumbing.autocast(device):
-            if frozen is None:
-                pred = common.predict_block(model, readout, stories[s], i0, i1, layer, targs).float()
-            else:
-                pred = common.readout_head(readout, *frozen[j]).float()
-        y = torch.as_tensor(d[f"resp_{s}"][i0:i1], device=device)
-        (common.spatial_corr_loss(pred, y) / targs.batch_blocks).backward()
+    with plumbing.autocast(device):
+        x, in_x = common.block_inputs(model, stories, batch, layer, norm=targs.norm)
+        batch = [batch[j] for j in in_x]
+        y = torch.cat([torch.as_tensor(d[f"resp_{s}"][i0:i1], device=device) for s, i0, i1 in batch])
+        loss = common.blocks_loss(readout, x, y, [i1 - i0 for _, i0, i1 in batch])
+    (loss / targs.batch_blocks).backward()
     torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], targs.grad_clip)
     opt.step()
 
@@ -88,19 +86,20 @@ for k in range(n):
 sync()
 t_full = (time.perf_counter() - t0) / n
 
-# the same blocks with WavLM's output precomputed (a leaf tensor that still takes a gradient)
-frozen = {}
-for k in range(n):
-    for j in order[k * targs.batch_blocks:(k + 1) * targs.batch_blocks]:
-        s, i0 = blocks[j]
-        i1 = min(len(stories[s]["tr_times"]), i0 + targs.block_trs)
-        with torch.no_grad():
-            frames, times, grid = common.block_features(model, stories[s], i0, i1, layer, targs, grad=False)
-        frozen[j] = (frames.requires_grad_(), times, grid)
+# the same steps with WavLM's output precomputed (leaf tensors that still take a gradient)
+encode, frozen = common.encode_windows, []
+common.encode_windows = lambda model, cnns, n_layers: frozen.append(encode(model, cnns, n_layers)) or frozen[-1]
+with torch.no_grad(), plumbing.autocast(device):
+    for k in range(n):
+        common.block_inputs(model, stories, [blocks[j] for j in order[k * targs.batch_blocks:(k + 1) * targs.batch_blocks]],
+                            layer, norm=targs.norm)
+frozen = [[h.detach().requires_grad_() for h in states] for states in frozen]
+calls = iter(range(len(frozen)))
+common.encode_windows = lambda model, cnns, n_layers: frozen[next(calls)]
 sync()
 t0 = time.perf_counter()
 for k in range(n):
-    step(k, frozen)
+    step(k)
 sync()
 t_rest = (time.perf_counter() - t0) / n
 

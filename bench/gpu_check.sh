@@ -11,4 +11,4 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import espeakng_loader" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --find-links bench/wheels espeakng-loader
 fi
-exec timeout 480 "$PY" bench/gpu_check.py "$@"
+exec timeout 570 "$PY" bench/gpu_check.py "$@"

@@ -53,6 +53,22 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
+def memory_budget(device, share=0.4):
+    """Bytes a batch may take: `share` of a GPU's free memory; 1 GB on a CPU."""
+    if torch.device(device).type == "cuda":
+        return share * torch.cuda.mem_get_info(torch.device(device))[0]
+    return 2 ** 30
+
+
+def to_device(array, device):
+    """A host array on `device` without stalling it: a GPU copy from ordinary host memory waits for
+    all queued work, one from pinned memory is queued behind it."""
+    t = torch.as_tensor(array)
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def progress_bar(items, desc):
     """A tqdm bar on a terminal; the plain items when output goes to a file (a bar there writes
     thousands of characters per epoch)."""

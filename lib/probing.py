@@ -24,7 +24,7 @@ def word_representations(model, story, cnn, context_s, stride_s):
     return out
 
 
-def probe(X, Y, groups, n_folds, classes=None, per_fold=None):
+def probe(X, Y, groups, n_folds, classes=None, per_fold=None, device="cpu"):
     """Ridge probe with whole stories held out: mean r over target dims, or accuracy for classes.
     per_fold: a list that receives the same score on each fold's held-out stories (its spread)."""
     stories = np.unique(groups)
@@ -40,7 +40,7 @@ def probe(X, Y, groups, n_folds, classes=None, per_fold=None):
         te = np.isin(groups, held)
         mu, sd = X[~te].mean(0), X[~te].std(0) + 1e-6
         ym, ys = Y[~te].mean(0), Y[~te].std(0) + 1e-6
-        W, _, _ = common.ridge_cv((X[~te] - mu) / sd, (Y[~te] - ym) / ys, n_folds=5)
+        W, _, _ = common.ridge_cv((X[~te] - mu) / sd, (Y[~te] - ym) / ys, n_folds=5, device=device)
         pred[te] = ((X[te] - mu) / sd) @ W * ys + ym
         if per_fold is not None:
             per_fold.append(score(pred[te], te))

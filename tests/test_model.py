@@ -143,7 +143,7 @@ def test_lab_recipe_equals_naive_window_by_window(norm):
     model = common.make_lora_able(WavLMModel(cfg)).eval()
     audio = speechlike(3.0, seed=4)
     context = 1.0
-    feats, times = common.extract_features(model, audio, context_s=context, stride_s=0.1, batch_size=4)
+    feats, times = common.extract_features(model, audio, context_s=context, stride_s=0.1)
     F = common.n_frames(len(audio))
     naive = [[] for _ in feats]
     for k0 in range(0, F, 5):

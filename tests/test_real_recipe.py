@@ -7,9 +7,9 @@ shell starts without this test's interpreter on PATH, so a line that needs the e
 before it is activated fails here as it would for a user. Four substitutions only: the dataset path
 becomes the fixture's, microsoft/wavlm-base-plus becomes this repository's tiny pretrained WavLM,
 stage 02's windows carry 4 s of context instead of 16 (stages 03-05 take their windows from its
-result: 17 s less in this test, the slowest of the suite) and stage 03 trains one epoch. The `make fetch` and `make pycortex` lines are left out: there is no
-network here (tests/test_fetch.py runs the fetch with a stand-in for openneuro-py) and the test
-set-up has installed pycortex.
+result: 17 s less in this test, the slowest of the suite) and stage 03 trains one epoch. The `make
+fetch` and `make pycortex` lines are left out: there is no network here (tests/test_fetch.py runs
+the fetch with a stand-in for openneuro-py) and the test set-up has installed pycortex.
 
 The miniature (conftest.miniature) is ds003020's layout: derivative/preprocessed_data/UTS0N/<story>.hf5
 (`data`, the test story with `individual_repeats`), stimuli/<story>.wav, derivative/TextGrids,
