@@ -49,7 +49,7 @@ demo: 01 02 03 04 05
 03: $(VENV)/.installed
 	$(PY) 03_finetune_lora.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ) --seeds 0 1 2 $(LORA)
 	$(PY) 03_finetune_lora.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) \
-		--subject $$($(PY) -c "import common; print(' '.join(s for s in common.load_study('$(DATA)')['subjects'] if s != '$(SUBJ)'))") $(LORA)
+		--subject $$($(PY) -c "from lib.study import load_study; print(' '.join(s for s in load_study('$(DATA)')['subjects'] if s != '$(SUBJ)'))") $(LORA)
 	$(PY) 03_finetune_lora.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ) --roi AC $(LORA)
 
 # claim 1's comparison after make demo: compare.py prints the two groups' spreads across seeds

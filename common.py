@@ -4,7 +4,7 @@
   2. The speech model: load_wavlm (WavLM whose attention LoRA can reach), add_lora
   3. Features: extract_features (causal windows), story_features (one story, cached)
   4. BrainWavLM end to end (Section 2.3): frames -> Lanczos -> norm -> delays -> readout; the loss
-  5. The study's files: load_study, load_subject (lazy), stack_responses
+  5. Linear probes (Section 3.4): word representations, ridge probes with whole stories held out
 """
 import copy
 import json
@@ -14,10 +14,13 @@ import types
 import numpy as np
 import torch
 
-from lib.plumbing import (StudyError, array_shape, autocast, cached_npz, check_window, from_pretrained, load_npz,
-                          memory_budget, model_fingerprint, pick_device, progress_bar, sha1, to_device)
-
-SR = 16000  # WavLM's audio rate; stage 01 resamples every story to it
+from lib.batching import (FRAME_HOP, FRAME_WIN, base_wavlm, encode_windows, kept_frames, n_frames,
+                          story_cnn, window_cnn, windows_per_batch)
+from lib.plumbing import (StudyError, autocast, cached_npz, check_window, feature_cache_dir,
+                          from_pretrained, load_npz, memory_budget, model_fingerprint, pick_device,
+                          progress_bar, sha1, to_device)
+from lib.study import stack_responses
+from lib.speech import SR  # 16 kHz, WavLM's audio rate: stage 01 resamples every story to it
 
 
 # ==== 1. The encoding model (the Huth lab's recipe): numpy in, numpy out, float32 ====
@@ -44,8 +47,9 @@ def lanczos_interp(data, old_times, new_times, window=3, cutoff_mult=1.0):
     return (k @ np.asarray(data, dtype=np.float64)).astype(np.float32)
 
 def make_delayed(x, delays=(1, 2, 3, 4)):
-    """Copies of x (TRs x features, numpy or torch) shifted by each delay, zero-padded, side by side:
-    row t holds x[t - d], the stimulus d TRs before the response (a negative d reads later rows)."""
+    """Copies of x (TRs x features, numpy or torch) shifted by each delay, zero-padded, side by
+    side: row t holds x[t - d], the stimulus d TRs before the response (a negative d reads later
+    rows)."""
     n, zeros = x.shape[-2], (torch.zeros_like if torch.is_tensor(x) else np.zeros_like)
     out = [zeros(x) for _ in delays]
     for shifted, d in zip(out, delays):
@@ -73,7 +77,8 @@ def pearson_r(a, b):
         return pearson_r(a[:, None], b[:, None])[0]
     r = np.empty(a.shape[1], np.float32)
     for v0 in range(0, a.shape[1], VOXEL_SLICE):
-        x, y = a[:, v0:v0 + VOXEL_SLICE].astype(np.float64), b[:, v0:v0 + VOXEL_SLICE].astype(np.float64)
+        cols = slice(v0, v0 + VOXEL_SLICE)
+        x, y = a[:, cols].astype(np.float64), b[:, cols].astype(np.float64)
         x -= x.mean(0)
         y -= y.mean(0)
         den = np.sqrt((x * x).sum(0) * (y * y).sum(0))
@@ -83,8 +88,9 @@ def pearson_r(a, b):
 
 def noise_ceiling(repeats):
     """Per-voxel ceiling on the r any model can reach against the mean of `repeats` (repeats x TRs x
-    voxels): CC_max of Schoppe et al. (2016) from the signal power of Sahani & Linden (2003), SP = (N
-    var(mean) - mean var(y_n)) / (N - 1), CC_max = sqrt(SP / var(mean)); 0 where SP < 0 (pure noise)."""
+    voxels): CC_max of Schoppe et al. (2016) from the signal power of Sahani & Linden (2003), SP =
+    (N var(mean) - mean var(y_n)) / (N - 1), CC_max = sqrt(SP / var(mean)); 0 where SP < 0 (pure
+    noise)."""
     repeats = np.asarray(repeats)
     if repeats.ndim != 3 or repeats.shape[0] < 2:
         raise ValueError("noise_ceiling needs (repeats >= 2, TRs, voxels)")
@@ -100,14 +106,15 @@ def noise_ceiling(repeats):
 PAD_TRS = 8  # TRs downsampled before the first response row, so delays read real audio, not zeros
 
 def downsample_to_trs(feats, feat_times, tr_times):
-    """Frame features (frames x hidden) -> Lanczos -> the response TRs with PAD_TRS more in front."""
+    """Frame features (frames x hidden) -> Lanczos -> the response TRs, PAD_TRS more in front."""
     tr_times = np.asarray(tr_times, dtype=np.float64)
     pad = tr_times[0] - np.mean(np.diff(tr_times)) * np.arange(PAD_TRS, 0, -1)
     return lanczos_interp(feats, feat_times, np.concatenate([pad, tr_times]))
 
 def design_matrix(ds, delays=(1, 2, 3, 4)):
     """Downsampled features (PAD_TRS + TRs rows) -> z-scored -> delayed, one row per response TR. As
-    the lab's, mean and std come from the response rows; the pad rows, which the delays read, too."""
+    the lab's, mean and std come from the response rows; the pad rows, which the delays read,
+    too."""
     if max(delays) > PAD_TRS:
         raise StudyError(f"delays up to {PAD_TRS} TRs are supported (got {max(delays)})")
     x = np.asarray(ds, dtype=np.float32)
@@ -124,13 +131,13 @@ def contiguous_folds(n_samples, n_folds=5):
     return [(np.concatenate([idx[:a], idx[b:]]), idx[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
 def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu", voxel_batch=None):
-    """Ridge X -> Y with one alpha per voxel (column of Y), picked by K-fold CV on contiguous blocks.
-    Every alpha from one eigendecomposition per fold (X^T X = V S^2 V^T, W = V (S^2 + alpha)^-1 V^T
-    X^T Y), scored by the Pearson r of held-out predictions (mean over folds); each voxel's best
-    (ties to the larger, as himalaya) is refit on all rows. No intercept: z-score X and Y first. The
-    lab's bootstrap_ridge alpha a is a^2 here. X^T Y is formed once, r's numerator needs no
-    prediction, prediction norms come from Gram matrices; voxels go in batches (Y batch < 256 MB).
-    Returns (weights: features x voxels, best_alphas: voxels, cv_r: alphas x voxels)."""
+    """Ridge X -> Y with one alpha per voxel (column of Y), picked by K-fold CV on contiguous
+    blocks. Every alpha from one eigendecomposition per fold (X^T X = V S^2 V^T, W = V (S^2 +
+    alpha)^-1 V^T X^T Y), scored by the Pearson r of held-out predictions (mean over folds); each
+    voxel's best (ties to the larger, as himalaya) is refit on all rows. No intercept: z-score X and
+    Y first. The lab's bootstrap_ridge alpha a is a^2 here. X^T Y is formed once, r's numerator
+    needs no prediction, prediction norms come from Gram matrices; voxels go in batches (Y batch <
+    256 MB). Returns (weights: features x voxels, best_alphas: voxels, cv_r: alphas x voxels)."""
     dev = torch.device(device)
     X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
     if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
@@ -156,15 +163,18 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu", voxel_bat
         keep = lam > lam.max() * 1e-10
         return lam[keep], (Xr.T @ U[:, keep] / lam[keep].sqrt()).float()
 
-    basis = []  # per fold: held-out rows, eigenvalues, eigenvectors, held-out X in that basis, its Gram
+    # per fold: held-out rows, eigenvalues, eigenvectors, held-out X in that basis, its Gram
+    basis = []
     for train, test in folds:
         test = torch.as_tensor(test, device=dev)
         lam, V = eig_basis(train)
         P = Xt[test] @ V
-        Pc = (P - P.mean(0)).double()  # p x p Gram of the centred rows: 5x cheaper norms at UTS01's shape
+        # p x p Gram of the centred rows: 5x cheaper norms at UTS01's shape
+        Pc = (P - P.mean(0)).double()
         basis.append((test, lam, V, P, (Pc.T @ Pc).float() if P.shape[0] > P.shape[1] else None))
     cv_r = torch.zeros(len(alphas), n_vox, dtype=torch.float64, device=dev)
-    W, best_alphas = np.zeros((X.shape[1], n_vox), dtype=np.float32), np.zeros(n_vox, dtype=np.float32)
+    W = np.zeros((X.shape[1], n_vox), dtype=np.float32)
+    best_alphas = np.zeros(n_vox, dtype=np.float32)
     lam_all, V_all = eig_basis(np.arange(X.shape[0]))
     for v0 in range(0, n_vox, voxel_batch):
         Yb = torch.from_numpy(np.ascontiguousarray(Y[:, v0:v0 + voxel_batch])).to(dev)
@@ -173,7 +183,8 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu", voxel_bat
             Yte = Yb[test]
             Z = V.T @ (XtY - Xt[test].T @ Yte)  # training X^T Y in the eigenbasis
             yz = Yte - Yte.mean(0)
-            cross = P.T @ (yz / yz.norm(dim=0).clamp(min=1e-12))  # r's numerator, without predictions
+            # r's numerator, without predictions
+            cross = P.T @ (yz / yz.norm(dim=0).clamp(min=1e-12))
             pmean = P.mean(0)
             for a, alpha in enumerate(alphas):
                 EZ = Z / (lam.float() + float(alpha))[:, None]
@@ -183,9 +194,11 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu", voxel_bat
                     norm = (P @ EZ - (pmean @ EZ)[None]).norm(dim=0)
                 cv_r[a, sl] += ((cross * EZ).sum(0) / norm.clamp(min=1e-12)).double()
         score = cv_r[:, sl] / len(folds)
-        best = torch.argmax(score + 1e-10 * torch.log(torch.as_tensor(alphas, device=dev))[:, None], 0)
+        log_alphas = torch.log(torch.as_tensor(alphas, device=dev))
+        best = torch.argmax(score + 1e-10 * log_alphas[:, None], 0)  # ties to the larger alpha
         a_best = torch.as_tensor(alphas, device=dev)[best]
-        W[:, sl] = (V_all @ (V_all.T @ XtY / (lam_all[:, None] + a_best[None, :]).float())).cpu().numpy()
+        shrink = (lam_all[:, None] + a_best[None, :]).float()
+        W[:, sl] = (V_all @ (V_all.T @ XtY / shrink)).cpu().numpy()
         best_alphas[sl] = a_best.cpu().numpy()
     return W, best_alphas, (cv_r / len(folds)).float().cpu().numpy()
 
@@ -194,13 +207,16 @@ def ridge_predict(X, W, device="cpu", voxel_batch=20000):
     Xt = torch.from_numpy(np.asarray(X, dtype=np.float32)).to(torch.device(device))
     out = np.zeros((X.shape[0], W.shape[1]), dtype=np.float32)
     for v0 in range(0, W.shape[1], voxel_batch):
-        Wb = torch.from_numpy(np.ascontiguousarray(W[:, v0:v0 + voxel_batch], dtype=np.float32)).to(Xt.device)
+        Wb = np.ascontiguousarray(W[:, v0:v0 + voxel_batch], dtype=np.float32)
+        Wb = torch.from_numpy(Wb).to(Xt.device)
         out[:, v0:v0 + Wb.shape[1]] = (Xt @ Wb).cpu().numpy()
     return out
 
-def score_on_test(features, subject_data, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu", n_folds=5, Y=None):
+def score_on_test(features, subject_data, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu",
+                  n_folds=5, Y=None):
     """Stage 02's recipe for one layer: ridge on the train + validation stories (Y: their responses,
-    if the caller holds them), Pearson r per voxel on the test story. Returns (test_r, W, alphas)."""
+    if the caller holds them), Pearson r per voxel on the test story. Returns (test_r, W,
+    alphas)."""
     fit = study["train"] + study["val"]
     X = np.vstack([design_matrix(features[s], delays) for s in fit])
     Y = stack_responses(subject_data, fit) if Y is None else Y
@@ -210,26 +226,44 @@ def score_on_test(features, subject_data, study, delays=(1, 2, 3, 4), alphas=ALP
     return pearson_r(subject_data["test_resp"], pred), W, best_alphas
 
 def ridge_recipe(baseline):
-    """Stage 02's ridge settings from its results npz: stages 03-04 score tuned features exactly so."""
-    return dict(delays=tuple(int(x) for x in baseline["delays"]), n_folds=int(baseline.get("n_folds", 5)),
+    """Stage 02's ridge settings from its results npz: stages 03-04 score tuned features so."""
+    return dict(delays=tuple(int(x) for x in baseline["delays"]),
+                n_folds=int(baseline.get("n_folds", 5)),
                 alphas=np.asarray(baseline.get("alpha_grid", ALPHAS), np.float64))
+
+def untuned_r(baseline, layer, subject_data, study, device="cpu"):
+    """The yardstick of every tuned model: the untuned model read out at `layer`, on the subject of
+    stage 02's result `baseline`, scored with that result's recipe (like for like). At stage 02's
+    own layer it is stage 02's test r; at another, the untuned features (stage 02's cache) are
+    scored here."""
+    if layer == int(baseline["best_layer"]):
+        return baseline["test_r"]
+    model = load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
+    context_s, stride_s = float(baseline["context_s"]), float(baseline["stride_s"])
+    cache = feature_cache_dir(study["data"], str(baseline["model"]), int(baseline["model_seed"]),
+                              context_s, stride_s)
+    stories = study["train"] + study["val"] + [study["test"]]
+    features = {s: story_features(model, model_fingerprint(model), cache,
+                                  os.path.join(study["data"], "stories", f"{s}.npz"), context_s,
+                                  stride_s, data=study["data"])[layer] for s in stories}
+    return score_on_test(features, subject_data, study, device=device, **ridge_recipe(baseline))[0]
 
 # ==== 2. The speech model: WavLM with attention that LoRA can reach ====
 
-FRAME_HOP = 320  # WavLM's CNN strides multiply to 320 samples: one frame per 20 ms at 16 kHz
-FRAME_WIN = 400  # receptive field of one frame, in samples
-PRETRAINED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "wavlm-tiny-pretrained")
+PRETRAINED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
+                               "wavlm-tiny-pretrained")  # models/pretrain_tiny.py made it
 
 def tiny_config(hidden=96, layers=3, heads=4, conv=128):
     """A small WavLM (~0.6M parameters): wavlm-base-plus's architecture and frame rate, narrower,
     with a per-frame (layer-norm) CNN, no conv biases, 128 channels (bench/tiny_model.py's best)."""
     from transformers import WavLMConfig
     return WavLMConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                       intermediate_size=2 * hidden, conv_dim=(conv,) * 7, feat_extract_norm="layer",
-                       conv_bias=False, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
-                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-                       layerdrop=0.0, mask_time_prob=0.0, apply_spec_augment=False, num_buckets=64,
-                       max_bucket_distance=200)
+                       intermediate_size=2 * hidden, conv_dim=(conv,) * 7, conv_bias=False,
+                       feat_extract_norm="layer", num_conv_pos_embeddings=32,
+                       num_conv_pos_embedding_groups=4,
+                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                       feat_proj_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0,
+                       apply_spec_augment=False, num_buckets=64, max_bucket_distance=200)
 
 def relative_position_bias(attn, length):
     """WavLM's relative position bias (1 x heads x length x length) from layer 1's embedding. The
@@ -243,11 +277,12 @@ def relative_position_bias(attn, length):
         cache[length, device] = attn._relative_positions_bucket(pos[None, :] - pos[:, None])
     return attn.rel_attn_embed(cache[length, device]).permute(2, 0, 1).unsqueeze(0)
 
-def _attention_forward(self, hidden_states, attention_mask=None, position_bias=None, index=0, **kwargs):
+def _attention_forward(self, hidden_states, attention_mask=None, position_bias=None, index=0,
+                       **kwargs):
     """WavLM self-attention that calls q_proj/k_proj/v_proj/out_proj as modules. Stock transformers
-    hands their weights straight to F.multi_head_attention_forward, so LoRA wrappers are never called
-    and PEFT trains nothing, silently. Same maths (gated relative position bias as an additive mask,
-    padding masked out) through the modules and scaled_dot_product_attention."""
+    hands their weights straight to F.multi_head_attention_forward, so LoRA wrappers are never
+    called and PEFT trains nothing, silently. Same maths (gated relative position bias as an
+    additive mask, padding masked out) through the modules and scaled_dot_product_attention."""
     bsz, tgt_len, _ = hidden_states.size()
     q, k, v = (proj(hidden_states).view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
                for proj in (self.q_proj, self.k_proj, self.v_proj))
@@ -255,14 +290,16 @@ def _attention_forward(self, hidden_states, attention_mask=None, position_bias=N
         position_bias = relative_position_bias(self, tgt_len).to(q.dtype)  # bf16 under autocast
     # gate of the relative position bias, computed from the hidden states as in WavLM
     gated = hidden_states.view(hidden_states.shape[:-1] + (self.num_heads, -1)).permute(0, 2, 1, 3)
-    gate_a, gate_b = torch.sigmoid(self.gru_rel_pos_linear(gated).view(gated.shape[:-1] + (2, 4)).sum(-1)).chunk(2, -1)
+    gates = self.gru_rel_pos_linear(gated).view(gated.shape[:-1] + (2, 4)).sum(-1)
+    gate_a, gate_b = torch.sigmoid(gates).chunk(2, -1)
     gate = (gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0).to(q.dtype)
     bias = gate * position_bias  # batch x heads x T x T: broadcast, not repeated
     if attention_mask is not None:  # 1 = real frame, 0 = padding: padded keys get -inf
         bias = bias.masked_fill(attention_mask.ne(1)[:, None, None, :], float("-inf"))
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
-    return self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim)), None, position_bias
+    out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim))
+    return out, None, position_bias
 
 def make_lora_able(model):
     """Route every WavLM attention through _attention_forward (see there). Returns the model."""
@@ -274,24 +311,34 @@ def make_lora_able(model):
 def load_wavlm(name="tiny", seed=0, device=None, config=None):
     """`tiny`: a seeded random tiny WavLM (`config`, default tiny_config()); `tiny-pretrained`: this
     repository's self-supervised one (models/); else a Hugging Face id or folder (e.g.
-    microsoft/wavlm-base-plus). LayerDrop and SpecAugment off, CNN frozen, attention LoRA-able, eval mode."""
+    microsoft/wavlm-base-plus). LayerDrop and SpecAugment off, CNN frozen, attention LoRA-able,
+    eval mode."""
     from transformers import WavLMModel
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr: noise around our one-line errors
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise around our one-line errors
     name = PRETRAINED_TINY if name == "tiny-pretrained" else name
     if name == "tiny":
         torch.manual_seed(seed)
         model = WavLMModel(config if config is not None else tiny_config())
     else:
-        model = from_pretrained(WavLMModel, name, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)
+        model = from_pretrained(WavLMModel, name, layerdrop=0.0, mask_time_prob=0.0,
+                                mask_feature_prob=0.0)
     model.config.layerdrop, model.config.apply_spec_augment = 0.0, False
     model.freeze_feature_encoder()
     return make_lora_able(model).to(pick_device(device)).eval()
 
 def add_lora(model, rank=4, alpha=4, dropout=0.1, targets=("q_proj", "k_proj", "v_proj")):
-    """Wrap `targets` of every layer with LoRA adapters (peft); only the adapters train."""
+    """Wrap `targets` of every layer with LoRA adapters (peft); only the adapters train. An unknown
+    target is one clear error naming the model's adaptable layers (peft's is a traceback)."""
     from peft import LoraConfig, get_peft_model
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets)))
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and not n.startswith("feature_extractor")})
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        raise StudyError(f"--lora-targets {' '.join(unknown)}: not a linear layer of this model; "
+                         f"choose from {' '.join(linear)}")
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                            target_modules=list(targets)))
 
 def compile_layers(model):
     """torch.compile on WavLM's transformer layers, where a step's time goes: their many small
@@ -310,14 +357,7 @@ def merged(model):
         return model
     return copy.deepcopy(model).merge_and_unload().eval()
 
-def base_wavlm(model):
-    """The WavLMModel inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
 # ==== 3. Features: causal windows over a story, Lanczos-downsampled to its TRs ====
-
-def n_frames(n_samples):
-    return (n_samples - FRAME_WIN) // FRAME_HOP + 1
 
 def frame_times(first, count):
     """Centres of frames first .. first + count - 1 in seconds (each frame spans 25 ms)."""
@@ -330,106 +370,8 @@ def window_grid(frames, context_s, stride_s):
     s, c = round(stride_s * SR / FRAME_HOP), round(context_s * SR / FRAME_HOP)
     return [(max(0, k - c), k, min(frames, k + s)) for k in range(0, frames, s)]
 
-def cnn_features(model, audio):
-    """The frozen CNN front end: (batch, samples) -> (batch, frames, conv channels)."""
-    with torch.no_grad():
-        return base_wavlm(model).feature_extractor(audio).transpose(1, 2)
-
-def story_cnn(model, audio, data=None, story=None):
-    """A local (layer-norm) CNN's output for a whole story (frames x channels): each frame sees only
-    its own 25 ms, so the frozen CNN runs once per story, not per window (None for group-norm CNNs
-    such as wavlm-base-plus's, which normalise over their input). With `data` and `story`, cached in
-    <data>/features/cnn-<hash of the CNN>/: stages 02, 03 and 05 share one pass."""
-    m = base_wavlm(model)
-    if m.config.feat_extract_norm != "layer":
-        return None
-    x = torch.as_tensor(audio, dtype=torch.float32, device=next(m.parameters()).device).reshape(-1)
-    F, chunk = n_frames(len(x)), 3000  # 60 s of frames at a time: bounded memory
-
-    def compute():
-        return torch.cat([cnn_features(m, x[None, f0 * FRAME_HOP:(min(F, f0 + chunk) - 1) * FRAME_HOP + FRAME_WIN])[0]
-                          for f0 in range(0, F, chunk)])
-    if data is None:
-        return compute()
-    path = os.path.join(data, "features", f"cnn-{model_fingerprint(m.feature_extractor)[:16]}", f"{story}.npz")
-    cnn = cached_npz(path, sha1(x.cpu().numpy()), lambda: compute().cpu().numpy(), "cnn")
-    return torch.as_tensor(cnn, device=x.device)
-
-def window_cnn(model, audio, windows, cnn=None):
-    """The frozen CNN's output for each window (frames x channels). A frame-local CNN gives slices
-    of the story's (`cnn`, story_cnn's); a group-norm CNN normalises over its whole input, so each
-    window runs on its own audio (windows of one length batched, under autocast as the rest)."""
-    m = base_wavlm(model)
-    if m.config.feat_extract_norm == "layer":
-        cnn = story_cnn(m, audio) if cnn is None else cnn
-        return [cnn[a:b] for a, _, b in windows]
-    out, lengths = [None] * len(windows), {}
-    for i, (a, _, b) in enumerate(windows):
-        lengths.setdefault(b - a, []).append(i)
-    for length, idx in lengths.items():
-        n = windows_per_batch(m, length, audio.device, cnn=True)
-        for j in range(0, len(idx), n):
-            batch = idx[j:j + n]
-            clips = [audio[windows[i][0] * FRAME_HOP:(windows[i][2] - 1) * FRAME_HOP + FRAME_WIN] for i in batch]
-            with autocast(audio.device):
-                for i, c in zip(batch, cnn_features(m, torch.stack(clips)).unbind()):
-                    out[i] = c
-    return out
-
-def windows_per_batch(model, frames, device, grad=False, cnn=False):
-    """How many windows of `frames` frames one forward takes within the memory budget
-    (plumbing.memory_budget: a share of a GPU's free memory): an estimate of one window's
-    activations, the attention's heads x T x T bias included (the CNN's first layer, for `cnn`)."""
-    c = base_wavlm(model).config
-    if cnn:
-        per_window = 12 * c.conv_dim[0] * frames * FRAME_HOP // c.conv_stride[0]
-    else:
-        per_frame = 2 * c.intermediate_size + (12 + c.num_hidden_layers) * c.hidden_size + 4 * c.num_attention_heads * frames
-        per_window = 4 * frames * per_frame * (3 * c.num_hidden_layers if grad else 1)
-    return max(1, int(memory_budget(device) // per_window))
-
-def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None, mask=None, mask_embed=None):
-    """WavLM from CNN output: [input to layer 1, output of layer 1, ..., of n_layers] (transformers'
-    hidden_states; the layers above never run). attention_mask (batch x frames, True = real):
-    padded frames. mask (batch x frames): those frames become mask_embed, for
-    models/pretrain_tiny.py (transformers ignores mask_time_indices once SpecAugment is off)."""
-    m = base_wavlm(model)
-    enc, (h, _) = m.encoder, m.feature_projection(cnn)
-    if mask is not None:
-        h = torch.where(mask[..., None], mask_embed.to(h.dtype), h)
-    if attention_mask is not None:  # padding is zeros, as beyond a window's ends, to the positional conv
-        h = h * attention_mask[..., None].to(h.dtype)
-    h = h + enc.pos_conv_embed(h)
-    states, bias = [enc.dropout(h if m.config.do_stable_layer_norm else enc.layer_norm(h))], None
-    for layer in enc.layers[:n_layers if n_layers is not None else len(enc.layers)]:
-        h, bias = layer(states[-1], attention_mask=attention_mask, position_bias=bias)
-        states.append(h)
-    return states
-
-def encode_windows(model, cnns, n_layers):
-    """One WavLM forward over windows of any lengths (their CNN outputs): padded to the longest,
-    the padding zeroed before the positional convolution and masked out of the attention, so each
-    window's hidden states are the ones it has alone. Returns hidden states 0..n_layers, each
-    windows x longest x hidden."""
-    device = next(base_wavlm(model).parameters()).device
-    if cnns[0].device != device:  # kept in pinned host memory (load_stories): copied in, asynchronously
-        cnns = [c.to(device, non_blocking=True) for c in cnns]
-    lengths = np.array([len(c) for c in cnns])
-    longest, mask = lengths.max(), None
-    if (lengths < longest).any():
-        mask = to_device(np.arange(longest)[None, :] < lengths[:, None], device)
-        cnns = [torch.nn.functional.pad(c, (0, 0, 0, longest - len(c))) if len(c) < longest else c for c in cnns]
-    return hidden_states_from_cnn(model, torch.stack(cnns), n_layers, attention_mask=mask)
-
-def kept_frames(states, windows):
-    """Each window's kept frames (first kept .. end) one after the other: windows x longest x hidden
-    in, frames x hidden out (the story's frames in order, when the windows are its grid)."""
-    longest = states.shape[1]
-    idx = np.concatenate([j * longest + np.arange(k - a, b - a) for j, (a, k, b) in enumerate(windows)])
-    return states.reshape(-1, states.shape[-1])[to_device(idx, states.device)]
-
-def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, grad=False, progress=False,
-                     cnn=None):
+def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, grad=False,
+                     progress=False, cnn=None):
     """Causal WavLM features of one story: its windows (window_grid; the lab's recipe is 16 s of
     context every 0.1 s, costing (context_s + stride_s) / stride_s model-seconds per second), as
     many per forward as memory allows. cnn: story_cnn's output, if the caller has it. Returns
@@ -441,12 +383,14 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     n_layers = m.config.num_hidden_layers
     layers = list(range(n_layers + 1)) if layers is None else [int(x) for x in layers]
     if not all(0 <= layer <= n_layers for layer in layers):
-        raise StudyError(f"layers {layers} out of range: this model has hidden states 0..{n_layers}")
+        raise StudyError(f"layers {layers} out of range: this model has hidden states "
+                         f"0..{n_layers}")
     check_window(context_s, stride_s, ("context_s", "stride_s"))
     x = torch.as_tensor(audio, dtype=torch.float32, device=next(m.parameters()).device).reshape(-1)
     F = n_frames(len(x))
     if F < 1:
-        raise StudyError(f"audio of {len(x)} samples is shorter than one WavLM frame ({FRAME_WIN} samples)")
+        raise StudyError(f"audio of {len(x)} samples is shorter than one WavLM frame "
+                         f"({FRAME_WIN} samples)")
     if cnn is not None and len(cnn) != F:
         raise StudyError(f"precomputed CNN output has {len(cnn)} frames, the audio {F}")
     windows = window_grid(F, context_s, stride_s)
@@ -462,21 +406,23 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     feats = [torch.cat(o) for o in out]  # on the device until the story is done
     return (feats if grad else [f.cpu().numpy() for f in feats]), frame_times(0, F)
 
-def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False, progress=False,
-                   top_layer=None, cnn=None, data=None):
-    """Hidden states 0..top_layer (default: all) of one story, downsample_to_trs'd (layers x (PAD_TRS
-    + TRs) x hidden), cached in <cache_dir>/<story>.npz under the model's fingerprint, the window,
-    the audio and the TR times. cnn: the story's story_cnn output (else computed, cached in `data`)."""
+def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False,
+                   progress=False, top_layer=None, cnn=None, data=None):
+    """Hidden states 0..top_layer (default: all) of one story, downsample_to_trs'd (layers x
+    (PAD_TRS + TRs) x hidden), cached in <cache_dir>/<story>.npz under the model's fingerprint, the
+    window, the audio and the TR times. cnn: the story's story_cnn output (else computed, cached in
+    `data`)."""
     name = os.path.basename(story_npz)[:-4]
     story = load_npz(story_npz, "story file")
-    n_states = base_wavlm(model).config.num_hidden_layers + 1 if top_layer is None else top_layer + 1
-    key = json.dumps(dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS, layers=n_states,
-                          audio=sha1(story["audio"]), tr_times=sha1(story["tr_times"])), sort_keys=True)
+    n_states = (base_wavlm(model).config.num_hidden_layers if top_layer is None else top_layer) + 1
+    key = json.dumps(dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS,
+                          layers=n_states, audio=sha1(story["audio"]),
+                          tr_times=sha1(story["tr_times"])), sort_keys=True)
 
     def compute():
-        c = story_cnn(model, story["audio"], data, name) if cnn is None and data is not None else cnn
-        feats, times = extract_features(model, story["audio"], int(story["sr"]), layers=range(n_states),
-                                        context_s=context_s, stride_s=stride_s, progress=progress, cnn=c)
+        c = cnn if cnn is not None or data is None else story_cnn(model, story["audio"], data, name)
+        feats, times = extract_features(model, story["audio"], int(story["sr"]), range(n_states),
+                                        context_s, stride_s, progress=progress, cnn=c)
         return np.stack([downsample_to_trs(f, times, story["tr_times"]) for f in feats])
     return cached_npz(os.path.join(cache_dir, f"{name}.npz"), key, compute, "ds", refresh)
 
@@ -484,10 +430,12 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
 
 def make_readout(n_in, n_vox, bottleneck):
     if bottleneck:
-        return torch.nn.Sequential(torch.nn.Linear(n_in, bottleneck), torch.nn.Linear(bottleneck, n_vox))
+        return torch.nn.Sequential(torch.nn.Linear(n_in, bottleneck),
+                                   torch.nn.Linear(bottleneck, n_vox))
     return torch.nn.Linear(n_in, n_vox)
 
-def delay_reach(delays):  # TRs the delays read before and after a block (a negative delay reads later rows)
+def delay_reach(delays):
+    """TRs the delays read before and after a block (a negative delay reads later rows)."""
     return max(0, max(delays)), max(0, -min(delays))
 
 def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0):
@@ -505,7 +453,8 @@ def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0):
             room -= sum(c.numel() * c.element_size() for c in cnns)
             if room < 0 and torch.device(device).type == "cuda":
                 cnns = [c.cpu().pin_memory() for c in cnns]
-        stories[s] = dict(audio=audio, tr_times=story_file["tr_times"], windows=windows, cnn=cnn, window_cnn=cnns)
+        stories[s] = dict(audio=audio, tr_times=story_file["tr_times"], windows=windows, cnn=cnn,
+                          window_cnn=cnns)
     return stories
 
 def block_span(story, i0, i1, delays):
@@ -516,11 +465,12 @@ def block_span(story, i0, i1, delays):
     before, after = delay_reach(delays)
     grid = story["tr_times"][0] + tr * np.arange(i0 - before, i1 + after)
     keep = [k for _, k, _ in story["windows"]]
-    first, last = ((np.array([grid[0] - 3 * tr, grid[-1] + 3 * tr]) * SR - FRAME_WIN / 2) / FRAME_HOP)
+    reach = np.array([grid[0] - 3 * tr, grid[-1] + 3 * tr])  # seconds
+    first, last = (reach * SR - FRAME_WIN / 2) / FRAME_HOP  # in frames
     w0 = max(0, int(np.searchsorted(keep, np.ceil(first), "right")) - 1)
     return grid, w0, max(w0 + 1, int(np.searchsorted(keep, np.floor(last), "right")))
 
-_KERNELS = {}  # Lanczos matrices on a device: the TR and window grids are regular, so blocks share a few
+_KERNELS = {}  # Lanczos matrices on a device: the grids are regular, so blocks share a few
 
 def block_kernel(story, grid, w0, w1, device, dtype):
     """The Lanczos matrix from the kept frames of windows w0..w1 to the block's grid, on `device`.
@@ -529,18 +479,19 @@ def block_kernel(story, grid, w0, w1, device, dtype):
     first (a resumed run equals an uninterrupted one)."""
     f0, f1 = story["windows"][w0][1], story["windows"][w1 - 1][2]
     tr = np.mean(np.diff(story["tr_times"]))
-    key = (f1 - f0, len(grid), round((grid[0] - frame_times(f0, 1)[0]) * 1e9), round(tr * 1e9), str(device), dtype)
+    offset_ns = round((grid[0] - frame_times(f0, 1)[0]) * 1e9)
+    key = (f1 - f0, len(grid), offset_ns, round(tr * 1e9), str(device), dtype)
     if key not in _KERNELS:
         old = np.arange(f1 - f0) * (FRAME_HOP / SR)
-        _KERNELS[key] = to_device(lanczos_kernel(old, key[2] * 1e-9 + key[3] * 1e-9 * np.arange(len(grid))),
-                                  device).to(dtype)
+        new = offset_ns * 1e-9 + key[3] * 1e-9 * np.arange(len(grid))
+        _KERNELS[key] = to_device(lanczos_kernel(old, new), device).to(dtype)
     return _KERNELS[key]
 
 def block_inputs(model, stories, blocks, layer, delays=(1, 2, 3, 4), norm="block"):
-    """The readout's input for blocks [(story, i0, i1), ...] from ONE WavLM forward (a step is all its
-    blocks at once): every window they need -> hidden state `layer`'s kept frames -> each block's
-    differentiable Lanczos to its grid -> per-feature norm over the block -> delays. Returns (rows
-    of every block one under the other x delays * hidden, the blocks' order in it)."""
+    """The readout's input for blocks [(story, i0, i1), ...] from ONE WavLM forward (a step is all
+    its blocks at once): every window they need -> hidden state `layer`'s kept frames -> each
+    block's differentiable Lanczos to its grid -> per-feature norm over the block -> delays. Returns
+    (rows of every block one under the other x delays * hidden, the blocks' order in it)."""
     spans, cnns, windows = [], [], []
     for s, i0, i1 in blocks:
         grid, w0, w1 = block_span(stories[s], i0, i1, delays)
@@ -553,7 +504,8 @@ def block_inputs(model, stories, blocks, layer, delays=(1, 2, 3, 4), norm="block
     for j, (s, grid, w0, w1, f, n) in enumerate(spans):
         x = block_kernel(stories[s], grid, w0, w1, frames.device, frames.dtype) @ frames[f:f + n]
         groups.setdefault(len(grid), []).append((j, x))
-    x = [readout_input(torch.stack([x for _, x in g]), delays, norm).flatten(0, 1) for g in groups.values()]
+    x = [readout_input(torch.stack([x for _, x in g]), delays, norm).flatten(0, 1)
+         for g in groups.values()]
     return (torch.cat(x) if len(x) > 1 else x[0]), [j for g in groups.values() for j, _ in g]
 
 def readout_input(x, delays=(1, 2, 3, 4), norm="block"):
@@ -561,8 +513,9 @@ def readout_input(x, delays=(1, 2, 3, 4), norm="block"):
     block's own rows (the grid starts max(delays) rows early, so each copy reads real rows:
     make_delayed without its zero padding)."""
     if norm == "block":
-        # Per-feature normalisation over the block (the paper's readout starts with an InstanceNorm): a
-        # block is all one step sees, so it is normalised on its own (docs/methods.md: --norm none)
+        # Per-feature normalisation over the block (the paper's readout starts with an
+        # InstanceNorm): a block is all one step sees, so it is normalised on its own
+        # (docs/methods.md: --norm none)
         x = (x - x.mean(-2, keepdim=True)) / (x.std(-2, keepdim=True) + 1e-5)
     before, after = delay_reach(delays)
     n = x.shape[-2]
@@ -594,7 +547,8 @@ def predict_story(model, readout, story, layer, block_trs, delays=(1, 2, 3, 4), 
     blocks = [("s", i, min(rows, i + block_trs)) for i in range(0, rows, block_trs)]
     longest = max(b - a for a, _, b in story["windows"])
     spans = [block_span(story, i0, i1, delays) for _, i0, i1 in blocks]
-    per = max(1, windows_per_batch(model, longest, story["audio"].device) // max(w1 - w0 for _, w0, w1 in spans))
+    widest = max(w1 - w0 for _, w0, w1 in spans)  # windows a block needs
+    per = max(1, windows_per_batch(model, longest, story["audio"].device) // widest)
     out = []
     with torch.no_grad(), autocast(story["audio"].device):
         for j in range(0, len(blocks), per):
@@ -603,49 +557,40 @@ def predict_story(model, readout, story, layer, block_trs, delays=(1, 2, 3, 4), 
             out += [p for _, p in sorted(zip(order, pred), key=lambda o: o[0])]
     return torch.cat(out).cpu().numpy()
 
-# ==== 5. The study's files (README, "Data layout") ====
+# ==== 5. Linear probes (Section 3.4): what a model's layers hold about each word ====
 
-def load_study(data):
-    """study.npz as plain Python values: the splits, and the fingerprints stage 01 recorded (of the
-    stories and splits, of each subject's file) that every result records (lib/provenance.py)."""
-    path = os.path.join(data, "study.npz")
-    if not os.path.exists(path):
-        raise StudyError(f"{path} not found: build the data first with `python 01_prepare_data.py --data {data}`")
-    saved = load_npz(path)
-    missing = sorted({"source", "subjects", "train_stories", "val_stories", "test_story", "tr",
-                      "stories_fingerprint", "subject_fingerprints"} - set(saved))
-    if missing:
-        raise StudyError(f"{path} is from an older layout (no {', '.join(missing)}); rebuild it with "
-                         f"`python 01_prepare_data.py --data {data}` (with the flags it was built with)")
-    subjects = [str(s) for s in saved["subjects"]]
-    return dict(source=str(saved["source"]), subjects=subjects, data=data,
-                train=[str(s) for s in saved["train_stories"]], val=[str(s) for s in saved["val_stories"]],
-                test=str(saved["test_story"]), tr=float(saved["tr"]),
-                stories_fingerprint=str(saved["stories_fingerprint"]),
-                subject_fingerprints=dict(zip(subjects, (str(f) for f in saved["subject_fingerprints"]))))
-
-def load_subject(data, subject, study):
-    """subjects/<subject>.npz, checked for every response the stages need, opened lazily: d[key] reads
-    one array (UTS01's responses are ~10 GB; no stage holds them twice)."""
-    path = os.path.join(data, "subjects", f"{subject}.npz")
-    if subject not in study["subjects"] or not os.path.exists(path):
-        raise StudyError(f"unknown subject {subject!r}: {data} has {', '.join(study['subjects'])}")
-    try:
-        d = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise StudyError(f"{path} is not a plain npz file ({e}); rebuild it with 01_prepare_data.py")
-    missing = [k for k in [f"resp_{s}" for s in study["train"] + study["val"]] + ["test_resp"] if k not in d]
-    if missing:
-        raise StudyError(f"{path} has no responses {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
-                         "rebuild the data with 01_prepare_data.py")
-    return d
-
-def stack_responses(d, stories, voxels=None):
-    """The responses of `stories` one under the other (TRs x voxels, float32; voxels: the columns to
-    keep), read story by story into one preallocated array: the peak is the stack, not stack + parts."""
-    rows = [array_shape(d, f"resp_{s}")[0] for s in stories]
-    columns = np.arange(array_shape(d, f"resp_{stories[0]}")[1])[slice(None) if voxels is None else voxels]
-    out = np.empty((sum(rows), len(columns)), np.float32)
-    for s, row, n in zip(stories, np.cumsum([0] + rows), rows):
-        out[row:row + n] = d[f"resp_{s}"] if voxels is None else d[f"resp_{s}"][:, voxels]
+def word_representations(model, story, cnn, context_s, stride_s):
+    """(layers x words x hidden): each layer's frames averaged within each word's span. cnn: the
+    story's frozen CNN output (story_cnn), the same for every model compared."""
+    feats, times = extract_features(model, story["audio"], context_s=context_s, stride_s=stride_s,
+                                    cnn=cnn)
+    out = np.zeros((len(feats), len(story["words"]), feats[0].shape[1]), np.float32)
+    for w, (a, b) in enumerate(zip(story["word_onsets"], story["word_offsets"])):
+        sel = (times >= a) & (times <= b)
+        if not sel.any():  # a word shorter than a frame: its nearest frame
+            sel = np.abs(times - (a + b) / 2) == np.abs(times - (a + b) / 2).min()
+        for li, f in enumerate(feats):
+            out[li, w] = f[sel].mean(0)
     return out
+
+def probe(X, Y, groups, n_folds, classes=None, per_fold=None, device="cpu"):
+    """Ridge probe with whole stories held out: mean r over target dims, or accuracy for classes.
+    per_fold: a list that receives the same score on each fold's held-out stories (its spread)."""
+    stories = np.unique(groups)
+    folds = np.array_split(stories, min(n_folds, len(stories)))
+    pred = np.zeros_like(Y)
+
+    def score(p, rows):
+        if classes is not None:
+            return float(np.mean(np.argmax(p, 1) == classes[rows]))
+        return float(np.mean(pearson_r(Y[rows], p)))
+
+    for held in folds:
+        te = np.isin(groups, held)
+        mu, sd = X[~te].mean(0), X[~te].std(0) + 1e-6
+        ym, ys = Y[~te].mean(0), Y[~te].std(0) + 1e-6
+        W, _, _ = ridge_cv((X[~te] - mu) / sd, (Y[~te] - ym) / ys, n_folds=5, device=device)
+        pred[te] = ((X[te] - mu) / sd) @ W * ys + ym
+        if per_fold is not None:
+            per_fold.append(score(pred[te], te))
+    return score(pred, np.ones(len(Y), bool))

@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-from lib import plumbing  # noqa: E402
+from lib import batching, plumbing  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--gpu-check", help="gpu_check.json measured on the GPU (else assumed efficiencies)")
@@ -62,9 +62,9 @@ feat_flops_per_audio_s = window_flops / 4.0  # each window yields 4 s of feature
 # one step: 2 blocks of 32 TRs mid-story (windows of 4 s, the CNN's output already kept), tuned at layer 6
 lora = common.add_lora(model).train()
 audio = torch.zeros(200 * 16000)
-windows = common.window_grid(common.n_frames(len(audio)), 0.0, 4.0)
+windows = common.window_grid(batching.n_frames(len(audio)), 0.0, 4.0)
 story = dict(audio=audio, tr_times=11.0 + 2.0 * np.arange(90), windows=windows, cnn=None,
-             window_cnn=common.window_cnn(model, audio, windows))
+             window_cnn=batching.window_cnn(model, audio, windows))
 with FlopCounterMode(display=False) as fc:
     x, _ = common.block_inputs(lora, {"s": story}, [("s", 16, 48), ("s", 48, 80)], 6)
     x.float().pow(2).mean().backward()

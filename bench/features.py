@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from bench.recipe import best_layer_score  # noqa: E402
-from lib import plumbing  # noqa: E402
+from lib import batching, plumbing  # noqa: E402
+from lib.study import load_study, load_subject  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", default="data")
@@ -37,16 +38,16 @@ plumbing.set_threads()
 device = plumbing.pick_device(args.device)
 seeds = args.model_seeds if args.model == "tiny" else [0]  # a pretrained model has one set of weights
 
-study = common.load_study(args.data)
+study = load_study(args.data)
 subjects = plumbing.subject_list(args.subjects, study)
-data = {s: common.load_subject(args.data, s, study) for s in subjects}
+data = {s: load_subject(args.data, s, study) for s in subjects}
 stories = study["train"] + study["val"] + [study["test"]]
 audio = {s: plumbing.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in stories}
 audio_s = sum(len(a["audio"]) for a in audio.values()) / 16000
 
 
 def model_seconds(n_samples, stride_s, context_s):
-    F = common.n_frames(n_samples)
+    F = batching.n_frames(n_samples)
     s, c = round(stride_s / 0.02), round(context_s / 0.02)
     return sum(min(F, k + s) - max(0, k - c) for k in range(0, F, s)) * 0.02
 

@@ -18,7 +18,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-from lib import plumbing  # noqa: E402
+from lib import batching, plumbing  # noqa: E402
+from lib.study import load_study, load_subject  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", default="data")
@@ -43,8 +44,8 @@ g.add_argument("--norm", default="block")
 args = targs = p.parse_args()
 plumbing.set_threads()
 device = plumbing.pick_device(args.device)
-study = common.load_study(args.data)
-d = common.load_subject(args.data, study["subjects"][0], study)
+study = load_study(args.data)
+d = load_subject(args.data, study["subjects"][0], study)
 model = common.add_lora(common.load_wavlm(args.model, 0, device), targs.lora_rank, targs.lora_alpha,
                         targs.lora_dropout, targs.lora_targets).train()
 layer = args.layer if args.layer is not None else model.config.num_hidden_layers
@@ -87,15 +88,15 @@ sync()
 t_full = (time.perf_counter() - t0) / n
 
 # the same steps with WavLM's output precomputed (leaf tensors that still take a gradient)
-encode, frozen = common.encode_windows, []
-common.encode_windows = lambda model, cnns, n_layers: frozen.append(encode(model, cnns, n_layers)) or frozen[-1]
+encode, frozen = batching.encode_windows, []
+batching.encode_windows = lambda model, cnns, n_layers: frozen.append(encode(model, cnns, n_layers)) or frozen[-1]
 with torch.no_grad(), plumbing.autocast(device):
     for k in range(n):
         common.block_inputs(model, stories, [blocks[j] for j in order[k * targs.batch_blocks:(k + 1) * targs.batch_blocks]],
                             layer, norm=targs.norm)
 frozen = [[h.detach().requires_grad_() for h in states] for states in frozen]
 calls = iter(range(len(frozen)))
-common.encode_windows = lambda model, cnns, n_layers: frozen[next(calls)]
+batching.encode_windows = lambda model, cnns, n_layers: frozen[next(calls)]
 sync()
 t0 = time.perf_counter()
 for k in range(n):

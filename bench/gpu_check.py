@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from bench.legacy_step import legacy_extract, legacy_step, use_legacy_attention  # noqa: E402
 from lib import plumbing  # noqa: E402
+from lib.study import load_study, load_subject  # noqa: E402
 
 BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense
 
@@ -119,7 +120,7 @@ out["stage03_rc"], out["stage03_s"] = timed([py, "03_finetune_lora.py", *io, "--
                                              "--subject", "sim01", "--epochs", "1"], "stage03.log")
 out["stage05_rc"], out["stage05_s"] = timed([py, "05_linear_probes.py", *io, "--checkpoints", ckpt,
                                              "--models", "baseline", "whole"], "stage05.log")
-st = common.load_study(data)
+st = load_study(data)
 story_files = {s: plumbing.load_npz(os.path.join(data, "stories", f"{s}.npz"))
                for s in st["train"] + st["val"] + [st["test"]]}
 audio_s = sum(len(f["audio"]) for f in story_files.values()) / 16000
@@ -140,7 +141,7 @@ save()
 
 # 5. training steps at the paper's defaults, before and after, on the study's training stories
 layer = n // 2
-d = common.load_subject(data, "sim01", st)
+d = load_subject(data, "sim01", st)
 resp = {s: torch.as_tensor(d[f"resp_{s}"], device=dev) for s in st["train"]}
 
 

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from lib import plumbing  # noqa: E402
+from lib.study import load_study, load_subject, stack_responses  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
@@ -36,7 +37,7 @@ for seed in args.seeds:
     if not os.path.exists(os.path.join(data, "study.npz")):
         subprocess.run([sys.executable, "01_prepare_data.py", "--data", data, "--seed", str(seed)], cwd=ROOT,
                        check=True, stdout=subprocess.DEVNULL)
-    study = common.load_study(data)
+    study = load_study(data)
     model = common.load_wavlm(args.model)
     fp = plumbing.model_fingerprint(model)
     cache = plumbing.feature_cache_dir(data, args.model, 0, 16.0, 4.0)
@@ -45,8 +46,8 @@ for seed in args.seeds:
     layers = range(len(feats[study["train"][0]]))
     val_r = {}  # subject -> layers x validation stories (mean r over voxels)
     for subj in study["subjects"]:
-        d = common.load_subject(data, subj, study)
-        Y = common.stack_responses(d, study["train"])
+        d = load_subject(data, subj, study)
+        Y = stack_responses(d, study["train"])
         rows = []
         for layer in layers:
             W, _, _ = common.ridge_cv(np.vstack([common.design_matrix(feats[s][layer]) for s in study["train"]]), Y)

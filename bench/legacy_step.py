@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from lib import plumbing  # noqa: E402
+from lib import batching, plumbing  # noqa: E402
 
 SR, FRAME_HOP, FRAME_WIN = 16000, 320, 400
 
@@ -47,7 +47,7 @@ def use_legacy_attention(model):
 
 
 def legacy_hidden_states(model, cnn, n_layers):
-    m = common.base_wavlm(model)
+    m = batching.base_wavlm(model)
     enc, (h, _) = m.encoder, m.feature_projection(cnn)
     h = h + enc.pos_conv_embed(h)
     states, bias = [enc.dropout(enc.layer_norm(h))], None
@@ -59,9 +59,9 @@ def legacy_hidden_states(model, cnn, n_layers):
 
 def legacy_extract(model, audio, layer, context_s, stride_s, cnn=None, batch_size=8):
     """extract_features with grad, 8 windows per forward, the CNN per window for group-norm models."""
-    m = common.base_wavlm(model)
+    m = batching.base_wavlm(model)
     s_f, c_f = int(round(stride_s * SR / FRAME_HOP)), int(round(context_s * SR / FRAME_HOP))
-    F = common.n_frames(len(audio))
+    F = batching.n_frames(len(audio))
     wins = [(max(0, k0 - c_f), k0, min(F, k0 + s_f)) for k0 in range(0, F, s_f)]
     groups = {}
     for w in wins:
@@ -73,7 +73,7 @@ def legacy_extract(model, audio, layer, context_s, stride_s, cnn=None, batch_siz
             if cnn is not None:
                 c = torch.stack([cnn[a:b] for a, _, b in batch])
             else:
-                c = common.cnn_features(m, torch.stack([audio[a * FRAME_HOP:(b - 1) * FRAME_HOP + FRAME_WIN]
+                c = batching.cnn_features(m, torch.stack([audio[a * FRAME_HOP:(b - 1) * FRAME_HOP + FRAME_WIN]
                                                         for a, _, b in batch]))
             states, keep = legacy_hidden_states(model, c, layer), batch[0][2] - batch[0][1]
             h = states[layer][:, -keep:].float()
@@ -93,7 +93,7 @@ def legacy_predict_block(model, readout, story, i0, i1, layer, context_s=0.0, st
     b = min(len(story["audio"]), -(-int((grid[-1] + half) * SR + FRAME_WIN) // step) * step + FRAME_WIN)
     cnn = story.get("cnn")
     if cnn is not None:
-        cnn = cnn[a // FRAME_HOP:a // FRAME_HOP + common.n_frames(b - a)]
+        cnn = cnn[a // FRAME_HOP:a // FRAME_HOP + batching.n_frames(b - a)]
     frames, times = legacy_extract(model, story["audio"][a:b], layer, context_s, stride_s, cnn)
     x = common.lanczos_interp(frames, times + a / SR, grid)
     x = (x - x.mean(0)) / (x.std(0) + 1e-5)

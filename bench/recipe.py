@@ -5,14 +5,15 @@ stage 02's default delays, alphas and folds."""
 import numpy as np
 
 import common
+from lib.study import stack_responses
 
 
 def best_layer_score(ds, subject_data, study, layers, device="cpu"):
     """ds[story]: (layers x (PAD_TRS + TRs) x features). Returns (test r per voxel, the best layer)."""
     def design(stories, layer):
         return np.vstack([common.design_matrix(ds[s][layer]) for s in stories])
-    Y_train = common.stack_responses(subject_data, study["train"])
-    Y_val = common.stack_responses(subject_data, study["val"])
+    Y_train = stack_responses(subject_data, study["train"])
+    Y_val = stack_responses(subject_data, study["val"])
     val_r = []
     for layer in layers:
         W, _, _ = common.ridge_cv(design(study["train"], layer), Y_train, device=device)

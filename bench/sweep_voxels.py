@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from lib import plumbing  # noqa: E402
+from lib.study import load_study, load_subject, stack_responses  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", required=True)
@@ -27,13 +28,13 @@ p.add_argument("--draws", type=int, default=5)
 args = p.parse_args()
 plumbing.set_threads()
 
-study = common.load_study(args.data)
+study = load_study(args.data)
 base = plumbing.load_npz(os.path.join(args.results, f"02_baseline_{args.subject}.npz"))
 layers, delays = [int(x) for x in base["layers"]], tuple(int(x) for x in base["delays"])
 cache = plumbing.feature_cache_dir(args.data, str(base["model"]), int(base["model_seed"]), float(base["context_s"]),
                               float(base["stride_s"]))
 ds = {s: plumbing.load_npz(os.path.join(cache, f"{s}.npz"))["ds"] for s in study["train"] + study["val"]}
-d = common.load_subject(args.data, args.subject, study)
+d = load_subject(args.data, args.subject, study)
 full_val = base["val_r_by_layer"].mean(1)
 full_best = layers[int(np.argmax(full_val))]
 print(f"full sweep ({base['val_r_by_layer'].shape[1]} voxels): best layer {full_best}, "
@@ -45,7 +46,7 @@ for size in args.sizes:
     agree, loss, secs = 0, [], []
     for draw in range(args.draws):
         voxels = np.sort(np.random.default_rng(draw).choice(n_vox, size, replace=False))
-        Y_train, Y_val = common.stack_responses(d, study["train"], voxels), common.stack_responses(d, study["val"], voxels)
+        Y_train, Y_val = stack_responses(d, study["train"], voxels), stack_responses(d, study["val"], voxels)
         t0 = time.time()
         val = []
         for layer in layers:

@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from bench.recipe import best_layer_score  # noqa: E402
 from lib import plumbing, scoring, speech  # noqa: E402
+from lib.study import load_study, load_subject  # noqa: E402
 
 VARIANTS = {  # name: changes to common.tiny_config()
     "default": {},
@@ -41,9 +42,9 @@ p.add_argument("--variants", nargs="+", default=["default", "conv-bias", "conv-6
 p.add_argument("--threads", type=int, default=None)
 args = p.parse_args()
 plumbing.set_threads(args.threads)
-study = common.load_study(args.data)
+study = load_study(args.data)
 subjects = study["subjects"]
-data = {s: common.load_subject(args.data, s, study) for s in subjects}
+data = {s: load_subject(args.data, s, study) for s in subjects}
 names = study["train"] + study["val"] + [study["test"]]
 stories = {s: plumbing.load_npz(os.path.join(args.data, "stories", f"{s}.npz")) for s in names}
 

@@ -35,26 +35,26 @@ def import_pycortex():
     return cortex
 
 
-def pycortex_subject(root, subject):
-    """pycortex pointed at the dataset's own database (derivative[s]/pycortex-db) and the subject's
-    transform (derivative[s]/subject_xfms.json, else <subject>_auto): (cortex module, transform)."""
-    from lib.ds003020 import derivatives  # (lib/ds003020.py imports this module)
+def pycortex_subject(deriv, subject):
+    """pycortex pointed at the dataset's own database (<deriv>/pycortex-db; deriv: its derivative/ or
+    derivatives/ folder, ds003020.derivatives) and the subject's transform (<deriv>/subject_xfms.json,
+    else <subject>_auto): (cortex module, transform)."""
     cortex = import_pycortex()
-    db = os.path.join(derivatives(root), "pycortex-db")
-    xfms_path = os.path.join(derivatives(root), "subject_xfms.json")
+    db = os.path.join(deriv, "pycortex-db")
+    xfms_path = os.path.join(deriv, "subject_xfms.json")
     if not os.path.isdir(os.path.join(db, subject)):
-        raise StudyError(f"{os.path.join(db, subject)} not found: download {os.path.basename(derivatives(root))}/"
+        raise StudyError(f"{os.path.join(db, subject)} not found: download {os.path.basename(deriv)}/"
                          f"pycortex-db/{subject} of ds003020")
     xfm = json.load(open(xfms_path)).get(subject, f"{subject}_auto") if os.path.exists(xfms_path) else f"{subject}_auto"
     cortex.db.filestore, cortex.db._subjects = db, None  # the dataset's own filestore
     return cortex, xfm
 
 
-def pycortex_rois(root, subject):
+def pycortex_rois(deriv, subject):
     """AC/LH/RH column masks of one subject from the dataset's own pycortex database, with
     pycortex's functions: the data's columns are the true voxels of the transform's 'thick' mask
     (in order); AC from the ROI outlines in overlays.svg, as public brain-tuning code reads it."""
-    cortex, xfm = pycortex_subject(root, subject)
+    cortex, xfm = pycortex_subject(deriv, subject)
     thick = np.asarray(cortex.db.get_mask(subject, xfm, "thick"), bool)
     # = cortex.utils.get_roi_masks(subject, xfm, ["AC"], gm_sampler="cortical-conservative", threshold=0.9)
     mapper = cortex.utils.get_mapper(subject, xfm, type="nearest")
@@ -85,12 +85,12 @@ def roi_vertices(cortex, subject, roi):
     return inside
 
 
-def pycortex_flatmap(root, subject, height=FLAT_HEIGHT):
+def pycortex_flatmap(deriv, subject, height=FLAT_HEIGHT):
     """The flattened cortex as an image of column indices (-1 off cortex), from pycortex's own
     flatmap cache (the pixel -> voxel weights quickflat draws with): each pixel takes the column
     with the largest weight, in quickflat's orientation. draw_flatmap draws data with it,
     without pycortex. Returns (flat_index: height x width int32, extents: the flat coordinates)."""
-    cortex, xfm = pycortex_subject(root, subject)
+    cortex, xfm = pycortex_subject(deriv, subject)
     from cortex.quickflat import utils as qf
     thick = np.asarray(cortex.db.get_mask(subject, xfm, "thick"), bool).ravel()
     column = np.full(thick.size, -1, np.int64)
@@ -129,10 +129,14 @@ def masks_from_volumes(thick, roi_volumes, lh, rh):
 
 # ---- the simulated study's cortex: pycortex's S1 ----
 
+MIN_AC = 5  # AC columns a study keeps however small: stages 03-05 tune and score on AC
+
+
 def cortex_sample(args, rng):
     """S1's cortex (assets/s1_cortex.npz, derived from pycortex's S1), or a uniform random sample of
     --n-voxels of its columns (in their order, so the ROI shares stay true); the flatmap then
-    shows each pixel's nearest sampled column."""
+    shows each pixel's nearest sampled column. A sample too small to hold MIN_AC AC columns (AC is
+    1.5% of cortex) is drawn again, stratified: MIN_AC from AC, the rest from outside it."""
     path = os.path.join(ASSETS, "s1_cortex.npz")
     a = load_npz(path, "the S1 cortex asset (assets/make_s1_cortex.py rebuilds it)")
     n = len(a["roi_AC"])
@@ -140,6 +144,13 @@ def cortex_sample(args, rng):
         columns = np.arange(n)
     else:
         columns = np.sort(rng.choice(n, args.n_voxels, replace=False))
+    n_ac, uniform = min(MIN_AC, args.n_voxels - 1), int(a["roi_AC"][columns].sum())
+    if uniform < n_ac:
+        ac, rest = np.flatnonzero(a["roi_AC"]), np.flatnonzero(~a["roi_AC"])
+        columns = np.sort(np.r_[rng.choice(ac, n_ac, replace=False),
+                                rng.choice(rest, args.n_voxels - n_ac, replace=False)])
+        print(f"  --n-voxels {args.n_voxels}: a uniform sample held {uniform} AC columns, so the sample "
+              f"is stratified: {n_ac} from AC, {args.n_voxels - n_ac} from the rest of cortex")
     from scipy.spatial import cKDTree
     _, nearest = cKDTree(a["xyz_mm"][columns]).query(a["xyz_mm"])  # each column's nearest sampled one
     flat = np.where(a["flat_index"] >= 0, nearest[np.maximum(a["flat_index"], 0)], -1).astype(np.int32)
@@ -160,9 +171,10 @@ def s1_root(folder):
 def build_s1_asset(root):
     """assets/s1_cortex.npz's arrays from a dataset root whose pycortex database is S1 (s1_root): the
     columns' ROIs, flatmap, positions in mm and geodesic distance to AC."""
-    masks = pycortex_rois(root, "S1")
-    flat_index, extents = pycortex_flatmap(root, "S1")
-    cortex, xfm = pycortex_subject(root, "S1")
+    deriv = os.path.join(root, "derivative")
+    masks = pycortex_rois(deriv, "S1")
+    flat_index, extents = pycortex_flatmap(deriv, "S1")
+    cortex, xfm = pycortex_subject(deriv, "S1")
     from scipy.spatial import cKDTree
     thick = np.asarray(cortex.db.get_mask("S1", xfm, "thick"), bool)
     kji = np.argwhere(thick)  # (z, y, x), C order: the columns' order

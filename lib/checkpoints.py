@@ -1,21 +1,24 @@
-"""Checkpoints of stage 03 runs: crash-safe saves, recovery after a crash, --resume, --init-from.
+"""Stage 03's runs as files: names and records, crash-safe checkpoints, --resume, --init-from, results.
 
-Used by stage 03 (every epoch, --resume, --init-from) and stages 04-05 (a run's best epoch as a
-model). A checkpoint folder holds the peft adapter (or the fully fine-tuned weights) and state.pt
-(readout, optimizer, epoch, history, RNG state, provenance). A save writes a complete copy aside and
-swaps it in, so at any instant one complete copy exists and recover_checkpoint finds it.
+Used by stage 03 (opening a run, every epoch, --resume, --init-from, saving its result) and stages
+04-05 (a run's best epoch as a model). A checkpoint folder holds the peft adapter (or the fully
+fine-tuned weights) and state.pt (readout, optimizer, epoch, history, RNG state, provenance). A
+save writes a complete copy aside and swaps it in, so at any instant one complete copy exists and
+recover_checkpoint finds it.
 """
 import copy
 import glob
+import json
 import os
 import shutil
 
+import numpy as np
 import torch
 
-import common
-
-from lib.plumbing import StudyError, load_npz, pick_device
-from lib.provenance import as_flags, baseline_tag_flag, code_differs, command, digest, find_runs, init_matches, load_run, run_name
+from lib import figures
+from lib.plumbing import StudyError, load_npz, pick_device, save_npz
+from lib.provenance import (as_flags, baseline_tag_flag, code_differs, code_state, command, describe_run, digest,
+                            find_runs, init_matches, load_run, note_replaced_run, run_name, settings_tag)
 
 ROIS = ("whole", "AC", "LH", "RH")  # the voxels a run's loss sees (Section 3.2)
 
@@ -65,7 +68,8 @@ def load_model_weights(folder, model, full):
     """A checkpoint's WavLM weights (full) or LoRA adapters into the run's own model."""
     from safetensors.torch import load_file
     if full:
-        common.base_wavlm(model).load_state_dict(load_file(os.path.join(folder, "model", "model.safetensors")))
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.load_state_dict(load_file(os.path.join(folder, "model", "model.safetensors")))
     else:
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, load_file(os.path.join(folder, "model", "adapter_model.safetensors")))
@@ -124,7 +128,7 @@ def init_checkpoint(path, prov):
     return folder, os.path.basename(run_folder(folder)), digest(theirs)
 
 
-def resume_args(args, explicit, subj, seed, run_settings):
+def resume_args(args, subj, seed, run_settings):
     """--resume: the run's own settings from its last checkpoint. The checkpoint is found among this
     subject's runs of the ROI, mode and seed asked for; a flag given now that differs from the saved
     value is an error naming both. No checkpoint to continue is an error, never a fresh start."""
@@ -140,7 +144,7 @@ def resume_args(args, explicit, subj, seed, run_settings):
         raise StudyError(f"--resume: no checkpoint of {run_name(subj, args.roi, mode, seed)}[_<tag>] in "
                          f"{args.checkpoints}/ to continue{' (there: ' + ', '.join(others) + ')' if others else ''}; "
                          "start the run without --resume")
-    mine = run_settings(args)
+    mine, explicit = run_settings(args), args._given
     fits = [(n, p) for n, p in found if all(p["settings"].get(k) == mine[k] for k in explicit if k in mine)]
     if not fits:
         name, prov = found[0]
@@ -196,10 +200,9 @@ def resume(ckpt, model, readout, opt, full):
 
 # ---- a run's best epoch as a model (stages 04-05) ----
 
-def load_tuned_wavlm(baseline, folder, full, device=None):
-    """A stage 03 checkpoint: stage 02's base WavLM (`baseline`: its results npz) with the saved
-    peft adapter, or with the fully fine-tuned weights when `full`."""
-    model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
+def load_tuned_wavlm(model, folder, full, device=None):
+    """A stage 03 checkpoint on its base model (`model`: stage 02's WavLM, common.load_wavlm): the
+    saved peft adapter, or the fully fine-tuned weights when `full`."""
     if full:
         from safetensors.torch import load_file
         model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
@@ -208,11 +211,13 @@ def load_tuned_wavlm(baseline, folder, full, device=None):
     return PeftModel.from_pretrained(model, folder).to(pick_device(device)).eval()
 
 
-def find_tuned(args, subj, study):
-    """The stage 03 run of `subj` asked for (checked by load_run) with its checkpoint, checked to be
-    that run's, before any work: the run's npz dict, with `best`, its best epoch's folder."""
-    mode = "full" if args.full_finetune else "lora"
-    run = load_run(args, subj, args.roi, mode, args.seed, args.init_from, baseline_tag_flag(args.tag), study)
+def find_tuned(args, subj, study, roi=None, mode=None, init_from=None):
+    """The stage 03 run of `subj` asked for (args' ROI, mode and start run unless given; its seed and
+    tag), checked by load_run, with its checkpoint, checked to be that run's, before any work: the
+    run's npz dict, with `best`, its best epoch's folder."""
+    roi, init_from = roi or args.roi, init_from if roi else args.init_from
+    mode = mode or ("full" if args.full_finetune else "lora")
+    run = load_run(args, subj, roi, mode, args.seed, init_from, baseline_tag_flag(args.tag), study)
     best = os.path.join(args.checkpoints, run["name"], "best")
     state = os.path.join(best, "state.pt")
     if not os.path.exists(state):
@@ -226,6 +231,101 @@ def find_tuned(args, subj, study):
     return run
 
 
-def load_tuned(args, run, device):
-    """A run found by find_tuned as a model (its best epoch), in eval mode."""
-    return load_tuned_wavlm(run["baseline"], os.path.join(run["best"], "model"), args.full_finetune, device).eval()
+def load_tuned(args, run, model, device):
+    """A run found by find_tuned as a model (its best epoch) on its base `model`, in eval mode."""
+    return load_tuned_wavlm(model, os.path.join(run["best"], "model"), args.full_finetune, device).eval()
+
+
+# ---- a stage 03 run: its record and name, epochs, result ----
+
+def run_tag(args, baseline, settings, defaults, script):
+    """'' for the defaults' settings against stage 02's defaults' result with committed code, else
+    '_' + 6 hex digits."""
+    mine = dict(settings, baseline=baseline["tag"])
+    mine.pop("full_finetune")
+    code = code_state(script)
+    if code["edited"]:  # code that differs from the git commit: a name of its own, never the reference's
+        mine["code"] = code["fingerprint"]
+    return settings_tag(mine, dict(defaults, baseline=""))
+
+
+def run_record(args, subj, seed, study, baseline, settings, defaults, script):
+    """What a run is built from: the study, the subject's file, its settings and the stage 02 result
+    it is scored against (with_model adds the base model, open_run the run it started from).
+    Returns (args with --init-from resolved to a checkpoint folder, the record)."""
+    if args.init_from:
+        args = copy.copy(args)
+        args.init_from = init_source(args, subj, seed)
+    return args, dict(stage="03", subject=subj, roi=args.roi, seed=seed, stories=study["stories_fingerprint"],
+                      subject_data=study["subject_fingerprints"][subj], settings=settings,
+                      tag=run_tag(args, baseline, settings, defaults, script)[1:],
+                      flags=as_flags(settings, defaults), code=code_state(script),
+                      baseline=dict(file=os.path.basename(baseline["path"]), tag=baseline["tag"],
+                                    fingerprint=baseline["fingerprint"]))
+
+
+def with_model(prov, args, baseline, model):
+    """A run's record with its base model: stage 02's, by name, seed and weights."""
+    from lib.plumbing import model_fingerprint
+    return dict(prov, model=str(baseline["model"]), model_seed=int(baseline["model_seed"]),
+                mode="full" if args.full_finetune else "lora", model_fingerprint=model_fingerprint(model))
+
+
+def open_run(args, subj, seed, prov, init):
+    """The run's name and checkpoint folder ({name, ckpt, prov}) and, with --resume, its checks:
+    (run, the finished run's result or None)."""
+    prov["init_from"] = dict(name=init[1], fingerprint=init[2]) if init else None
+    tag = "_" + prov["tag"] if prov["tag"] else ""
+    name = run_name(subj, args.roi, prov["mode"], seed, tag, init[1] if init else None)
+    prov["flags"] += [f"--init-from {args.init_from}"] if init else []
+    ckpt = os.path.join(args.checkpoints, name)
+    finished = start(ckpt, os.path.join(args.results, f"{name}.npz"), prov, args.resume, args.epochs)
+    return dict(name=name, ckpt=ckpt, prov=prov), finished
+
+
+def start_history(args, run, model, readout, opt):
+    """(history, first epoch): empty and 0, or with --resume the run's last checkpoint's."""
+    if args.resume:
+        return resume(run["ckpt"], model, readout, opt, args.full_finetune)
+    return dict(val_r=[], loss=[]), 0
+
+
+def end_epoch(run, epoch, history, mean_loss, val_r, model, readout, opt):
+    """An epoch's loss and validation r into the history, printed; best/ saved when it is the best
+    so far (before last/: a crash between the two repeats the epoch, to the same numbers)."""
+    history["val_r"].append(val_r)
+    history["loss"].append(mean_loss)
+    best = int(np.argmax(history["val_r"]))
+    print(f"  {run['name']} epoch {epoch + 1}: loss {mean_loss:.4f}, val r {val_r:.4f}"
+          f"{'  (best)' if best == epoch else ''}", flush=True)
+    if best == epoch:
+        save_checkpoint(os.path.join(run["ckpt"], "best"), model, readout, opt, epoch, history, run["prov"])
+    save_checkpoint(os.path.join(run["ckpt"], "last"), model, readout, opt, epoch, history, run["prov"])
+
+
+def save_run(args, run, out, subject_data, init):
+    """A finished run's result (results/<run>.npz, with its settings and provenance) and figure; the
+    figure of an --init-from run shows its change over the run it started from too."""
+    prov = run["prov"]
+    out = dict(out, settings=np.array(json.dumps(prov["settings"], sort_keys=True)),
+               provenance=np.array(json.dumps(prov, sort_keys=True)), fingerprint=np.array(digest(prov)))
+    result = os.path.join(args.results, f"{run['name']}.npz")
+    note_replaced_run(result, out["fingerprint"])
+    start_path = os.path.join(args.results, f"{init[1]}.npz") if init else None
+    start_run = None
+    if start_path and os.path.exists(start_path):  # the run it started from, for the figure
+        s = load_npz(start_path)
+        start_run = dict(name=describe_run(json.loads(str(s["provenance"]))), tuned=s["test_r_tuned"])
+    figures.tuned_run(out, subject_data, os.path.join(args.results, f"{run['name']}.png"), start_run)
+    save_npz(result, **out)  # last: a run with its result file is finished (--resume skips it)
+    return out
+
+
+def resume_hint(args, run_args, subj, seed, run_settings, defaults):
+    """The command that continues an interrupted run (Ctrl-C in stage 03)."""
+    a = run_args
+    return "continue with " + command(
+        "03_finetune_lora.py", a, f"--subject {subj}", f"--seed {seed}", "" if a.roi == "whole" else f"--roi {a.roi}",
+        "--full-finetune" if a.full_finetune else "", f"--init-from {args.init_from}" if args.init_from else "",
+        f"--baseline-tag {args.baseline_tag}" if args.baseline_tag else "",
+        *as_flags(run_settings(a), dict(defaults, full_finetune=a.full_finetune)), "--resume")

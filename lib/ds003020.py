@@ -3,8 +3,8 @@
 Used by stage 01 (--source ds003020), 00_fetch_ds003020.py (its final check) and stage 05 (word
 vectors on real data). Readers of the lab's formats (HuthLab/deep-fMRI-dataset): Praat TextGrids
 (the word tier), wav, the response .hf5 files, respdict.json (TRs per story), the English1000
-embedding; and write_subject, which turns one subject's .hf5 files into the subject file of the
-common layout (README, "Data layout").
+embedding; read_subject, one subject's responses checked against the lab's bookkeeping (stage 01
+z-scores them and computes the noise ceiling).
 """
 import difflib
 import json
@@ -14,9 +14,9 @@ import numpy as np
 from scipy.io import wavfile
 from scipy.signal import resample_poly
 
-from common import SR, noise_ceiling, pearson_r, zscore
 from lib.anatomy import import_pycortex
 from lib.plumbing import StudyError, load_npz, save_npz
+from lib.speech import SR
 
 TR = 2.0  # seconds per volume
 # ds003020 bookkeeping (HuthLab/deep-fMRI-dataset): the lab simulates respdict[story] - 5 TR times
@@ -276,55 +276,42 @@ def bad_voxels(resp):
     return nonfinite, constant
 
 
-def write_subject(args, s, prep, stories, respdict, rois, tmp_out, flat=None):
-    """One subject's responses, z-scored per story. Voxels with NaN anywhere are set to 0 in every
-    story and flagged (the lab's readers apply np.nan_to_num); the test story's `individual_repeats`
-    give test_repeats and the noise ceiling, its `data` (the published mean) test_resp."""
-    out, nonfinite, constant = {}, False, False
+def read_subject(deriv, s, stories, respdict, test_story):
+    """One subject's published responses: ({story: TRs x voxels, the test story's `data` or None},
+    the test story's repeats x TRs x voxels or None, voxels with a non-finite value anywhere,
+    constant voxels), rows checked against respdict's bookkeeping and voxel counts across stories."""
+    resp, repeats, nonfinite, constant = {}, None, False, False
     for st, tr_times in stories.items():
-        path = os.path.join(prep, s, f"{st}.hf5")
-        resp, repeats = read_hf5(path)
-        for x in (resp, repeats):
+        path = os.path.join(deriv, "preprocessed_data", s, f"{st}.hf5")
+        r, reps = read_hf5(path)
+        for x in (r, reps):
             if x is not None and x.shape[-2] != len(tr_times):
                 raise StudyError(f"{path} has {x.shape[-2]} rows but respdict says {respdict[st]} TRs, "
                                  f"i.e. {len(tr_times)} rows after the lab's trimming of {TRIM_TRS}; "
                                  "the file or derivative/respdict.json is from another version")
-        for x in (resp, repeats):
             if x is not None:
                 bad, const = bad_voxels(x)
                 nonfinite, constant = nonfinite | bad, constant | const
-        if st != args.test_story:
-            if resp is None:
-                raise StudyError(f"{path} holds repeats but no averaged 'data'; only the test story may")
-            out[f"resp_{st}"] = zscore(np.nan_to_num(resp, nan=0.0, posinf=0.0, neginf=0.0))
-            continue
-        if repeats is None:
-            print(f"  note: {path} holds one (averaged) response, no repeats: noise_ceiling is NaN for {s}")
-        else:
-            repeats = np.nan_to_num(repeats, nan=0.0, posinf=0.0, neginf=0.0)
-            out["test_repeats"] = repeats
-            if resp is None:
-                resp = repeats.mean(0)
-            else:
-                diff = np.abs(np.nan_to_num(resp) - repeats.mean(0))
-                r = pearson_r(np.nan_to_num(resp), repeats.mean(0))
-                print(f"  {s} {st}: published mean ('data') vs mean of the {len(repeats)} individual_repeats: "
-                      f"max |difference| {diff.max():.3g}, median voxel r {np.median(r):.4f}")
-        out["test_resp"] = zscore(np.nan_to_num(resp, nan=0.0, posinf=0.0, neginf=0.0))
-    n_vox = {v.shape[-1] for v in out.values()}
+        if st != test_story and r is None:
+            raise StudyError(f"{path} holds repeats but no averaged 'data'; only the test story may")
+        resp[st] = r
+        repeats = reps if st == test_story else repeats
+    n_vox = {x.shape[-1] for x in list(resp.values()) + [repeats] if x is not None}
     if len(n_vox) != 1:
         raise StudyError(f"subject {s}: stories disagree on the voxel count {sorted(n_vox)}")
     n_vox = n_vox.pop()
     nonfinite = np.broadcast_to(nonfinite, (n_vox,)).copy()
     constant = np.broadcast_to(constant, (n_vox,)) & ~nonfinite
-    for x in out.values():
-        x[..., nonfinite] = 0.0
-    out["noise_ceiling"] = (noise_ceiling(out["test_repeats"]) if "test_repeats" in out
-                            else np.full(n_vox, np.nan, np.float32))
     if nonfinite.any():
         print(f"  note: {s}: {nonfinite.sum()} voxels with NaN set to 0 in every story (flagged in nan_voxels)")
     if constant.any():
         print(f"  note: {s}: {constant.sum()} constant voxels kept as zeros (flagged in constant_voxels)")
+    return resp, repeats, nonfinite, constant
+
+
+def subject_masks(args, s, n_vox, rois, flat):
+    """The subject's ROI masks (roi_AC, roi_LH, roi_RH) and flatmap, checked against its voxels."""
+    out = {}
     for name, mask in rois.items():
         if len(mask) != n_vox:
             src = "--rois-from-pycortex" if args.rois_from_pycortex else args.roi_file
@@ -336,11 +323,34 @@ def write_subject(args, s, prep, stories, respdict, rois, tmp_out, flat=None):
               f" in {args.roi_file}") + "; stages that need them will say so")
     if flat is not None:
         if flat[0].max() >= n_vox:
-            raise StudyError(f"the pycortex flatmap of {s} has columns up to {flat[0].max()} but {s} has {n_vox} voxels")
+            raise StudyError(f"the pycortex flatmap of {s} has columns up to {flat[0].max()} but {s} has "
+                             f"{n_vox} voxels")
         out["flat_index"], out["flat_extents"] = flat
-    fingerprint = save_npz(os.path.join(tmp_out, "subjects", f"{s}.npz"), constant_voxels=constant,
-                           nan_voxels=nonfinite, **out)
-    finite = np.isfinite(out["noise_ceiling"])
-    print(f"  subject {s}: {n_vox} voxels" + (f", mean noise ceiling {out['noise_ceiling'][finite].mean():.3f}"
-                                              if finite.any() else ""))
-    return fingerprint
+    return out
+
+
+def read_story(root, deriv, st):
+    """A story's audio (16 kHz) and its words with onsets and offsets (the TextGrid's word tier)."""
+    audio = read_wav(os.path.join(root, "stimuli", f"{st}.wav"))
+    return (audio, *read_textgrid_words(os.path.join(deriv, "TextGrids", f"{st}.TextGrid")))
+
+
+def check_length(st, trs, tr_times, audio_s, root):
+    """respdict's TR count against the wav: the last response row must fall within the audio."""
+    if tr_times[-1] > audio_s + 30:
+        raise StudyError(f"story {st}: respdict says {trs} TRs (last row at {tr_times[-1]:.0f} s) but "
+                         f"{os.path.join(root, 'stimuli', st + '.wav')} lasts {audio_s:.0f} s; the wav or "
+                         "respdict is wrong")
+
+
+def save_english1000(deriv, out, stories):
+    """English1000 vectors of the stories' words into out/english1000.npz (stage 05's semantic
+    targets): {"english1000": its fingerprint}, or {} with a note when the dataset lacks the file."""
+    e1000 = os.path.join(deriv, "english1000sm.hf5")
+    if not os.path.exists(e1000):
+        print(f"  note: {e1000} not found: stage 05's semantic probe will need --word-vectors")
+        return {}
+    words = set(np.concatenate([np.load(os.path.join(out, "stories", f"{st}.npz"))["words"] for st in stories]))
+    found, vectors = english1000(e1000, words)
+    print(f"  English1000 vectors for {len(found)} of the stories' {len(words)} word types -> english1000.npz")
+    return {"english1000": save_npz(os.path.join(out, "english1000.npz"), words=found, vectors=vectors)}

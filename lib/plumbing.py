@@ -1,15 +1,20 @@
-"""Plumbing: errors, devices, npz and figure files, caches, the stages' flags.
+"""Plumbing: the stages' runner, errors, devices, npz and figure files, caches, the stages' flags.
 
-Used by every stage, compare.py, bench/ and the tests. Nothing here is science: a bad input becomes
+Used by every stage, compare.py, bench/ and the tests. Nothing here is science: a stage's main runs
+through `stage` (flags, threads, timing, and one line for every way it ends), a bad input becomes
 one StudyError (printed as one `error:` line by `fail`), every file is written to a temp file and
 renamed (a crash never leaves half a file), and arrays are read without pickles.
 """
 import argparse
+import contextlib
+import functools
 import hashlib
 import itertools
 import os
+import re
 import sys
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -24,9 +29,51 @@ class StudyError(Exception):
 
 
 def fail(msg, code=1):
-    """Print one clear message and exit non-zero (the stages' `main` calls this for a StudyError)."""
+    """Print one clear message and exit non-zero (the stages' runner calls this for a StudyError)."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+
+class Interrupted(StudyError):
+    """Ctrl-C inside a stage, with what was kept and how to go on (the runner exits 130)."""
+
+
+@contextlib.contextmanager
+def on_interrupt(message):
+    """Ctrl-C inside becomes Interrupted(message): `message` (or message(), when it is a function)
+    says what was saved and the command that goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message() if callable(message) else message) from None
+
+
+def stage(get_parser):
+    """A stage's main(args) made its command, main(argv=None): the flags parsed (args._given: those
+    typed), torch's threads set, and one line for every way it ends: `wrote <what main returns> in
+    N s`, a StudyError as `error: ...` (exit 1), Ctrl-C as `error: interrupted: ...` (exit 130)."""
+    def wrap(body):
+        @functools.wraps(body)
+        def main(argv=None):
+            p = get_parser()
+            args = p.parse_args(argv)
+            args._given = explicit_flags(p, argv)
+            set_threads(getattr(args, "threads", None))
+            t0 = time.time()
+            try:
+                if hasattr(args, "device"):
+                    args.device = pick_device(args.device)
+                wrote = body(args)
+            except Interrupted as e:
+                fail(f"interrupted: {e}", 130)
+            except KeyboardInterrupt:
+                fail("interrupted: nothing was written; rerun the same command", 130)
+            except StudyError as e:
+                fail(e)
+            if wrote:
+                print(f"\nwrote {wrote} in {time.time() - t0:.0f} s")
+        return main
+    return wrap
 
 
 # ---- devices ----
@@ -67,6 +114,13 @@ def to_device(array, device):
     if torch.device(device).type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def show_loss(bar, step, loss_sum, n):
+    """The mean loss so far on a progress bar (a terminal's), every 20 steps: reading it waits for
+    the GPU, so not at every step."""
+    if hasattr(bar, "set_postfix") and step % 20 == 0:
+        bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}")
 
 
 def progress_bar(items, desc):
@@ -193,8 +247,71 @@ def parser(doc):
     """The stages' argparse: a bad flag value is one `error:` line and exit 1, like every other
     input error (argparse's own prints the usage too and exits 2)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: fail(f"{message} (see --help)")
+
+    def error(message):  # our types' words (ranged, one_of, ...) come out as "--flag value ..."
+        m = re.fullmatch(r"argument ([^:/ ]+)[^:]*: (.*)", message, re.S)
+        ours = m and not m[2].startswith(("invalid ", "expected ", "not allowed", "ignored ", "one of"))
+        fail(f"{m[1]} {m[2]}" if ours else f"{message} (see --help)")
+    p.error = error
     return p
+
+
+def ranged(kind, lo=None, hi=None, why="", above=False):
+    """An argparse type: a `kind` (int or float) in lo..hi (`above`: strictly above lo), else one
+    line, `--flag value is out of range: it must be ...` (`why` replaces the bounds' words)."""
+    def check(text):
+        value = kind(text)
+        if (lo is not None and (value <= lo if above else value < lo)) or (hi is not None and value > hi):
+            bounds = (f"> {lo:g}" if above else f"{lo:g}..{hi:g}" if hi is not None and lo is not None
+                      else f">= {lo:g}" if lo is not None else f"<= {hi:g}")
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range: {why or 'it must be ' + bounds}")
+        return value
+    check.__name__ = kind.__name__  # argparse names the type in its own errors ("invalid int value")
+    return check
+
+
+def frame_seconds(positive):
+    """An argparse type: seconds, a whole number of WavLM's 20 ms frames (> 0 when `positive`)."""
+    def check(text):
+        value = float(text)
+        try:
+            check_window(0.0 if positive else value, value if positive else 1.0)
+        except StudyError:
+            raise argparse.ArgumentTypeError(f"{value:g} must be a {'positive' if positive else 'non-negative'} "
+                                             "multiple of WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
+        return value
+    check.__name__ = "float"
+    return check
+
+
+def one_of(names, what):
+    """An argparse type: one of `names` (say, the ROIs), else `--flag 'X': unknown <what>; choose ...`."""
+    def check(text):
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"{text!r}: unknown {what}; choose one of {', '.join(names)}")
+        return text
+    check.__name__ = what
+    return check
+
+
+def tag_type(text):
+    """An argparse type: a results tag, 'default' or the 6 hex digits in a result's name."""
+    if text != "default" and not re.fullmatch(r"[0-9a-f]{6}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a tag is 'default' or 6 hex digits, as in "
+                                         "02_baseline_<subject>_<tag>.npz")
+    return text
+
+
+def explicit_flags(p, argv):
+    """The dests the user set on the command line (not left at their defaults)."""
+    saved = [(a, a.default) for a in p._actions]
+    for a, _ in saved:
+        a.default = argparse.SUPPRESS
+    try:
+        return set(vars(p.parse_args(argv)))
+    finally:
+        for a, d in saved:
+            a.default = d
 
 
 def add_common_args(p):

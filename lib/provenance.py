@@ -7,8 +7,8 @@ with settings other than the defaults carry a tag in their file name (a hash of 
 run replaces another's. Stage 03's runs are named here (run_name) and found here (find_runs, load_run).
 Every result also records the code that made it (code_state): its files' hashes and the git commit.
 """
-import argparse
 import ast
+import contextlib
 import functools
 import glob
 import hashlib
@@ -18,7 +18,9 @@ import re
 import shutil
 import subprocess
 
-from lib.plumbing import StudyError, load_npz
+import numpy as np
+
+from lib.plumbing import StudyError, load_npz, on_interrupt, save_npz
 
 FOLDERS = {"data": "data", "results": "results", "checkpoints": "checkpoints"}  # the stages' defaults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,18 +47,6 @@ def as_flags(settings, defaults):
         values = v if isinstance(v, (list, tuple)) else [] if v is True else [v]
         out.append(" ".join([flag] + [f"{x:g}" if isinstance(x, float) else str(x) for x in values]))
     return out
-
-
-def explicit_flags(p, argv):
-    """The dests the user set on the command line (not left at their defaults)."""
-    saved = [(a, a.default) for a in p._actions]
-    for a, _ in saved:
-        a.default = argparse.SUPPRESS
-    try:
-        return set(vars(p.parse_args(argv)))
-    finally:
-        for a, d in saved:
-            a.default = d
 
 
 def command(script, args, *flags):
@@ -119,11 +109,11 @@ def same_record(path, record):
     return comparable(old) == comparable(record)
 
 
-def reuse(records, source):
+def reuse(records, source, what="the results"):
     """--reuse SOURCE: when each path in `records` (a result to make) already holds what its record
-    says, or SOURCE holds such a file of the same name, link those in (a copy across file systems)
-    and return True: the stage has nothing to do. Links are safe: every write is a new file renamed
-    over the old, never an edit in place."""
+    says, or SOURCE holds such a file of the same name, link those in (a copy across file systems),
+    say so and return True: the stage has nothing to do. Links are safe: every write is a new file
+    renamed over the old, never an edit in place."""
     found = {}
     for path, record in records.items():
         other = os.path.join(source, os.path.basename(path))
@@ -133,6 +123,8 @@ def reuse(records, source):
     for path, src in found.items():
         if os.path.abspath(src) != os.path.abspath(path):
             link_tree(os.path.dirname(src), os.path.dirname(path), [os.path.basename(src)])
+    print(f"  {what}: made from this study and model with these settings by this code, in "
+          f"{os.path.dirname(next(iter(records)))}/ or linked from {source}/: nothing to do (--reuse)")
     return True
 
 
@@ -230,6 +222,111 @@ def install_study(tmp_out, data):
     os.replace(data, old)
     os.replace(tmp_out, data)
     shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def building(data):
+    """Stage 01's study is built aside (the folder yielded) and swapped in for `data` whole when
+    complete (install_study): an error or Ctrl-C on the way leaves `data` as it was."""
+    tmp_out = data.rstrip("/") + ".tmp_build"
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    try:
+        with on_interrupt(f"{data}/ is as it was; rerun the same command"):
+            yield tmp_out
+    except BaseException:
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        raise
+    install_study(tmp_out, data)
+
+
+def study_record(args, script):
+    """What study.npz records of how it was built: stage 01's settings and code."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "reuse", "_given")}
+    return dict(stage="01", settings=settings, code=code_state(script))
+
+
+def reuse_study(args, record):
+    """--reuse DIR: a study built by this code with these settings is linked, not rebuilt."""
+    for folder in (args.data, args.reuse):
+        if same_record(os.path.join(folder, "study.npz"), record):
+            if folder != args.data:
+                link_tree(folder, args.data)
+            print(f"stage 01: {folder}/ holds the study these settings and this code build"
+                  + (f": linked into {args.data}/" if folder != args.data else ": nothing to do") + " (--reuse)")
+            return True
+    return False
+
+
+def write_study(out, source, subjects, train, val, test, tr, args, prints, record):
+    """study.npz: the splits and the fingerprints every later result records. stories_fingerprint
+    covers the splits and every story file; each subject file has its own, so rebuilding with one
+    subject more or less (or other noise) leaves the others' results valid."""
+    stories = digest(dict(source=source, train=list(train), val=list(val), test=test,
+                          files={k: v for k, v in prints.items() if k not in subjects and k != "truth"}))
+    save_npz(os.path.join(out, "study.npz"), source=np.array(source), subjects=np.array(subjects),
+             train_stories=np.array(train), val_stories=np.array(val), test_story=np.array(test),
+             tr=np.float64(tr), seed=np.int64(args.seed), stories_fingerprint=np.array(stories),
+             subject_fingerprints=np.array([prints[s] for s in subjects]),
+             provenance=np.array(json.dumps(record, sort_keys=True)))
+
+
+def baseline_records(args, study, subjects, fingerprint, script, mine, defaults):
+    """What stage 02's result of each subject will record, and where it goes: ({subject: (path,
+    record)}, the settings tag of their names), said in one line."""
+    tag, flags = settings_tag(mine, defaults), as_flags(mine, defaults)
+    print(f"stage 02: baseline ridge, model {args.model}, {len(subjects)} subject(s), device {args.device}"
+          + (f"; settings {' '.join(flags)} -> files tagged {tag[1:]}" if tag else ""))
+    return {subj: (os.path.join(args.results, f"02_baseline_{subj}{tag}.npz"),
+                   dict(stage="02", subject=subj, stories=study["stories_fingerprint"], settings=mine,
+                        subject_data=study["subject_fingerprints"][subj], model=args.model, tag=tag[1:],
+                        model_fingerprint=fingerprint, flags=flags, code=code_state(script)))
+            for subj in subjects}, tag
+
+
+def save_result(path, prov, arrays, note=False):
+    """A result with its provenance record (note: say so when it replaces a stage 02 result made
+    from other inputs, note_replacement)."""
+    if note:
+        note_replacement(path, prov)
+    save_npz(path, **arrays, provenance=np.array(json.dumps(prov, sort_keys=True)))
+
+
+def save_cross_subject(args, study, runs, out, script, **arrays):
+    """Stage 04's result, named after the choice of runs (04_cross_subject[_<choice>].npz: the
+    defaults' choice keeps the plain name) and recording the runs and baselines it read. Returns
+    its path."""
+    first = next(iter(runs.values()))
+    tuned_on, evaluated_on = list(runs), list(first["baselines"])
+    parts = [args.roi if args.roi != "whole" else "", "full" if args.full_finetune else "",
+             f"seed{args.seed}" if args.seed else "", first["tag"], f"from_{args.init_from}" if args.init_from else ""]
+    if tuned_on != study["subjects"] or evaluated_on != study["subjects"]:
+        parts.append(f"{'-'.join(tuned_on)}-on-{'-'.join(evaluated_on)}")
+    path = os.path.join(args.results, "_".join(["04_cross_subject"] + [p for p in parts if p]) + ".npz")
+    baselines = {b: base["fingerprint"] for b, base in first["baselines"].items()}
+    prov = dict(stage="04", stories=study["stories_fingerprint"], baselines=baselines,
+                runs={a: r["fingerprint"] for a, r in runs.items()}, code=code_state(script))
+    save_result(path, prov, dict(out, **arrays, roi=np.array(args.roi), seed=np.int64(args.seed),
+                                 mode=np.array("full" if args.full_finetune else "lora"),
+                                 runs=np.array([r["name"] for r in runs.values()]),
+                                 **{f"baseline_{b}": np.array(f) for b, f in baselines.items()}))
+    return path
+
+
+def save_probes(args, study, subj, runs, base, script, **arrays):
+    """Stage 05's result, named after the choice (05_probes[_<choice>].npz: the defaults' choice
+    keeps the plain name), recording the runs, the baseline and the targets it read. Returns its path."""
+    models = list(arrays["models"])
+    parts = [subj if subj != study["subjects"][0] else "",
+             "-".join(models) if models != ["baseline", "whole", "AC"] else "", f"seed{args.seed}" if args.seed else "",
+             next(iter(runs.values()))["tag"] if runs else "", f"from_{args.init_from}" if args.init_from else "",
+             f"folds{args.n_folds}" if args.n_folds != 5 else ""]
+    path = os.path.join(args.results, "_".join(["05_probes"] + [p for p in parts if p]) + ".npz")
+    prov = dict(stage="05", stories=study["stories_fingerprint"], subject=subj, baseline=base["fingerprint"],
+                runs={k: r["fingerprint"] for k, r in runs.items()}, word_vectors=args.word_vectors,
+                n_folds=args.n_folds, code=code_state(script))
+    save_result(path, prov, dict(arrays, subject=np.array(subj),
+                                 runs=np.array([runs[m]["name"] if m in runs else "" for m in models])))
+    return path
 
 
 def note_replacement(path, prov):

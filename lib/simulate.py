@@ -11,9 +11,8 @@ import numpy as np
 from scipy.signal import fftconvolve
 from scipy.stats import gamma
 
-from common import SR
 from lib.ds003020 import FIRST_TR_TIME, TR
-from lib.speech import log_mel
+from lib.speech import SR, log_mel
 
 # Real English words so espeak pronounces them; a category's words share a semantic centroid.
 CATEGORIES = {
@@ -175,16 +174,9 @@ def abstract_voxels(args, rng, drives, n_aco):
     w_aco = (0.5 + rng.standard_normal((n_aco, v))) * np.isin(kind, [0, 2])
     w_sem = rng.standard_normal((args.semantic_dim, v)) * np.isin(kind, [1, 2])
 
-    def raw(n):
-        return drives[n][0] @ w_aco / np.sqrt(n_aco) + drives[n][1] @ w_sem
-    sd_sig = signal_sd(raw, drives)
-
-    def rois():
-        order = rng.permutation(v)
-        return {"roi_AC": kind == 0, "roi_LH": np.isin(np.arange(v), order[:v // 2]),
-                "roi_RH": np.isin(np.arange(v), order[v // 2:])}
+    sd_sig = signal_sd(lambda n: drives[n][0] @ w_aco / np.sqrt(n_aco) + drives[n][1] @ w_sem, drives)
     noise_sd = np.exp(rng.uniform(*np.log(args.noise_sd), size=v))
-    return dict(signal=lambda n: raw(n) / sd_sig, noise_sd=noise_sd, kind=kind, w_aco=w_aco, w_sem=w_sem, rois=rois)
+    return dict(noise_sd=noise_sd, kind=kind, w_aco=w_aco, w_sem=w_sem, sd=sd_sig)
 
 
 def signal_sd(raw, drives):
@@ -259,13 +251,55 @@ def cortex_voxels(args, rng, drives, n_aco, c, shared):
     w_sem = rng.standard_normal((args.semantic_dim, 6)) @ maps[4:] / np.sqrt(6)
     sd_aco = signal_sd(lambda n: drives[n][0] @ w_aco, drives)
     sd_sem = signal_sd(lambda n: drives[n][1] @ w_sem, drives)
-
-    def signal(n):
-        return amp_aco * (drives[n][0] @ w_aco) / sd_aco + amp_sem * (drives[n][1] @ w_sem) / sd_sem
     noise_sd = NOISE_SD * np.exp(0.2 * smooth_fields(c["xyz_mm"], rng, 1, 2 * SMOOTH_MM)[0])
     amp = np.sqrt(amp_aco ** 2 + amp_sem ** 2)
     kind = np.where(amp < 0.15, 3, np.where(amp_aco / np.maximum(amp, 1e-9) > 0.85, 0,
                                             np.where(amp_sem / np.maximum(amp, 1e-9) > 0.85, 1, 2)))
     rois = {"roi_AC": c["roi_AC"], "roi_LH": c["roi_LH"], "roi_RH": c["roi_RH"]}
-    return dict(signal=signal, noise_sd=noise_sd, kind=kind, w_aco=w_aco, w_sem=w_sem, amp_aco=amp_aco,
-                amp_sem=amp_sem, rois=lambda: rois)
+    return dict(noise_sd=noise_sd, kind=kind, w_aco=w_aco, w_sem=w_sem, amp_aco=amp_aco, amp_sem=amp_sem,
+                sd_aco=sd_aco, sd_sem=sd_sem, rois=rois)
+
+
+# ---- a subject's responses and truth ----
+
+def signal(sim, drives, story):
+    """A subject's noise-free response to a story (TRs x voxels): on S1's cortex, each amplitude
+    map times its tuned drive at unit sd; in the abstract study, the voxel's mix at unit sd."""
+    aco, sem = drives[story]
+    if "amp_aco" in sim:
+        return sim["amp_aco"] * (aco @ sim["w_aco"]) / sim["sd_aco"] + sim["amp_sem"] * (sem @ sim["w_sem"]) / sim["sd_sem"]
+    return (aco @ sim["w_aco"] / np.sqrt(aco.shape[1]) + sem @ sim["w_sem"]) / sim["sd"]
+
+
+def rois(sim, rng):
+    """The subject's ROI masks: S1's (on its cortex); in the abstract study, 'AC' is the auditory
+    kind and LH/RH random halves, drawn here (after the noise, in the stream's order)."""
+    if "rois" in sim:
+        return sim["rois"]
+    v = len(sim["kind"])
+    order = rng.permutation(v)
+    return {"roi_AC": sim["kind"] == 0, "roi_LH": np.isin(np.arange(v), order[:v // 2]),
+            "roi_RH": np.isin(np.arange(v), order[v // 2:])}
+
+
+def subject_truth(subj, sim, drives, test_repeats):
+    """What truth.npz keeps of a subject: voxel kinds, tuning, noise, the test story's signal and the
+    true ceiling (the expected r between the signal and the mean of test_repeats noisy repeats)."""
+    test_signal, noise_sd = signal(sim, drives, "test"), sim["noise_sd"]
+    var_s = test_signal.var(0)
+    out = {f"{subj}_kind": sim["kind"], f"{subj}_test_signal": test_signal.astype(np.float32),
+           f"{subj}_noise_sd": noise_sd, f"{subj}_true_ceiling": np.sqrt(var_s / (var_s + noise_sd ** 2 / test_repeats)),
+           f"{subj}_w_acoustic": sim["w_aco"].astype(np.float32), f"{subj}_w_semantic": sim["w_sem"].astype(np.float32)}
+    if "amp_aco" in sim:
+        out.update({f"{subj}_acoustic_amplitude": sim["amp_aco"].astype(np.float32),
+                    f"{subj}_semantic_amplitude": sim["amp_sem"].astype(np.float32)})
+    return out
+
+
+def study_truth(cortex, shared, drives):
+    """What truth.npz keeps of the study: the columns sampled and the semantic network (on S1), the
+    test story's latent drives."""
+    out = {} if cortex is None else dict(columns=cortex["columns"], cortex_source=cortex["source"],
+                                         semantic_network=shared["network"])
+    return dict(out, test_acoustic_drive=drives["test"][0].astype(np.float32),
+                test_semantic_drive=drives["test"][1].astype(np.float32))

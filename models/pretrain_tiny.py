@@ -39,7 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-from lib import plumbing, probing, simulate, speech  # noqa: E402
+from lib import batching, plumbing, simulate, speech  # noqa: E402
 
 
 def get_args(argv=None):
@@ -89,7 +89,7 @@ def make_corpus(args, rng):
 
 def unit_features(audio):
     """40-band log-mel and its frame-to-frame change, one row per WavLM frame (20 ms hop, 25 ms window)."""
-    mel, _ = speech.log_mel(audio, n_bands=40, hop=common.FRAME_HOP, win=common.FRAME_WIN)
+    mel, _ = speech.log_mel(audio, n_bands=40, hop=batching.FRAME_HOP, win=batching.FRAME_WIN)
     return np.concatenate([mel, np.diff(mel, axis=0, prepend=mel[:1])], 1)
 
 
@@ -123,7 +123,7 @@ def span_mask(rng, shape, prob, span):
 # ---------------------------------------------------------------------------------------------
 
 def masked_loss(model, head, embed, cnn, units, mask):
-    states = common.hidden_states_from_cnn(model, cnn, mask=mask, mask_embed=embed)
+    states = batching.hidden_states_from_cnn(model, cnn, mask=mask, mask_embed=embed)
     logits = head(states[-1][mask])
     return torch.nn.functional.cross_entropy(logits, units[mask]), logits.argmax(1) == units[mask]
 
@@ -137,7 +137,7 @@ def pretrain(args, model, cnn, units, train_ids, held_ids, rng, log=print):
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters()) + [embed]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.08)
-    L = int(round(args.crop_s / (common.FRAME_HOP / 16000)))
+    L = int(round(args.crop_s / (batching.FRAME_HOP / 16000)))
 
     def crops(ids, n, r):
         sid = r.choice(ids, n)
@@ -181,12 +181,12 @@ def word_probe(model, stories, cnn, vocab):
     token's mean frame; accuracy over the held-out stories' tokens."""
     X, y, groups = [], [], []
     for g, (st, c) in enumerate(zip(stories, cnn)):
-        X.append(probing.word_representations(model, st, c, 16.0, 4.0))
+        X.append(common.word_representations(model, st, c, 16.0, 4.0))
         y += [int(np.flatnonzero(vocab == w)[0]) for w in st["words"]]
         groups += [g] * len(st["words"])
     X, y = np.concatenate(X, 1), np.array(y)
     onehot = np.eye(len(vocab), dtype=np.float32)[y]
-    return [probing.probe(X[layer], onehot, np.array(groups), len(stories), classes=y) for layer in range(len(X))]
+    return [common.probe(X[layer], onehot, np.array(groups), len(stories), classes=y) for layer in range(len(X))]
 
 
 def sha256(path):
@@ -226,7 +226,7 @@ def main(argv=None):
           f"{args.n_voices} voices x {len(args.rates)} rates ({time.time() - t0:.0f} s)")
     model = common.load_wavlm("tiny", args.init_seed)  # CNN frozen; made exactly as the stages make it
     with torch.no_grad():
-        cnn = [common.story_cnn(model, st["audio"]) for st in stories]
+        cnn = [batching.story_cnn(model, st["audio"]) for st in stories]
     feats = [unit_features(st["audio"]) for st in stories]
     mu, sd = np.concatenate(feats).mean(0), np.concatenate(feats).std(0) + 1e-6
     feats = [(f - mu) / sd for f in feats]

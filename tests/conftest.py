@@ -1,45 +1,21 @@
-"""Shared test helpers: run a stage's main() in-process, and one tiny simulated study per session."""
-import glob
-import importlib
+"""The tests' fixtures (one tiny simulated study per session, the default study, a miniature
+ds003020) and how make test's two workers share the files; the helpers they use are in helpers.py."""
 import json
 import os
-import shutil
-import sys
 
 import h5py
 import numpy as np
 import pytest
 from scipy.io import wavfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from lib import plumbing  # noqa: E402
+from helpers import STORIES, SUBJECTS, TINY, TRS, WORDS, coarse_pycortex_db, run_stage, write_textgrid
+from lib import plumbing
 
 # torch's threads per test process: the machine's cores shared among pytest-xdist's workers (make test
 # runs two), and the same count for the stage processes the tests start (BRAINWAVLM_THREADS)
 THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))
 os.environ["BRAINWAVLM_THREADS"] = str(THREADS)
 plumbing.set_threads(THREADS)
-
-TINY = ["--cortex", "none", "--n-subjects", "2", "--n-voxels", "60", "--n-train-stories", "3", "--n-val-stories", "1",
-        "--story-seconds", "60", "--test-seconds", "60", "--seed", "3"]
-
-
-def stage(script):
-    """A script of this repository as a module, for the tests of its own functions and run_stage
-    (importlib: a stage's name starts with a digit, so the `import` statement cannot name it)."""
-    return importlib.import_module(os.path.splitext(script)[0].replace("/", "."))
-
-
-def run_stage(script, argv):
-    """Run a stage's main(argv); return its exit code (0 when it returns normally)."""
-    try:
-        stage(script).main(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    return 0
-
 
 # make test runs two pytest-xdist workers, each taking a whole file at a time (--dist loadfile: a
 # file's fixtures are built once) in this order (--no-loadscope-reorder): the longest files first,
@@ -67,75 +43,11 @@ def default_study(tmp_path_factory):
     return data
 
 
-def one(pattern):
-    """The one file or folder matching a glob: results made with other settings than the defaults
-    carry a tag in their names (03_sim01_whole_lora_seed0_1a2b3c.npz)."""
-    found = sorted(glob.glob(pattern))
-    assert len(found) == 1, (pattern, found)
-    return found[0]
-
-
-def snapshot(*folders):
-    """Every file under `folders` with its size and modification time: equal snapshots before and
-    after a failed command mean it wrote nothing."""
-    out = {}
-    for folder in folders:
-        for d, _, files in os.walk(folder):
-            for f in files:
-                st = os.stat(os.path.join(d, f))
-                out[os.path.join(d, f)] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
-def fails_cleanly(script, argv, capsys, msg, *folders):
-    """The stages' contract for bad input: exit 1, one `error:` line containing msg, nothing written
-    under `folders` (which may not exist yet)."""
-    before = snapshot(*folders)
-    capsys.readouterr()
-    code = run_stage(script, argv)
-    err = capsys.readouterr().err
-    assert code == 1, (code, err)
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
-    assert msg in err, err
-    assert snapshot(*folders) == before, "a failed command wrote files"
-    return err
-
-
-# ---- a miniature ds003020 with pycortex databases: the real-data recipe and the fetch selection ----
-
-SUBJECTS = ["UTS01", "UTS02", "UTS03"]
-STORIES = ["sweetaspie", "againstthewind", "myfathershands", "fromboyhoodtofatherhood", "waitingtogo",
-           "wheretheressmoke"]
-WORDS = ("dog cat horse bread apple cheese rain snow wind mother father sister car train boat "
-         "hammer saw piano guitar house castle happy angry").split()
-TRS = 45  # respdict's count: 25 response rows after the lab's trimming of 20
-
-
-def coarse_pycortex_db(db, subject, factor=3):
-    """pycortex's S1 copied as `subject`, with a transform `<subject>_auto` of `factor`x larger voxels."""
-    import cortex
-    import nibabel as nib
-    src = os.path.join(cortex.database.default_filestore, "S1")
-    shutil.copytree(src, os.path.join(db, subject), ignore=shutil.ignore_patterns("cache", "retinotopy", "fullhead"))
-    ref = nib.load(os.path.join(src, "transforms", "fullhead", "reference.nii.gz"))
-    coord = np.array(json.load(open(os.path.join(src, "transforms", "fullhead", "matrices.xfm")))["coord"])
-    shape = tuple(int(np.ceil(n / factor)) for n in ref.shape[:3])
-    affine = ref.affine.copy()
-    affine[:3, :3] *= factor
-    reference = os.path.join(db, f"{subject}_reference.nii.gz")
-    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), affine), reference)
-    cortex.db.filestore, cortex.db._subjects = db, None
-    cortex.db.save_xfm(subject, f"{subject}_auto", np.diag([1 / factor] * 3 + [1.0]) @ coord, xfmtype="coord",
-                       reference=reference)
-    return int(np.asarray(cortex.db.get_mask(subject, f"{subject}_auto", "thick")).sum())
-
-
 @pytest.fixture(scope="session")
 def miniature(tmp_path_factory):
     """A miniature ds003020 in the published layout, with pycortex databases (test_real_recipe.py
     says what is in it). Skips where pycortex is missing."""
     pytest.importorskip("cortex", reason="pycortex is not installed (make pycortex builds it)")
-    from test_prepare import write_textgrid
     root = str(tmp_path_factory.mktemp("recipe") / "ds003020")
     rng = np.random.default_rng(0)
     for d in ("stimuli", "derivative/TextGrids", "derivative/pycortex-db"):

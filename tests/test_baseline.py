@@ -8,7 +8,8 @@ import pytest
 
 import common
 from lib import plumbing
-from conftest import fails_cleanly, one, run_stage, stage
+from helpers import fails_cleanly, one, run_stage, stage
+from lib.study import load_study, load_subject, stack_responses
 
 STAGE = "02_baseline_ridge.py"
 
@@ -164,13 +165,13 @@ def test_streamed_npz_and_stacked_responses_equal_the_plain_ones(tiny_study, tmp
     with np.load(tmp_path / "a.npz", allow_pickle=False) as f:
         assert f.files == list(arrays) + ["test_resp"] and all(np.array_equal(f[k], v) for k, v in arrays.items())
     assert drawn == list(arrays)
-    study = common.load_study(tiny_study)
-    d = common.load_subject(tiny_study, "sim01", study)
+    study = load_study(tiny_study)
+    d = load_subject(tiny_study, "sim01", study)
     assert not isinstance(d, dict)  # opened lazily: each key is read when asked for
     ref = np.vstack([d[f"resp_{s}"] for s in study["train"]])
-    assert np.array_equal(common.stack_responses(d, study["train"]), ref)
+    assert np.array_equal(stack_responses(d, study["train"]), ref)
     mask = d["roi_AC"]
-    assert np.array_equal(common.stack_responses(d, study["train"], mask), ref[:, mask])
+    assert np.array_equal(stack_responses(d, study["train"], mask), ref[:, mask])
     assert plumbing.array_shape(d, f"resp_{study['train'][0]}") == d[f"resp_{study['train'][0]}"].shape
 
 
@@ -180,3 +181,31 @@ def test_every_flag_says_what_it_does(script):
     parser = stage(script).get_parser()
     silent = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert not silent, f"{script}: flags without help text: {silent}"
+
+
+def test_reuse_never_links_results_made_by_other_code(baseline, tmp_path, capsys):
+    """--reuse compares the code too: in a copy of the repository, stage 02 with the fixture's flags
+    links the fixture's results while the code is the same, and fits again after an edit to
+    common.py (a comment is enough: code is told by its files)."""
+    import subprocess
+    import sys
+    from helpers import ROOT
+    data, results = baseline
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=lambda d, names: [n for n in names if n in {
+        ".git", ".venv", "data", "results", "checkpoints", "experiments", "tests", "bench", "docs", "figures",
+        "__pycache__", "assets"} or n.startswith(("data.", "results_"))])
+
+    def stage_02(out):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.run([sys.executable, STAGE, "--data", data, "--results", str(tmp_path / out), "--layers",
+                               "0", "2", "--reuse", results], cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+    assert "nothing to do (--reuse)" in stage_02("same")
+    with open(repo / "common.py", "a") as f:
+        f.write("# an edit\n")
+    out = stage_02("edited")
+    assert "nothing to do" not in out and "layer 2: mean validation r" in out
+    assert not any(os.path.samefile(f, os.path.join(results, os.path.basename(f)))
+                   for f in glob.glob(f"{tmp_path}/edited/02_baseline_sim0*.npz"))

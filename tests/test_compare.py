@@ -4,7 +4,7 @@ import json
 import numpy as np
 
 from lib import plumbing
-from conftest import fails_cleanly, run_stage
+from helpers import fails_cleanly, run_stage
 
 
 def fake_run(folder, seed, gain, tag="", settings=None, stories="s1", roi="whole", init_from=None, code=None,

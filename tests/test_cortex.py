@@ -1,12 +1,15 @@
 """The real cortex: pycortex's S1 through stage 01's --rois-from-pycortex code, the committed asset
 rebuilt with the real pycortex and compared, and a flatmap drawn without pycortex against
 pycortex's own image. Needs pycortex (make test installs it: `make pycortex`)."""
+import os
+
 import numpy as np
 import pytest
 
 import common
 from lib import anatomy, plumbing
-from conftest import ROOT
+from helpers import ROOT
+from lib.study import load_study, load_subject
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def test_our_flatmap_matches_pycortexs_own_image(s1, rebuilt):
     import cortex
     from cortex.quickflat import utils as qf
     m, root = s1
-    anatomy.pycortex_subject(root, "S1")  # pycortex on the fixture's database
+    anatomy.pycortex_subject(os.path.join(root, "derivative"), "S1")  # pycortex on the fixture's database
     values = np.sin(rebuilt["xyz_mm"][:, 1] / 15.0) + rebuilt["roi_AC"]  # smooth, with AC standing out
     thick = np.asarray(cortex.db.get_mask("S1", "fullhead", "thick"), bool)
     theirs, extents = qf.make_flatmap_image(cortex.Volume(values, "S1", "fullhead", mask=thick),
@@ -71,13 +74,13 @@ def test_our_flatmap_matches_pycortexs_own_image(s1, rebuilt):
 def test_the_simulated_study_lives_on_s1(default_study):
     """make demo's study: a uniform sample of S1's columns with their ROIs, acoustic signal strongest
     in AC and falling off with the distance along cortex, most of cortex low signal-to-noise."""
-    study = common.load_study(default_study)
+    study = load_study(default_study)
     truth = plumbing.load_npz(f"{default_study}/truth.npz")
     asset = plumbing.load_npz(f"{ROOT}/assets/s1_cortex.npz")
     columns = truth["columns"]
     assert len(columns) == 12000 and np.all(np.diff(columns) > 0)
     for subj in study["subjects"]:
-        d = common.load_subject(default_study, subj, study)
+        d = load_subject(default_study, subj, study)
         for roi in ("AC", "LH", "RH"):
             np.testing.assert_array_equal(d[f"roi_{roi}"], asset[f"roi_{roi}"][columns])
         assert abs(d["roi_AC"].mean() - 1203 / 80615) < 0.004  # a uniform sample keeps the AC share

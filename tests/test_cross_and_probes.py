@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import common
-from lib import ds003020, plumbing, probing
-from conftest import TINY, fails_cleanly, one, run_stage
+from lib import batching, ds003020, plumbing
+from helpers import TINY, fails_cleanly, one, run_stage
+from lib.study import load_study, load_subject
 
 FAST = ["--epochs", "1", "--block-trs", "16", "--lora-rank", "4", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
         "--lora-targets", "q_proj", "k_proj", "v_proj", "out_proj"]
@@ -49,7 +50,7 @@ def test_cross_subject_matrix(tuned, tmp_path):
     out = plumbing.load_npz(one(f"{results}/04_cross_subject_*.npz"))  # the runs' settings tag is in the name
     assert list(out["tuned_on"]) == ["sim01", "sim02"] and list(out["evaluated_on"]) == ["sim01", "sim02"]
     assert out["mean_delta_r"].shape == (2, 2)
-    study = common.load_study(data)
+    study = load_study(data)
     for i, a in enumerate(["sim01", "sim02"]):
         r03 = plumbing.load_npz(one(f"{results}/03_{a}_whole_lora_seed0_*.npz"))
         # the diagonal is stage 03's own linearized score: same features, same recipe
@@ -62,7 +63,7 @@ def test_cross_subject_matrix(tuned, tmp_path):
         base_b = plumbing.load_npz(one(f"{results}/02_baseline_{b}_*.npz"))
         feats = {s: plumbing.load_npz(f"{data}/features/{r03_name(results, a)}/{s}.npz")["ds"][int(r03["layer"])]
                  for s in study["train"] + study["val"] + [study["test"]]}
-        r, _, _ = common.score_on_test(feats, common.load_subject(data, b, study), study,
+        r, _, _ = common.score_on_test(feats, load_subject(data, b, study), study,
                                        **common.ridge_recipe(base_b))
         np.testing.assert_allclose(out[f"test_r_{a}_on_{b}"], r, atol=1e-5)
         np.testing.assert_allclose(out[f"delta_r_{a}_on_{b}"], r - base_b["test_r"], atol=1e-5)
@@ -98,7 +99,7 @@ def test_cross_subject_scores_on_b_with_b_s_own_recipe(tuned, tmp_path):
     assert run_stage("04_cross_subject.py", ["--data", data, "--results", results, "--checkpoints", ckpt,
                                              "--tuned-on", "sim01", "--evaluate-on", "sim02"]) == 0
     got = plumbing.load_npz(one(f"{results}/04_cross_subject_*sim01-on-sim02.npz"))["test_r_sim01_on_sim02"]
-    study = common.load_study(data)
+    study = load_study(data)
     r03 = plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
     feats = {s: plumbing.load_npz(f"{data}/features/{r03_name(results, 'sim01')}/{s}.npz")["ds"][int(r03["layer"])]
              for s in study["train"] + study["val"] + [study["test"]]}
@@ -220,7 +221,7 @@ def test_a_stage_02_rerun_never_changes_what_a_run_is_compared_with(tuned, tmp_p
 
 @pytest.mark.parametrize("flags, msg", [
     (["--tuned-on", "UTS01"], "unknown subject(s) UTS01"),
-    (["--roi", "V1"], "unknown ROI 'V1'"),
+    (["--roi", "V1"], "--roi 'V1': unknown ROI; choose one of whole, AC, LH, RH"),
     (["--tag", "xyz"], "--tag 'xyz'"),
     (["--seed", "7"], "no stage 03 result 03_sim01_whole_lora_seed7"),
     (["--full-finetune"], "no stage 03 result 03_sim01_whole_full_seed0"),
@@ -284,7 +285,7 @@ def test_probes(tuned, tmp_path, capsys):
     assert np.all(s[:, :, 2].max(1) > 1.5 / n_cat) and np.all((s[:, :, 2] >= 0) & (s[:, :, 2] <= 1))
     assert os.path.exists(one(f"{results}/05_probes_*.png"))
     prov = json.loads(str(out["provenance"]))
-    assert set(prov["runs"]) == {"whole", "AC"} and prov["stories"] == common.load_study(data)["stories_fingerprint"]
+    assert set(prov["runs"]) == {"whole", "AC"} and prov["stories"] == load_study(data)["stories_fingerprint"]
 
 
 def test_the_semantic_probe_reads_each_word_s_own_meaning(tuned, tmp_path):
@@ -297,7 +298,7 @@ def test_the_semantic_probe_reads_each_word_s_own_meaning(tuned, tmp_path):
                                              "--models", "baseline", "--n-folds", "3"]) == 0
     out = plumbing.load_npz(one(f"{results}/05_probes_*baseline*.npz"))
     aligned = out["scores"][0, :, list(out["probes"]).index("semantic")]
-    study, truth = common.load_study(data), plumbing.load_npz(f"{data}/truth.npz")
+    study, truth = load_study(data), plumbing.load_npz(f"{data}/truth.npz")
     base = plumbing.load_npz(one(f"{results}/02_baseline_sim01_*.npz"))
     model = common.load_wavlm(str(base["model"]), int(base["model_seed"]))
     names = study["train"] + study["val"] + [study["test"]]
@@ -305,14 +306,14 @@ def test_the_semantic_probe_reads_each_word_s_own_meaning(tuned, tmp_path):
     index = {w: i for i, w in enumerate(truth["vocab"])}
     for g, s in enumerate(names):
         st = plumbing.load_npz(f"{data}/stories/{s}.npz")
-        reps.append(probing.word_representations(model, st, common.story_cnn(model, st["audio"]),
+        reps.append(common.word_representations(model, st, batching.story_cnn(model, st["audio"]),
                                                  float(base["context_s"]), float(base["stride_s"])))
         idx += [index[w] for w in st["words"]]
         groups += [g] * len(st["words"])
     reps, idx, groups = np.concatenate(reps, 1), np.array(idx), np.array(groups)
     content = truth["vocab_category"][idx] >= 0
     shifted = truth["semantic_vectors"][np.roll(idx, 1)][content]
-    control = [probing.probe(r[content], shifted, groups[content], 3) for r in reps]
+    control = [common.probe(r[content], shifted, groups[content], 3) for r in reps]
     assert max(control) > 0.05  # the neighbour's meaning says something (a shared topic)
     assert aligned.max() > max(control) + MARGIN, (aligned, control)
 
@@ -322,12 +323,12 @@ def test_probe_recovers_a_linear_target_and_holds_out_whole_stories():
     X = rng.standard_normal((300, 20)).astype(np.float32)
     Y = X[:, :3] @ rng.standard_normal((3, 4)).astype(np.float32)
     groups = np.repeat(np.arange(6), 50)
-    assert probing.probe(X, Y, groups, 3) > 0.95
-    assert abs(probing.probe(X, rng.standard_normal((300, 4)).astype(np.float32), groups, 3)) < 0.1
+    assert common.probe(X, Y, groups, 3) > 0.95
+    assert abs(common.probe(X, rng.standard_normal((300, 4)).astype(np.float32), groups, 3)) < 0.1
     cls = (X[:, 0] > 0).astype(int)
-    assert probing.probe(X, np.eye(2, dtype=np.float32)[cls], groups, 3, cls) > 0.9
+    assert common.probe(X, np.eye(2, dtype=np.float32)[cls], groups, 3, cls) > 0.9
     folds = []  # the spread stage 05 plots: the score on each fold's held-out stories
-    pooled = probing.probe(X, np.eye(2, dtype=np.float32)[cls], groups, 3, cls, folds)
+    pooled = common.probe(X, np.eye(2, dtype=np.float32)[cls], groups, 3, cls, folds)
     held = [np.isin(groups, f) for f in np.array_split(np.arange(6), 3)]
     assert len(folds) == 3 and np.isclose(np.average(folds, weights=[h.sum() for h in held]), pooled)
     # rows of one story share a story-specific offset in both X and Y (as words of one story share
@@ -338,8 +339,8 @@ def test_probe_recovers_a_linear_target_and_holds_out_whole_stories():
     groups = np.repeat(np.arange(12), 25)
     X = story_x[groups] + 0.3 * rng.standard_normal((300, 20)).astype(np.float32)
     Y = story_y[groups] + 0.3 * rng.standard_normal((300, 4)).astype(np.float32)
-    assert abs(probing.probe(X, Y, groups, 4)) < 0.2
-    assert probing.probe(X, Y, rng.permutation(groups), 4) > 0.5  # shuffled "stories": the leak shows
+    assert abs(common.probe(X, Y, groups, 4)) < 0.2
+    assert common.probe(X, Y, rng.permutation(groups), 4) > 0.5  # shuffled "stories": the leak shows
 
 
 def test_word_vectors_file(tmp_path):
@@ -355,7 +356,7 @@ def test_word_vectors_file(tmp_path):
 
 
 @pytest.mark.parametrize("flags, msg", [
-    (["--models", "baseline", "V1"], "unknown model(s) V1"),
+    (["--models", "baseline", "V1"], "--models 'V1': unknown model; choose one of baseline, whole, AC"),
     (["--n-folds", "1"], "--n-folds 1 is out of range: it must be >= 2"),
     (["--subject", "UTS01"], "unknown subject(s) UTS01"),
     (["--seed", "4"], "no stage 03 result 03_sim01_whole_lora_seed4"),
@@ -372,3 +373,19 @@ def test_probes_without_tuned_model(tuned, capsys, tmp_path):
     data, results, _ = _copy(tuned, tmp_path)
     fails_cleanly("05_linear_probes.py", ["--data", data, "--results", results, "--checkpoints", str(tmp_path)], capsys,
                   "has no checkpoint", results)
+
+
+def test_a_checkpoint_swapped_behind_its_result_is_refused_by_stages_04_and_05(tuned, tmp_path, capsys):
+    """Another run's checkpoint copied into sim01's whole-cortex folder (the result file is
+    sim01's): stage 04 and stage 05 each refuse it in one line, before any scoring or probing."""
+    data, results, ckpt = _copy(tuned, tmp_path)
+    mine = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, mine)
+    sim01 = os.path.basename(one(f"{mine}/03_sim01_whole_lora_seed0_*"))
+    sim02 = os.path.basename(one(f"{mine}/03_sim02_whole_lora_seed0_*"))
+    shutil.rmtree(os.path.join(mine, sim01, "best"))
+    shutil.copytree(os.path.join(mine, sim02, "best"), os.path.join(mine, sim01, "best"))
+    io = ["--data", data, "--results", results, "--checkpoints", mine]
+    fails_cleanly("04_cross_subject.py", io, capsys, f"{mine}/{sim01}/best is not the checkpoint of", results)
+    fails_cleanly("05_linear_probes.py", io + ["--models", "baseline", "whole"], capsys,
+                  f"{mine}/{sim01}/best is not the checkpoint of", results)

@@ -6,7 +6,7 @@ import re
 import shlex
 
 from lib import plumbing
-from conftest import ROOT, one, run_stage
+from helpers import ROOT, one, run_stage
 
 
 def exercise_lines(name):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lib import ds003020, fetch, plumbing
-from conftest import fails_cleanly, run_stage, stage
+from helpers import fails_cleanly, run_stage, stage
 
 FETCH = "00_fetch_ds003020.py"
 RESPDICT = os.path.join(os.path.dirname(__file__), "fixtures", "ds003020_respdict.json")

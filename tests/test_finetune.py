@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import common
-from lib import checkpoints, plumbing, provenance
-from conftest import fails_cleanly, stage, one, run_stage
+from lib import batching, checkpoints, plumbing, provenance
+from helpers import fails_cleanly, stage, one, run_stage
+from lib.study import load_study
 
 STAGE = "03_finetune_lora.py"
 FAST = ["--epochs", "2", "--block-trs", "16", "--lora-rank", "4", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
@@ -122,20 +123,20 @@ def test_window_cnn_is_the_cnn_of_each_window_s_own_audio(tiny_study):
     gives for each window's own audio (windows with past context, mid-story, the story's last)."""
     from transformers import WavLMModel
     audio = torch.tensor(plumbing.load_npz(f"{tiny_study}/stories/story01.npz")["audio"])
-    windows = common.window_grid(common.n_frames(len(audio)), 4.0, 2.0)
+    windows = common.window_grid(batching.n_frames(len(audio)), 4.0, 2.0)
     for norm in ("layer", "group"):
         cfg = common.tiny_config()
         cfg.feat_extract_norm = norm
         model = common.load_wavlm("tiny", config=cfg)
-        kept = common.window_cnn(model, audio, windows)
+        kept = batching.window_cnn(model, audio, windows)
         for w in (0, 3, len(windows) // 2, len(windows) - 1):
             a, _, b = windows[w]
-            own = common.cnn_features(model, audio[None, a * 320:(b - 1) * 320 + 400])[0]
+            own = batching.cnn_features(model, audio[None, a * 320:(b - 1) * 320 + 400])[0]
             torch.testing.assert_close(kept[w], own, rtol=1e-5, atol=1e-5)
     with pytest.raises(plumbing.StudyError, match="precomputed CNN"):
         common.extract_features(common.load_wavlm("tiny"), audio[:32000], cnn=kept[0][:10])
     # a group-norm CNN (wavlm-base-plus) normalises over its input: no story-wide output to reuse
-    assert common.story_cnn(WavLMModel(cfg), audio) is None
+    assert batching.story_cnn(WavLMModel(cfg), audio) is None
 
 
 def test_story_cnn_cache_reads_back_exactly_and_is_keyed_by_weights_and_audio(tiny_study, tmp_path, monkeypatch):
@@ -144,16 +145,16 @@ def test_story_cnn_cache_reads_back_exactly_and_is_keyed_by_weights_and_audio(ti
     import glob
     model = common.load_wavlm("tiny")
     audio = plumbing.load_npz(f"{tiny_study}/stories/story01.npz")["audio"]
-    fresh = common.story_cnn(model, audio)
-    assert torch.equal(common.story_cnn(model, audio, str(tmp_path), "story01"), fresh)
+    fresh = batching.story_cnn(model, audio)
+    assert torch.equal(batching.story_cnn(model, audio, str(tmp_path), "story01"), fresh)
     assert len(glob.glob(f"{tmp_path}/features/cnn-*/story01.npz")) == 1
-    calls, real = [], common.cnn_features
-    monkeypatch.setattr(common, "cnn_features", lambda *a: calls.append(1) or real(*a))
-    assert torch.equal(common.story_cnn(model, audio, str(tmp_path), "story01"), fresh) and calls == []
+    calls, real = [], batching.cnn_features
+    monkeypatch.setattr(batching, "cnn_features", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(batching.story_cnn(model, audio, str(tmp_path), "story01"), fresh) and calls == []
     shifted = np.roll(audio, 1000)
-    assert torch.equal(common.story_cnn(model, shifted, str(tmp_path), "story01"), common.story_cnn(model, shifted))
+    assert torch.equal(batching.story_cnn(model, shifted, str(tmp_path), "story01"), batching.story_cnn(model, shifted))
     assert len(calls) == 2  # one pass per call (a 60 s story is one chunk): the file of the other audio was not served
-    common.story_cnn(common.load_wavlm("tiny", seed=1), audio, str(tmp_path), "story01")
+    batching.story_cnn(common.load_wavlm("tiny", seed=1), audio, str(tmp_path), "story01")
     assert len(glob.glob(f"{tmp_path}/features/cnn-*/story01.npz")) == 2
 
 
@@ -183,7 +184,7 @@ def test_run_writes_results_and_peft_checkpoints(trained):
     assert set(np.unique(out["alphas_tuned"])) <= {3.0, 3000.0}
     # the run records what it was built from: the study, the subject file, the stage 02 result
     prov = json.loads(str(out["provenance"]))
-    study = common.load_study(data)
+    study = load_study(data)
     assert prov["stories"] == study["stories_fingerprint"] and prov["subject_data"] == study["subject_fingerprints"]["sim01"]
     assert prov["baseline"]["fingerprint"] == provenance.digest(json.loads(str(base["provenance"])))
     assert json.loads(str(out["settings"]))["lr_adapter"] == 3e-3 and str(out["fingerprint"]) == provenance.digest(prov)
@@ -219,7 +220,7 @@ def test_an_edit_to_stage_03_is_a_run_of_its_own_and_compare_names_it(trained, t
     the same flags: the run gets a name of its own (never the reference's), records the edited file,
     and compare.py reports the code change with a difference paired by seed."""
     import subprocess
-    from conftest import ROOT
+    from helpers import ROOT
     if shutil.which("git") is None:
         pytest.skip("needs git: the edit is told from the commit")
     data, results, _ = trained
@@ -230,7 +231,7 @@ def test_an_edit_to_stage_03_is_a_run_of_its_own_and_compare_names_it(trained, t
     git = ["git", "-c", "user.name=student", "-c", "user.email=student@example.org"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "as cloned"]):
         subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True)
-    loss_line = '                loss = common.blocks_loss(readout, x, y, [i1 - i0 for _, i0, i1 in batch], args.loss)\n'
+    loss_line = '                loss = common.blocks_loss(readout, x, y, rows, args.loss)\n'
     code = open(repo / STAGE).read()
     assert loss_line in code
     open(repo / STAGE, "w").write(code.replace(loss_line, loss_line + "                loss = loss + 1e-2 * sum("
@@ -310,7 +311,7 @@ def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(
 
 
 def snapshot_of(folder):
-    from conftest import snapshot
+    from helpers import snapshot
     return snapshot(folder)
 
 
@@ -483,14 +484,17 @@ def test_every_training_setting_alone_changes_the_run_tag(monkeypatch):
     changed alone gives a tag of its own (the mode, LoRA or full, is in the name itself); so does
     code edited since the commit. (The committed code here, whatever the checkout's state.)"""
     m = stage(STAGE)
+
+    def run_tag(args, baseline):
+        return checkpoints.run_tag(args, baseline, m.run_settings(args), m.DEFAULTS, STAGE)
     committed = dict(fingerprint="c0de", files={}, commit="abc", edited=[])
-    monkeypatch.setattr(provenance, "code_state", lambda script: committed)
-    assert m.run_tag(m.get_args([]), dict(tag="")) == ""
-    monkeypatch.setattr(provenance, "code_state", lambda script: dict(committed, edited=[STAGE]))
-    edited = m.run_tag(m.get_args([]), dict(tag=""))
-    monkeypatch.setattr(provenance, "code_state", lambda script: dict(committed, fingerprint="0ther", edited=[STAGE]))
-    assert edited and m.run_tag(m.get_args([]), dict(tag="")) not in ("", edited)  # each edit its own name
-    monkeypatch.setattr(provenance, "code_state", lambda script: committed)
+    monkeypatch.setattr(checkpoints, "code_state", lambda script: committed)
+    assert run_tag(m.get_args([]), dict(tag="")) == ""
+    monkeypatch.setattr(checkpoints, "code_state", lambda script: dict(committed, edited=[STAGE]))
+    edited = run_tag(m.get_args([]), dict(tag=""))
+    monkeypatch.setattr(checkpoints, "code_state", lambda script: dict(committed, fingerprint="0ther", edited=[STAGE]))
+    assert edited and run_tag(m.get_args([]), dict(tag="")) not in ("", edited)  # each edit its own name
+    monkeypatch.setattr(checkpoints, "code_state", lambda script: committed)
     new = dict(loss="mse", norm="none", tune_stories=3, layer=2)
     tags = {}
     for k in m.TRAIN_SETTINGS:
@@ -501,9 +505,9 @@ def test_every_training_setting_alone_changes_the_run_tag(monkeypatch):
         if k not in new:
             new[k] = v + ["out_proj"] if isinstance(v, list) else v + 1
         setattr(args, k, new[k])
-        tags[k] = m.run_tag(args, dict(tag=""))
+        tags[k] = run_tag(args, dict(tag=""))
         assert tags[k] and list(tags.values()).count(tags[k]) == 1, (k, tags)
-    assert m.run_tag(m.get_args([]), dict(tag="abcdef")) not in [""] + list(tags.values())  # another stage 02 result
+    assert run_tag(m.get_args([]), dict(tag="abcdef")) not in [""] + list(tags.values())  # another stage 02 result
 
 
 def test_roi_restricts_the_readout(trained, tmp_path):
@@ -569,7 +573,7 @@ def test_bad_ranges_are_one_line_and_write_nothing(trained, tmp_path, capsys, fl
 def _baseline(data, results):
     """Stage 02's result as the stages read it (provenance.load_baseline: checked, with its provenance)."""
     import argparse
-    return provenance.load_baseline(argparse.Namespace(results=results, data=data), "sim01", common.load_study(data))
+    return provenance.load_baseline(argparse.Namespace(results=results, data=data), "sim01", load_study(data))
 
 
 def _features(model, tiny_study):
@@ -594,7 +598,8 @@ def test_init_from_starts_exactly_at_the_checkpoint(trained, tmp_path, full):
     model, readout, _, prov, init = m.setup_model(args, baseline, 1, 7, "cpu")
     model.eval()  # new LoRA dropout modules start in train mode; compare without dropout
     assert init[:2] == (f"{source}/best", os.path.basename(source)) and readout[1].out_features == 7
-    ref = checkpoints.load_tuned_wavlm(baseline, f"{source}/best/model", full=full)
+    ref = checkpoints.load_tuned_wavlm(common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"])),
+                                       f"{source}/best/model", full=full)
     plain = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]))
     ours, theirs, base = _features(model, data), _features(ref, data), _features(plain, data)
     for a, b, c in zip(ours, theirs, base):

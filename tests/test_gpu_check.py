@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, one
+from helpers import ROOT, one
 
 
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):

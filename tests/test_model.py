@@ -5,7 +5,7 @@ import torch
 from transformers import WavLMModel
 
 import common
-from lib import plumbing
+from lib import batching, plumbing
 
 
 def stock_and_patched(cfg, seed=0):
@@ -43,7 +43,7 @@ def test_patched_attention_equals_stock(norm):
     with torch.no_grad():
         a = stock(xp, attention_mask=mask, output_hidden_states=True).hidden_states
         b = patched(xp, attention_mask=mask, output_hidden_states=True).hidden_states
-    valid = common.n_frames(3 * 16000 - 16000)
+    valid = batching.n_frames(3 * 16000 - 16000)
     for ha, hb in zip(a, b):
         torch.testing.assert_close(hb[0], ha[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(hb[1, :valid], ha[1, :valid], atol=1e-5, rtol=1e-5)
@@ -54,13 +54,13 @@ def test_hidden_states_from_cnn_match_transformers():
     x = torch.tensor(speechlike(2.5))[None]
     with torch.no_grad():
         ref = model(x, output_hidden_states=True).hidden_states
-        ours = common.hidden_states_from_cnn(model, common.cnn_features(model, x))
+        ours = batching.hidden_states_from_cnn(model, batching.cnn_features(model, x))
     assert len(ours) == len(ref)
     for a, b in zip(ref, ours):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
     # stopping early gives the same lower layers
     with torch.no_grad():
-        two = common.hidden_states_from_cnn(model, common.cnn_features(model, x), n_layers=1)
+        two = batching.hidden_states_from_cnn(model, batching.cnn_features(model, x), n_layers=1)
     assert len(two) == 2
     torch.testing.assert_close(two[1], ref[1])
 
@@ -80,7 +80,7 @@ def _lora_grads(model):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
     x = torch.tensor(speechlike(2.0))[None]
-    states = common.hidden_states_from_cnn(model, common.cnn_features(model, x))
+    states = batching.hidden_states_from_cnn(model, batching.cnn_features(model, x))
     loss = states[-1].pow(2).mean()
     if loss.requires_grad:  # on stock attention nothing trainable even reaches the output
         loss.backward()
@@ -122,7 +122,7 @@ def test_features_are_causal_beyond_one_stride():
     audio = speechlike(14.0)
     kw = dict(context_s=3.0, stride_s=1.0, layers=[1, 3])
     feats, times = common.extract_features(model, audio, **kw)
-    assert [f.shape for f in feats] == [(common.n_frames(len(audio)), 96)] * 2
+    assert [f.shape for f in feats] == [(batching.n_frames(len(audio)), 96)] * 2
     changed = audio.copy()
     t_change = 9.0
     changed[int(t_change * 16000):] = speechlike(5.0, seed=9)
@@ -144,7 +144,7 @@ def test_lab_recipe_equals_naive_window_by_window(norm):
     audio = speechlike(3.0, seed=4)
     context = 1.0
     feats, times = common.extract_features(model, audio, context_s=context, stride_s=0.1)
-    F = common.n_frames(len(audio))
+    F = batching.n_frames(len(audio))
     naive = [[] for _ in feats]
     for k0 in range(0, F, 5):
         a = max(0, k0 - 50)

@@ -5,7 +5,7 @@ import torch
 
 import common
 from lib import plumbing
-from conftest import run_stage
+from helpers import run_stage
 
 
 def lanczos_reference(data, oldtime, newtime, window=3, cutoff_mult=1.0):

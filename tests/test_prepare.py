@@ -10,7 +10,8 @@ from scipy.io import wavfile
 
 import common
 from lib import anatomy, ds003020, plumbing, speech
-from conftest import TINY, fails_cleanly, run_stage
+from helpers import TINY, fails_cleanly, run_stage, write_textgrid
+from lib.study import load_study
 
 STAGE = "01_prepare_data.py"
 
@@ -61,21 +62,21 @@ def test_rebuilding_says_what_it_replaces_and_keeps_the_feature_caches(tiny_stud
     cache = tmp_path / "data" / "features" / "some-model" / "story00.npz"
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"cached")
-    before = common.load_study(data)
+    before = load_study(data)
     capsys.readouterr()
     assert run_stage(STAGE, ["--data", data] + TINY) == 0
     assert "every subject identical, so existing results stay valid" in capsys.readouterr().out
-    same = common.load_study(data)
+    same = load_study(data)
     assert same["stories_fingerprint"] == before["stories_fingerprint"]
     assert same["subject_fingerprints"] == before["subject_fingerprints"] and cache.read_bytes() == b"cached"
     assert run_stage(STAGE, ["--data", data] + TINY + ["--noise-sd", "1.5", "3.0"]) == 0
     assert "the same stories; subjects sim01, sim02 differ" in capsys.readouterr().out
-    noisier = common.load_study(data)
+    noisier = load_study(data)
     assert noisier["stories_fingerprint"] == before["stories_fingerprint"]
     assert all(noisier["subject_fingerprints"][s] != before["subject_fingerprints"][s] for s in ("sim01", "sim02"))
     assert run_stage(STAGE, ["--data", data] + TINY[:-1] + ["4"]) == 0  # another seed: other stories
     assert "with another study (its stories or splits differ)" in capsys.readouterr().out
-    assert common.load_study(data)["stories_fingerprint"] != before["stories_fingerprint"]
+    assert load_study(data)["stories_fingerprint"] != before["stories_fingerprint"]
     assert cache.read_bytes() == b"cached" and not os.path.exists(data + ".old")
 
 
@@ -83,7 +84,7 @@ def test_the_fingerprints_are_of_the_files_contents(tiny_study):
     """save_npz's fingerprint covers names, dtypes, shapes and bytes: study.npz's record of a
     subject equals a fresh hash of that subject's file, and one changed value changes it."""
     import hashlib
-    study = common.load_study(tiny_study)
+    study = load_study(tiny_study)
 
     def fingerprint(d):
         h = hashlib.sha1()
@@ -164,19 +165,6 @@ R = 40  # respdict TRs -> 20 response rows, at 11, 13, ..., 49 s
 
 def envelope(t, phase):
     return 1 + 0.8 * np.sin(2 * np.pi * t / 9.0 + phase)
-
-
-def write_textgrid(path, words, dur):
-    iv = [("", 0.0, 0.3)] + [(w, 0.3 + i * 0.5, 0.7 + i * 0.5) for i, w in enumerate(words)]
-    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0 ", f"xmax = {dur} ",
-             "tiers? <exists> ", "size = 2 ", "item []: "]
-    for n, (name, ivs) in enumerate([("phone", [("AH0", 0.0, dur)]), ("word", iv)], 1):
-        lines += [f"    item [{n}]:", '        class = "IntervalTier" ', f'        name = "{name}" ',
-                  "        xmin = 0 ", f"        xmax = {dur} ", f"        intervals: size = {len(ivs)} "]
-        for k, (text, a, b) in enumerate(ivs, 1):
-            lines += [f"        intervals [{k}]:", f"            xmin = {a} ", f"            xmax = {b} ",
-                      f'            text = "{text}" ']
-    open(path, "w").write("\n".join(lines) + "\n")
 
 
 def make_ds(root, subjects=("UTS01", "UTS02"), n_vox=30, seed=0):

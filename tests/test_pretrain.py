@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 import common
-from conftest import stage
+from lib import batching
+from helpers import stage
 
 
 def recipe():
@@ -20,9 +21,9 @@ def test_masked_frames_are_replaced_and_only_they_change_the_input():
     mask = torch.zeros(2, 50, dtype=torch.bool)
     mask[0, 10:20] = True
     with torch.no_grad():
-        plain = common.hidden_states_from_cnn(model, cnn)
-        none = common.hidden_states_from_cnn(model, cnn, mask=torch.zeros_like(mask), mask_embed=embed)
-        masked = common.hidden_states_from_cnn(model, cnn, mask=mask, mask_embed=embed)
+        plain = batching.hidden_states_from_cnn(model, cnn)
+        none = batching.hidden_states_from_cnn(model, cnn, mask=torch.zeros_like(mask), mask_embed=embed)
+        masked = batching.hidden_states_from_cnn(model, cnn, mask=mask, mask_embed=embed)
     torch.testing.assert_close(none[-1], plain[-1])
     assert not torch.allclose(masked[-1][0, 10:20], plain[-1][0, 10:20], atol=1e-3)
     torch.testing.assert_close(masked[-1][1], plain[-1][1])  # the other crop is untouched
@@ -38,7 +39,7 @@ def test_a_few_steps_of_the_recipe_lower_the_loss():
     assert len(vocab) == 215 and {"dog", "cat", "horse", "mouse"} <= set(vocab)  # the study's words, a subset
     model = common.load_wavlm("tiny", 0)
     cnn_before = {k: v.clone() for k, v in model.feature_extractor.state_dict().items()}
-    cnn = [common.story_cnn(model, st["audio"]) for st in stories]
+    cnn = [batching.story_cnn(model, st["audio"]) for st in stories]
     feats = [m.unit_features(st["audio"]) for st in stories]
     x = np.concatenate(feats)
     feats = [(f - x.mean(0)) / x.std(0) for f in feats]

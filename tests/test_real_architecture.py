@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import common
-from lib import plumbing
-from conftest import one, run_stage
+from lib import batching, plumbing
+from helpers import one, run_stage
 
 STUDY = ["--cortex", "none", "--n-subjects", "1", "--n-voxels", "40", "--n-train-stories", "2", "--n-val-stories", "1",
          "--story-seconds", "32", "--test-seconds", "32", "--seed", "5"]
@@ -44,7 +44,7 @@ def test_real_architecture_runs_stages_02_to_05(real_arch):
     assert str(base["model"]) == folder and base["val_r_by_layer"].shape == (3, 40)
     # the feature cache is keyed to the folder's weights
     model = common.load_wavlm(folder)
-    assert common.story_cnn(model, np.zeros(16000, np.float32)) is None  # group norm: the CNN runs per window
+    assert batching.story_cnn(model, np.zeros(16000, np.float32)) is None  # group norm: the CNN runs per window
     cache = plumbing.feature_cache_dir(data, folder, 0, 0.0, 2.0)
     key = json.loads(str(plumbing.load_npz(f"{cache}/test.npz")["key"]))
     assert key["model"] == plumbing.model_fingerprint(model)

@@ -28,7 +28,8 @@ import pytest
 
 import common
 from lib import plumbing
-from conftest import ROOT, SUBJECTS, one
+from helpers import ROOT, SUBJECTS, one
+from lib.study import load_study, load_subject
 
 pytest.importorskip("cortex", reason="pycortex is not installed (make pycortex builds it): the miniature's ROIs come from it")
 
@@ -75,7 +76,7 @@ def test_the_readme_recipe_runs_as_written(miniature, tmp_path, monkeypatch):
     res = str(repo / "results")
     # every stage's results for UTS01-UTS03, AC runs and probes included
     for subj in SUBJECTS:
-        d = common.load_subject("data", subj, common.load_study("data"))
+        d = load_subject("data", subj, load_study("data"))
         assert d["roi_AC"].sum() == 36 and len(d["roi_AC"]) == n_vox[subj] and d["flat_index"].max() < n_vox[subj]
         assert float(plumbing.load_npz(one(f"{res}/02_baseline_{subj}_*.npz"))["context_s"]) == 4.0
         one(f"{res}/03_{subj}_whole_lora_seed0_*.npz")
