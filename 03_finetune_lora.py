@@ -48,6 +48,9 @@ def get_parser():
     plumbing.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder")
     p.add_argument("--subject", nargs="+", help="subjects to tune on, one run each (default: all)")
+    p.add_argument("--joint", action="store_true", help="one run for all the --subject given: the "
+                   "same adapters and bottleneck, an output layer per subject, the loss averaged "
+                   "over them (beyond the paper: README)")
     p.add_argument("--roi", type=one_of(ROIS, "ROI"), default="whole",
                    help=f"voxels the loss sees: {'|'.join(ROIS)} (Section 3.2)")
     p.add_argument("--full-finetune", action="store_true", help="train all transformer weights, "
@@ -125,11 +128,12 @@ DEFAULTS = run_settings(get_args([]))
 
 def setup_model(args, baseline, seed, n_vox, device, prov=None):
     """Section 2.3's model: stage 02's WavLM with LoRA on the chosen projections (or every
-    transformer weight trainable), a fresh bottleneck readout on stage 02's delays, Adam with one
-    learning rate for each. With --init-from, the adapters (or weights) start from that run's best
-    epoch; the readout is new, since the new ROI has other voxels. prov: the run's provenance
-    record (made here from `baseline` if not given), its model filled in. Returns (model, readout,
-    optimizer, provenance, init: (folder, name, fingerprint) or None)."""
+    transformer weight trainable), a fresh bottleneck readout on stage 02's delays with an output
+    layer per subject (n_vox: {subject: voxels}; several for --joint), Adam with one learning rate
+    for each. With --init-from, the adapters (or weights) start from that run's best epoch; the
+    readout is new, since the new ROI has other voxels. prov: the run's provenance record (made
+    here from `baseline` if not given), its model filled in. Returns (model, readout, optimizer,
+    provenance, init: (folder, name, fingerprint) or None)."""
     torch.manual_seed(seed)
     model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
     prov = checkpoints.with_model(prov or dict(stories=baseline["provenance"]["stories"],
@@ -153,10 +157,12 @@ def setup_model(args, baseline, seed, n_vox, device, prov=None):
 
 
 def train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, delays):
-    """Epochs of shuffled blocks with the spatial-correlation loss; after each, the validation
-    stories' mean r picks the best epoch (early stopping with --patience). best/ is saved before
-    last/, so a crash between the two only repeats an epoch (the same numbers: seeded)."""
-    blocks = [(s, i, min(len(stories[s]["tr_times"]), i + args.block_trs)) for s in resp
+    """Epochs of shuffled blocks with the spatial-correlation loss (a joint run: its mean over the
+    subjects, every subject's output layer fed by one forward of the same audio); after each, the
+    validation stories' mean r picks the best epoch (early stopping with --patience). best/ is saved
+    before last/, so a crash between the two only repeats an epoch (the same numbers: seeded)."""
+    first = next(iter(resp.values()))  # the subjects heard the same stories
+    blocks = [(s, i, min(len(stories[s]["tr_times"]), i + args.block_trs)) for s in first
               for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
     history, start = checkpoints.start_history(args, run, model, readout, opt)
     for epoch in range(start, args.epochs):
@@ -173,9 +179,11 @@ def train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, 
             with plumbing.autocast(args.device):  # the paper's step: one forward, one backward
                 x, in_x = common.block_inputs(model, stories, batch, layer, delays, args.norm)
                 batch = [batch[j] for j in in_x]  # x's order: blocks of one length together
-                y = torch.cat([resp[s][i0:i1] for s, i0, i1 in batch])
-                rows = [i1 - i0 for _, i0, i1 in batch]
-                loss = common.blocks_loss(readout, x, y, rows, args.loss)
+                rows, preds = [i1 - i0 for _, i0, i1 in batch], common.read_out(readout, x)
+                ys = {subj: torch.cat([r[s][i0:i1] for s, i0, i1 in batch])
+                      for subj, r in resp.items()}
+                loss = sum(common.blocks_loss(preds[subj], ys[subj], rows, args.loss)
+                           for subj in resp) / len(resp)  # the mean over a joint run's subjects
             (loss / args.batch_blocks).backward()
             params = [p_ for g in opt.param_groups for p_ in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -183,72 +191,88 @@ def train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, 
             loss_sum, n_blocks = loss_sum + loss.detach(), n_blocks + len(batch)
             plumbing.show_loss(bar, k // args.batch_blocks, loss_sum, n_blocks)
         model.eval()
-        val_r = np.mean([common.pearson_r(y, common.predict_story(
-            model, readout, stories[s], layer, args.block_trs, delays, args.norm)).mean()
-            for s, y in val_resp.items()])
+        val_r = val_score(args, model, readout, stories, val_resp, layer, delays)
         checkpoints.end_epoch(run, epoch, history, float(loss_sum) / n_blocks, float(val_r), model,
                               readout, opt)
     return history
 
 
-def evaluate(args, run, model, readout, stories, subject_data, mask, layer, study, baseline,
-             delays):
-    """The best epoch on the test story, two ways. End to end: the model's own predictions (ROI
-    voxels only). Linearized (Section 3.1): its features through stage 02's exact ridge recipe, so
-    the gain over the baseline compares like with like; those features are cached for stage 04.
-    Returns (direct r, linearized r, the ridge's per-voxel alphas)."""
+def val_score(args, model, readout, stories, val_resp, layer, delays):
+    """The validation stories' mean r, each subject's, then the mean over subjects."""
+    preds = {s: common.predict_story(model, readout, stories[s], layer, args.block_trs, delays,
+                                     args.norm) for s in next(iter(val_resp.values()))}
+    return np.mean([np.mean([common.pearson_r(y, preds[s][subj]).mean() for s, y in v.items()])
+                    for subj, v in val_resp.items()])
+
+
+def evaluate(args, run, model, readout, stories, files, masks, layer, study, baselines, delays):
+    """The best epoch on the test story, two ways, for each subject. End to end: the model's own
+    predictions (ROI voxels only). Linearized (Section 3.1): its features through stage 02's exact
+    ridge recipe, so the gain over the baseline compares like with like; the features are cached
+    for stage 04. Returns {subject: (direct r, linearized r, the ridge's per-voxel alphas)}."""
     checkpoints.load_weights(os.path.join(run["ckpt"], "best"), model, readout, args.full_finetune)
     model.eval()
-    direct = np.full(len(mask), np.nan, np.float32)
     predicted = common.predict_story(model, readout, stories[study["test"]], layer,
                                      args.block_trs, delays, args.norm)
-    direct[mask] = common.pearson_r(subject_data["test_resp"][:, mask], predicted)
     fingerprint = plumbing.model_fingerprint(model)  # the tuned model's: stage 04 finds its cache
     merged, cache = common.merged(model), os.path.join(args.data, "features", run["name"])
+    base = next(iter(baselines.values()))  # the subjects' stage 02 results share their window
     features = {s: common.story_features(
         merged, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
-        float(baseline["context_s"]), float(baseline["stride_s"]), refresh=True, top_layer=layer,
+        float(base["context_s"]), float(base["stride_s"]), refresh=True, top_layer=layer,
         cnn=stories[s]["cnn"])[layer] for s in stories}
     stories.clear()  # the audio (0.4x the responses) is done with before the ridge reads them all
-    recipe = common.ridge_recipe(baseline)
-    tuned, _, tuned_alphas = common.score_on_test(features, subject_data, study, device=args.device,
-                                                  **recipe)
-    return direct, tuned, tuned_alphas
+    out = {}
+    for subj, d in files.items():
+        direct = np.full(len(masks[subj]), np.nan, np.float32)
+        direct[masks[subj]] = common.pearson_r(d["test_resp"][:, masks[subj]], predicted[subj])
+        recipe = common.ridge_recipe(baselines[subj])
+        tuned, _, alphas = common.score_on_test(features, d, study, device=args.device, **recipe)
+        out[subj] = (direct, tuned, alphas)
+    return out
 
 
-def run(args, subj, seed, study, baseline):
-    """One run: set up the model, train it, evaluate its best epoch, save its result and figure."""
-    subject_data, mask = inputs.subject_roi(args, subj, study)
-    layer = args.layer if args.layer is not None else int(baseline["best_layer"])
-    delays = common.ridge_recipe(baseline)["delays"]  # the end-to-end model uses stage 02's delays
-    args, prov = checkpoints.run_record(args, subj, seed, study, baseline, run_settings(args),
+def run(args, subjects, seed, study, baselines):
+    """One run: set up the model, train it, evaluate its best epoch on each of its subjects, save
+    its result and figure. A single subject's run, or a joint run over several (--joint)."""
+    files, masks = {}, {}
+    for subj in subjects:
+        files[subj], masks[subj] = inputs.subject_roi(args, subj, study)
+    base = baselines[subjects[0]]
+    layer = args.layer if args.layer is not None else int(base["best_layer"])
+    delays = common.ridge_recipe(base)["delays"]  # the end-to-end model uses stage 02's delays
+    args, prov = checkpoints.run_record(args, subjects, seed, study, baselines, run_settings(args),
                                         DEFAULTS, __file__)
-    model, readout, opt, prov, init = setup_model(args, baseline, seed, int(mask.sum()),
-                                                  args.device, prov)
+    n_vox = {s: int(m.sum()) for s, m in masks.items()}
+    model, readout, opt, prov, init = setup_model(args, base, seed, n_vox, args.device, prov)
     inputs.check_layer(layer, model)
-    run, finished = checkpoints.open_run(args, subj, seed, prov, init)  # finished: --resume's end
+    run, finished = checkpoints.open_run(args, prov, init)  # finished: --resume's end
     if finished is not None:
-        return run["name"], finished, subject_data
+        return checkpoints.run_rows(run["name"], finished, files)
     if args.compile:
         common.compile_layers(model)
     stories = common.load_stories(model, args.data, study["train"] + study["val"] + [study["test"]],
                                   args.device, args.train_context_s, args.train_stride_s)
-    resp = {s: torch.as_tensor(subject_data[f"resp_{s}"][:, mask], device=args.device)
-            for s in study["train"][:args.tune_stories]}
-    val_resp = {s: subject_data[f"resp_{s}"][:, mask] for s in study["val"]}
+    resp = {subj: {s: torch.as_tensor(files[subj][f"resp_{s}"][:, masks[subj]], device=args.device)
+                   for s in study["train"][:args.tune_stories]} for subj in subjects}
+    val_resp = {subj: {s: files[subj][f"resp_{s}"][:, masks[subj]] for s in study["val"]}
+                for subj in subjects}
     history = train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, delays)
     del resp  # the ridge below reads the responses again: never hold them twice (UTS01: ~10 GB)
-    direct, tuned, tuned_alphas = evaluate(args, run, model, readout, stories, subject_data, mask,
-                                           layer, study, baseline, delays)
-    untuned = common.untuned_r(baseline, layer, subject_data, study, args.device)  # like for like
-    out = dict(test_r_baseline=baseline["test_r"], test_r_untuned=untuned, test_r_tuned=tuned,
-               alphas_tuned=tuned_alphas, test_r_direct=direct, layer=np.int64(layer),
-               roi_mask=mask, val_r_by_epoch=np.array(history["val_r"], np.float32),
-               loss_by_epoch=np.array(history["loss"], np.float32), delays=np.array(delays),
-               best_epoch=np.int64(int(np.argmax(history["val_r"])) + 1), roi=np.array(args.roi),
-               subject=np.array(subj), mode=np.array(prov["mode"]), seed=np.int64(seed),
-               init_from=np.array(init[0] if init else ""))
-    return run["name"], checkpoints.save_run(args, run, out, subject_data, init), subject_data
+    scores = evaluate(args, run, model, readout, stories, files, masks, layer, study, baselines,
+                      delays)
+    out = {subj: dict(test_r_baseline=baselines[subj]["test_r"], test_r_tuned=scores[subj][1],
+                      test_r_untuned=common.untuned_r(baselines[subj], layer, files[subj], study,
+                                                      args.device),  # like for like
+                      alphas_tuned=scores[subj][2], test_r_direct=scores[subj][0],
+                      roi_mask=masks[subj]) for subj in subjects}
+    best = int(np.argmax(history["val_r"])) + 1
+    common_out = dict(layer=np.int64(layer), val_r_by_epoch=np.array(history["val_r"], np.float32),
+                      loss_by_epoch=np.array(history["loss"], np.float32), delays=np.array(delays),
+                      best_epoch=np.int64(best), roi=np.array(args.roi), seed=np.int64(seed),
+                      mode=np.array(prov["mode"]), init_from=np.array(init[0] if init else ""))
+    saved = checkpoints.save_run(args, run, out, common_out, files, init)
+    return checkpoints.run_rows(run["name"], saved, files)
 
 
 def print_summary(rows):
@@ -266,6 +290,12 @@ def print_summary(rows):
         across = "seeds" if len({str(o["subject"]) for _, o, _ in rows}) == 1 else "runs"
         print(f"  gain over {len(rows)} runs: mean {np.mean(gains):+.4f}, std across {across} "
               f"{np.std(gains):.4f}")
+    for name, out, d in [r for r in rows if "test_r_start" in r[1] and "roi_AC" in r[2]]:
+        ac, start = d["roi_AC"], out["test_r_start"] - out["test_r_untuned"]  # its start run
+        kept = (out["test_r_tuned"] - out["test_r_untuned"])[~ac].mean() / start[~ac].mean()
+        over = (out["test_r_tuned"] - out["test_r_start"])[ac].mean()
+        print(f"  {name}: AC {over:+.4f} over the run it started from; outside AC it keeps "
+              f"{kept:.0%} of that run's gain ({start[~ac].mean():+.4f})")
     last = [name for name, out, _ in rows if int(out["best_epoch"]) == len(out["val_r_by_epoch"])]
     if last:  # validation was still improving when training stopped: the gain is measured mid-climb
         print(f"  the best epoch was the last in {len(last)} of {len(rows)} runs "
@@ -275,19 +305,20 @@ def print_summary(rows):
 @stage(get_parser)
 def main(args):
     study = inputs.study_for_tuning(args)
+    subjects = plumbing.subject_list(args.subject, study)
+    baselines = inputs.tuning_baselines(args, study, subjects)  # a joint run's: like for like
     rows, mode = [], "full fine-tuning" if args.full_finetune else "LoRA"
-    for subj in plumbing.subject_list(args.subject, study):
-        tag = provenance.baseline_tag_flag(args.baseline_tag)
-        baseline = provenance.load_baseline(args, subj, study, tag)
+    for group in [subjects] if args.joint else [[s] for s in subjects]:
         for seed in args.seeds or [args.seed]:
-            a = checkpoints.resume_args(args, subj, seed, run_settings) if args.resume else args
-            print(f"stage 03: {subj}, roi {args.roi}, {mode}, seed {seed}, device {args.device}",
-                  flush=True)
+            a = checkpoints.resume_args(args, group, seed, run_settings) if args.resume else args
+            print(f"stage 03: {' '.join(group)}{' jointly' if args.joint else ''}, roi {args.roi}, "
+                  f"{mode}, seed {seed}, device {args.device}", flush=True)
             with plumbing.on_interrupt(lambda: checkpoints.resume_hint(
-                    args, a, subj, seed, run_settings, DEFAULTS)):
-                rows.append(run(a, subj, seed, study, baseline))
+                    args, a, group, seed, run_settings, DEFAULTS)):
+                rows += run(a, group, seed, study, {s: baselines[s] for s in group})
     print_summary(rows)
-    return ", ".join(f"{args.results}/{name}.npz" for name, _, _ in rows)
+    names = dict.fromkeys(name.split(" ")[0] for name, _, _ in rows)  # a joint run: once
+    return ", ".join(f"{args.results}/{name}.npz" for name in names)
 
 
 if __name__ == "__main__":

@@ -33,19 +33,20 @@ def get_parser():
     p = plumbing.parser(__doc__)
     plumbing.add_common_args(p)
     p.add_argument("--checkpoints", default="checkpoints", help="stage 03's checkpoint folder")
-    p.add_argument("--tuned-on", nargs="+",
-                   help="subjects whose tuned models to use (default: all)")
+    p.add_argument("--tuned-on", nargs="+", help="subjects whose tuned models to use (default: "
+                   "all, and the joint runs there are)")
     p.add_argument("--evaluate-on", nargs="+", help="subjects to evaluate on (default: all)")
     p.add_argument("--roi", type=one_of(ROIS, "ROI"), default="whole",
                    help=f"which stage 03 runs: {'|'.join(ROIS)}")
     p.add_argument("--full-finetune", action="store_true", help="use the full fine-tuning runs")
     p.add_argument("--seed", type=int, default=0, help="which stage 03 seed")
-    p.add_argument("--init-from",
-                   help="use the runs stage 03 started from another run: an ROI (whole: "
-                   "each subject's whole-cortex run) or a run name, e.g. sim01_whole_lora_seed0")
-    p.add_argument("--tag", type=tag_type,
-                   help="which stage 03 runs when results/ holds runs of several "
-                   "settings: their tag (6 hex digits in the name) or 'default'")
+    p.add_argument("--init-from", help="use the runs stage 03 started from another run: an ROI "
+                   "(whole: each subject's whole-cortex run) or a run's name")
+    p.add_argument("--tag", type=tag_type, help="which stage 03 runs when results/ holds runs of "
+                   "several settings: their tag (6 hex digits in the name) or 'default'")
+    p.add_argument("--data-efficiency", action="store_true", help="for each subject a joint run "
+                   "never saw: test r of the ridge fit on 1, 2, 4, ... of the stories, with "
+                   "untuned, single-subject and joint features (beyond the paper: README)")
     return p
 
 
@@ -93,11 +94,83 @@ def cross_subject(args, study, subject_files, runs):
     return out, delta, vs_best
 
 
+def held_out(delta, tuned_on, evaluated_on):
+    """For each subject that a joint run never saw: its gain (like for like) from its own model,
+    from the models tuned on one other subject (their mean), and from the joint models of others
+    (their mean; the leave-one-out run when there is one). Returns {subject: (own, single,
+    joint)}."""
+    out = {}
+    for j, b in enumerate(evaluated_on):
+        joint = [i for i, a in enumerate(tuned_on)
+                 if a.startswith("joint-") and b not in a.split("-")]
+        if not joint:
+            continue
+        single = [i for i, a in enumerate(tuned_on) if not a.startswith("joint-") and a != b]
+        own = [i for i, a in enumerate(tuned_on) if a == b]
+        out[b] = (delta[own[0], j] if own else np.nan,
+                  np.mean(delta[single, j]) if single else np.nan, np.mean(delta[joint, j]))
+        print(f"  {b}, never seen by a joint run: own model {out[b][0]:+.4f}, models tuned on one "
+              f"other subject {out[b][1]:+.4f} (mean of {len(single)}), the joint model of others "
+              f"{out[b][2]:+.4f}")
+    return out
+
+
+def stories_to_match(sizes, curve, target):
+    """The stories a curve of test r needs to reach `target` (linear between the sizes measured;
+    NaN when it never does)."""
+    for k in range(len(sizes)):
+        if curve[k] >= target:
+            if k == 0:
+                return float(sizes[0])
+            return float(sizes[k - 1] + (target - curve[k - 1]) / (curve[k] - curve[k - 1])
+                         * (sizes[k] - sizes[k - 1]))
+    return np.nan
+
+
+def data_efficiency(args, study, subject_files, runs, tuned_on):
+    """How many stories of a subject the ridge needs with each kind of features: for each subject a
+    joint run never saw, stage 02's recipe fit on its first 1, 2, 4, ... stories (of train + val)
+    and scored on the test story, with the untuned model's features (same layer), each model tuned
+    on one other subject, and the joint model of the others. Returns (sizes, {subject: {kind:
+    mean test r per size}}, {subject: {kind: stories needed to match untuned with all}})."""
+    fit = study["train"] + study["val"]
+    sizes = sorted({min(2 ** k, len(fit)) for k in range(int(np.ceil(np.log2(len(fit)))) + 1)})
+    curves, needed = {}, {}
+    for b, d in subject_files.items():
+        kinds = {a: runs[a] for a in tuned_on if a != b and b not in a.split("-")}
+        if not any(a.startswith("joint-") for a in kinds):
+            continue
+        base = next(iter(kinds.values()))["baselines"][b]
+        layer, recipe = int(next(iter(kinds.values()))["layer"]), common.ridge_recipe(base)
+        features = {"untuned": common.untuned_features(base, layer, study, args.device)}
+        features.update({a: tuned_features(args, run, study) for a, run in kinds.items()})
+        curves[b] = {kind: np.array([common.score_on_test(
+            f, d, dict(study, train=fit[:n], val=[]), device=args.device, **recipe)[0].mean()
+            for n in sizes]) for kind, f in features.items()}
+        target = curves[b]["untuned"][-1]  # untuned features with every story
+        needed[b] = {k: stories_to_match(sizes, c, target) for k, c in curves[b].items()}
+        print(f"  {b}: mean test r with " + "/".join(map(str, sizes)) + " stories: " + "; ".join(
+            f"{k} " + " ".join(f"{v:.3f}" for v in c) + " (untuned-with-all reached at "
+            + (f"{needed[b][k]:.1f})" if np.isfinite(needed[b][k]) else "no size)")
+            for k, c in curves[b].items()), flush=True)
+    return sizes, curves, needed
+
+
+def unseen_arrays(unseen, sizes, curves, needed):
+    """held_out's and data_efficiency's numbers as the result file's arrays."""
+    out = {f"unseen_{b}": np.array(v, np.float32) for b, v in unseen.items()}  # own, single, joint
+    out.update({f"efficiency_{b}_{k}": c for b, cs in curves.items() for k, c in cs.items()})
+    out.update({f"stories_to_match_{b}_{k}": np.float32(n) for b, ns in needed.items()
+                for k, n in ns.items()})
+    return dict(out, efficiency_stories=np.array(sizes, np.int64)) if curves else out
+
+
 def print_matrix(title, matrix, tuned_on, evaluated_on):
     print(f"\n  {title} (rows: tuned on, columns: evaluated on)")
-    print("  " + " " * 10 + "".join(f"{b:>10s}" for b in evaluated_on))
+    w = max(10, max(len(a) for a in tuned_on) + 1)
+    print("  " + " " * w + "".join(f"{b:>10s}" for b in evaluated_on))
     for i, a in enumerate(tuned_on):
-        print(f"  {a:10s}" + "".join(f"{matrix[i, j]:+10.4f}" for j in range(len(evaluated_on))))
+        print(f"  {a:{w}s}" + "".join(f"{matrix[i, j]:+10.4f}" for j in range(len(evaluated_on))))
     mask = np.array([[a != b for b in evaluated_on] for a in tuned_on])
     if mask.any():
         print(f"  off-diagonal mean {matrix[mask].mean():+.4f}, min {matrix[mask].min():+.4f}")
@@ -109,12 +182,17 @@ def main(args):
     tuned_on, evaluated_on = list(runs), list(subject_files)
     print(f"stage 04: models tuned on {', '.join(tuned_on)} evaluated on {', '.join(evaluated_on)}")
     out, delta, vs_best = cross_subject(args, study, subject_files, runs)
-    path = provenance.save_cross_subject(args, study, runs, out, __file__,
-                                         tuned_on=np.array(tuned_on), mean_delta_r=delta,
+    unseen = held_out(delta, tuned_on, evaluated_on)  # joint runs: the subjects they never saw
+    sizes, curves, needed = (data_efficiency(args, study, subject_files, runs, tuned_on)
+                             if args.data_efficiency else ([], {}, {}))
+    path = provenance.save_cross_subject(args, study, runs, out, __file__, mean_delta_r=delta,
+                                         tuned_on=np.array(tuned_on), mean_delta_r_vs_best=vs_best,
                                          evaluated_on=np.array(evaluated_on),
-                                         mean_delta_r_vs_best=vs_best)
+                                         **unseen_arrays(unseen, sizes, curves, needed))
     in_words = provenance.describe_run(next(iter(runs.values()))["provenance"]).split(" ", 1)[1]
     figures.cross_subject(delta, tuned_on, evaluated_on, path[:-4] + ".png", in_words)
+    if curves:
+        figures.data_efficiency(sizes, curves, needed, path[:-4] + "_data_efficiency.png")
     print_matrix("mean delta r, like for like: tuned - untuned at the same layer, the evaluated "
                  "subject's recipe", delta, tuned_on, evaluated_on)
     print_matrix("mean delta r against the evaluated subject's best baseline (stage 02's layer)",

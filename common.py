@@ -231,21 +231,25 @@ def ridge_recipe(baseline):
                 n_folds=int(baseline.get("n_folds", 5)),
                 alphas=np.asarray(baseline.get("alpha_grid", ALPHAS), np.float64))
 
-def untuned_r(baseline, layer, subject_data, study, device="cpu"):
-    """The yardstick of every tuned model: the untuned model read out at `layer`, on the subject of
-    stage 02's result `baseline`, scored with that result's recipe (like for like). At stage 02's
-    own layer it is stage 02's test r; at another, the untuned features (stage 02's cache) are
-    scored here."""
-    if layer == int(baseline["best_layer"]):
-        return baseline["test_r"]
+def untuned_features(baseline, layer, study, device="cpu"):
+    """The untuned model's features of every story at `layer` (stage 02's model and window, from
+    its cache): what a tuned model's features are compared with."""
     model = load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
     context_s, stride_s = float(baseline["context_s"]), float(baseline["stride_s"])
     cache = feature_cache_dir(study["data"], str(baseline["model"]), int(baseline["model_seed"]),
                               context_s, stride_s)
     stories = study["train"] + study["val"] + [study["test"]]
-    features = {s: story_features(model, model_fingerprint(model), cache,
-                                  os.path.join(study["data"], "stories", f"{s}.npz"), context_s,
-                                  stride_s, data=study["data"])[layer] for s in stories}
+    return {s: story_features(model, model_fingerprint(model), cache,
+                              os.path.join(study["data"], "stories", f"{s}.npz"), context_s,
+                              stride_s, data=study["data"])[layer] for s in stories}
+
+def untuned_r(baseline, layer, subject_data, study, device="cpu"):
+    """The yardstick of every tuned model: the untuned model read out at `layer`, on the subject of
+    stage 02's result `baseline`, scored with that result's recipe (like for like). At stage 02's
+    own layer it is stage 02's test r; at another, the untuned features are scored here."""
+    if layer == int(baseline["best_layer"]):
+        return baseline["test_r"]
+    features = untuned_features(baseline, layer, study, device)
     return score_on_test(features, subject_data, study, device=device, **ridge_recipe(baseline))[0]
 
 # ==== 2. The speech model: WavLM with attention that LoRA can reach ====
@@ -429,10 +433,17 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
 # ==== 4. BrainWavLM, end to end: WavLM layer -> Lanczos -> norm -> delays -> readout ====
 
 def make_readout(n_in, n_vox, bottleneck):
-    if bottleneck:
-        return torch.nn.Sequential(torch.nn.Linear(n_in, bottleneck),
-                                   torch.nn.Linear(bottleneck, n_vox))
-    return torch.nn.Linear(n_in, n_vox)
+    """BrainWavLM's readout: a bottleneck shared by every subject (Linear n_in -> bottleneck; none
+    when 0) and one output layer per subject, {subject: voxels} (a joint run has several)."""
+    layers = {"bottleneck": torch.nn.Linear(n_in, bottleneck)} if bottleneck else {}
+    layers.update({s: torch.nn.Linear(bottleneck or n_in, n) for s, n in n_vox.items()})
+    return torch.nn.ModuleDict(layers)
+
+def read_out(readout, x):
+    """Each subject's predicted responses ({subject: rows x voxels}, float32): the shared
+    bottleneck once, then the subject's output layer."""
+    z = readout["bottleneck"](x) if "bottleneck" in readout else x
+    return {s: head(z).float() for s, head in readout.items() if s != "bottleneck"}
 
 def delay_reach(delays):
     """TRs the delays read before and after a block (a negative delay reads later rows)."""
@@ -531,31 +542,33 @@ def spatial_corr_loss(pred, y):
     """-(1/T) sum_t corr_voxels(pred[t], y[t]): the paper's loss; blind to each TR's scale."""
     return -tr_correlations(pred, y).mean()
 
-def blocks_loss(readout, x, y, rows, loss="corr"):
+def blocks_loss(pred, y, rows, loss="corr"):
     """The sum over blocks of each block's loss (the spatial correlation loss, or the mean squared
-    error) in one pass: x, y the rows of every block one under the other (block_inputs), `rows`
+    error) in one pass: pred, y the rows of every block one under the other (block_inputs), `rows`
     each block's count; a row's loss weighs 1 / its block's rows."""
-    pred = readout(x).float()
     per_row = -tr_correlations(pred, y) if loss == "corr" else ((pred - y) ** 2).mean(-1)
     weights = to_device(np.repeat(1.0 / np.array(rows), rows).astype(np.float32), per_row.device)
     return (per_row * weights).sum()
 
 def predict_story(model, readout, story, layer, block_trs, delays=(1, 2, 3, 4), norm="block"):
-    """A whole story's predicted responses (rows x voxels), in the blocks training sees, without a
-    gradient: as many blocks per forward as memory allows."""
+    """A whole story's predicted responses of each subject of the readout ({subject: rows x
+    voxels}), in the blocks training sees, without a gradient: as many blocks per forward as
+    memory allows."""
     rows = len(story["tr_times"])
     blocks = [("s", i, min(rows, i + block_trs)) for i in range(0, rows, block_trs)]
     longest = max(b - a for a, _, b in story["windows"])
     spans = [block_span(story, i0, i1, delays) for _, i0, i1 in blocks]
     widest = max(w1 - w0 for _, w0, w1 in spans)  # windows a block needs
     per = max(1, windows_per_batch(model, longest, story["audio"].device) // widest)
-    out = []
+    out = {}
     with torch.no_grad(), autocast(story["audio"].device):
         for j in range(0, len(blocks), per):
             x, order = block_inputs(model, {"s": story}, blocks[j:j + per], layer, delays, norm)
-            pred = readout(x).float().split([blocks[j + i][2] - blocks[j + i][1] for i in order])
-            out += [p for _, p in sorted(zip(order, pred), key=lambda o: o[0])]
-    return torch.cat(out).cpu().numpy()
+            sizes = [blocks[j + i][2] - blocks[j + i][1] for i in order]
+            for s, pred in read_out(readout, x).items():
+                out.setdefault(s, []).extend(p for _, p in sorted(zip(order, pred.split(sizes)),
+                                                                   key=lambda o: o[0]))
+    return {s: torch.cat(p).cpu().numpy() for s, p in out.items()}
 
 # ==== 5. Linear probes (Section 3.4): what a model's layers hold about each word ====
 

@@ -58,7 +58,7 @@ def setup(legacy):
         stories[s] = dict(audio=audio, tr_times=11.0 + 2.0 * np.arange(70), windows=windows, cnn=None,
                           window_cnn=None if legacy else batching.window_cnn(base, audio, windows))
     resp = {s: torch.randn(70, 500) for s in stories}
-    readout = common.make_readout(768 * 4, 500, 100)
+    readout = common.make_readout(768 * 4, {"s": 500}, 100)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad] + list(readout.parameters()), lr=1e-4,
                            fused=not legacy)  # stage 03's optimizer: one fused kernel
     blocks = [(s, i, min(70, i + 32)) for s in stories for i in range(0, 70, 32)]
@@ -71,7 +71,7 @@ def new_step(model, readout, opt, stories, resp, batch, layer=2):
     x, order = common.block_inputs(model, stories, batch, layer)
     batch = [batch[j] for j in order]
     y = torch.cat([resp[s][i0:i1] for s, i0, i1 in batch])
-    loss = common.blocks_loss(readout, x, y, [i1 - i0 for _, i0, i1 in batch])
+    loss = common.blocks_loss(common.read_out(readout, x)["s"], y, [i1 - i0 for _, i0, i1 in batch])
     (loss / 2).backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()

@@ -50,7 +50,7 @@ model = common.add_lora(common.load_wavlm(args.model, 0, device), targs.lora_ran
                         targs.lora_dropout, targs.lora_targets).train()
 layer = args.layer if args.layer is not None else model.config.num_hidden_layers
 n_vox = plumbing.array_shape(d, "test_resp")[1]
-readout = common.make_readout(model.config.hidden_size * 4, n_vox, targs.bottleneck).to(device)
+readout = common.make_readout(model.config.hidden_size * 4, {"s": n_vox}, targs.bottleneck).to(device)
 opt = torch.optim.Adam([{"params": [q for q in model.parameters() if q.requires_grad], "lr": 1e-3},
                         {"params": readout.parameters(), "lr": 1e-3}])
 stories = common.load_stories(model, args.data, study["train"], device, targs.train_context_s, targs.train_stride_s)
@@ -72,7 +72,7 @@ def step(k):
         x, in_x = common.block_inputs(model, stories, batch, layer, norm=targs.norm)
         batch = [batch[j] for j in in_x]
         y = torch.cat([torch.as_tensor(d[f"resp_{s}"][i0:i1], device=device) for s, i0, i1 in batch])
-        loss = common.blocks_loss(readout, x, y, [i1 - i0 for _, i0, i1 in batch])
+        loss = common.blocks_loss(common.read_out(readout, x)["s"], y, [i1 - i0 for _, i0, i1 in batch])
     (loss / targs.batch_blocks).backward()
     torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], targs.grad_clip)
     opt.step()

@@ -149,7 +149,7 @@ def setup(before):
     torch.manual_seed(0)
     base = common.load_wavlm(folder, device=dev)
     model = common.add_lora(use_legacy_attention(base) if before else base).train()
-    readout = common.make_readout(cfg.hidden_size * 4, resp[st["train"][0]].shape[1], 100).to(dev)
+    readout = common.make_readout(cfg.hidden_size * 4, {"s": resp[st["train"][0]].shape[1]}, 100).to(dev)
     opt = torch.optim.Adam([p_ for p_ in model.parameters() if p_.requires_grad] + list(readout.parameters()), lr=1e-4,
                            fused=not before)
     stories = common.load_stories(model, data, st["train"], dev, 0.0, 4.0)
@@ -165,7 +165,7 @@ def new_step(model, readout, opt, stories, blocks, k):
         x, in_x = common.block_inputs(model, stories, batch, layer)
         batch = [batch[j] for j in in_x]
         y = torch.cat([resp[s][i0:i1] for s, i0, i1 in batch])
-        loss = common.blocks_loss(readout, x, y, [i1 - i0 for _, i0, i1 in batch])
+        loss = common.blocks_loss(common.read_out(readout, x)["s"], y, [i1 - i0 for _, i0, i1 in batch])
     (loss / 2).backward()
     torch.nn.utils.clip_grad_norm_([p_ for g in opt.param_groups for p_ in g["params"]], 1.0)
     opt.step()

@@ -97,7 +97,8 @@ def legacy_predict_block(model, readout, story, i0, i1, layer, context_s=0.0, st
     frames, times = legacy_extract(model, story["audio"][a:b], layer, context_s, stride_s, cnn)
     x = common.lanczos_interp(frames, times + a / SR, grid)
     x = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    return readout(common.make_delayed(x, delays)[before:len(grid) - after])
+    x = common.make_delayed(x, delays)[before:len(grid) - after]
+    return common.read_out(readout, x)["s"] if isinstance(readout, torch.nn.ModuleDict) else readout(x)
 
 
 def legacy_step(model, readout, opt, stories, resp, blocks, layer, block_trs=32, grad_clip=1.0):

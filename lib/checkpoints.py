@@ -128,11 +128,16 @@ def init_checkpoint(path, prov):
     return folder, os.path.basename(run_folder(folder)), digest(theirs)
 
 
-def resume_args(args, subj, seed, run_settings):
+def subject_name(subjects, joint):
+    """The subject part of a run's name: the subject's, or joint-<subjects> for a joint run."""
+    return "joint-" + "-".join(subjects) if joint else subjects[0]
+
+
+def resume_args(args, subjects, seed, run_settings):
     """--resume: the run's own settings from its last checkpoint. The checkpoint is found among this
     subject's runs of the ROI, mode and seed asked for; a flag given now that differs from the saved
     value is an error naming both. No checkpoint to continue is an error, never a fresh start."""
-    mode = "full" if args.full_finetune else "lora"
+    mode, subj = "full" if args.full_finetune else "lora", subject_name(subjects, args.joint)
     wanted_init = None if args.init_from is None else os.path.basename(run_folder(args.init_from))
     found = []
     for name, _, src in find_runs(args.checkpoints, subj, args.roi, mode, seed, ""):
@@ -249,19 +254,25 @@ def run_tag(args, baseline, settings, defaults, script):
     return settings_tag(mine, dict(defaults, baseline=""))
 
 
-def run_record(args, subj, seed, study, baseline, settings, defaults, script):
-    """What a run is built from: the study, the subject's file, its settings and the stage 02 result
-    it is scored against (with_model adds the base model, open_run the run it started from).
-    Returns (args with --init-from resolved to a checkpoint folder, the record)."""
+def run_record(args, subjects, seed, study, baselines, settings, defaults, script):
+    """What a run is built from: the study, its subjects' files, its settings and the stage 02
+    result of each subject it is scored against (with_model adds the base model, open_run the run
+    it started from). Returns (args with --init-from resolved to a checkpoint folder, the record)."""
+    subj, first = subject_name(subjects, args.joint), baselines[subjects[0]]
     if args.init_from:
         args = copy.copy(args)
         args.init_from = init_source(args, subj, seed)
-    return args, dict(stage="03", subject=subj, roi=args.roi, seed=seed, stories=study["stories_fingerprint"],
-                      subject_data=study["subject_fingerprints"][subj], settings=settings,
-                      tag=run_tag(args, baseline, settings, defaults, script)[1:],
-                      flags=as_flags(settings, defaults), code=code_state(script),
-                      baseline=dict(file=os.path.basename(baseline["path"]), tag=baseline["tag"],
-                                    fingerprint=baseline["fingerprint"]))
+    records = {s: dict(file=os.path.basename(b["path"]), tag=b["tag"], fingerprint=b["fingerprint"])
+               for s, b in baselines.items()}
+    prov = dict(stage="03", subject=subj, roi=args.roi, seed=seed, stories=study["stories_fingerprint"],
+                settings=settings, tag=run_tag(args, first, settings, defaults, script)[1:],
+                flags=as_flags(settings, defaults), code=code_state(script), baseline=records[subjects[0]])
+    if args.joint:  # each subject's file and stage 02 result
+        prov.update(subjects=list(subjects), baselines=records,
+                    subject_data={s: study["subject_fingerprints"][s] for s in subjects})
+    else:
+        prov["subject_data"] = study["subject_fingerprints"][subj]
+    return args, prov
 
 
 def with_model(prov, args, baseline, model):
@@ -271,12 +282,12 @@ def with_model(prov, args, baseline, model):
                 mode="full" if args.full_finetune else "lora", model_fingerprint=model_fingerprint(model))
 
 
-def open_run(args, subj, seed, prov, init):
+def open_run(args, prov, init):
     """The run's name and checkpoint folder ({name, ckpt, prov}) and, with --resume, its checks:
     (run, the finished run's result or None)."""
     prov["init_from"] = dict(name=init[1], fingerprint=init[2]) if init else None
     tag = "_" + prov["tag"] if prov["tag"] else ""
-    name = run_name(subj, args.roi, prov["mode"], seed, tag, init[1] if init else None)
+    name = run_name(prov["subject"], args.roi, prov["mode"], prov["seed"], tag, init[1] if init else None)
     prov["flags"] += [f"--init-from {args.init_from}"] if init else []
     ckpt = os.path.join(args.checkpoints, name)
     finished = start(ckpt, os.path.join(args.results, f"{name}.npz"), prov, args.resume, args.epochs)
@@ -303,29 +314,54 @@ def end_epoch(run, epoch, history, mean_loss, val_r, model, readout, opt):
     save_checkpoint(os.path.join(run["ckpt"], "last"), model, readout, opt, epoch, history, run["prov"])
 
 
-def save_run(args, run, out, subject_data, init):
+def save_run(args, run, out, common_out, files, init):
     """A finished run's result (results/<run>.npz, with its settings and provenance) and figure; the
-    figure of an --init-from run shows its change over the run it started from too."""
+    figure of an --init-from run shows its change over the run it started from too. out: {subject:
+    its arrays}; a single subject's run keeps the plain names (test_r_tuned, ...), a joint run's
+    carry their subject (test_r_tuned_sim01, ...) beside `subjects`."""
     prov = run["prov"]
-    out = dict(out, settings=np.array(json.dumps(prov["settings"], sort_keys=True)),
-               provenance=np.array(json.dumps(prov, sort_keys=True)), fingerprint=np.array(digest(prov)))
+    if len(out) == 1 and "subjects" not in prov:
+        (subj, arrays), = out.items()
+        flat = dict(arrays, subject=np.array(subj))
+    else:
+        flat = {f"{k}_{s}": v for s, arrays in out.items() for k, v in arrays.items()}
+        flat.update(subjects=np.array(list(out)), subject=np.array(prov["subject"]))
+    flat = dict(flat, **common_out, settings=np.array(json.dumps(prov["settings"], sort_keys=True)),
+                provenance=np.array(json.dumps(prov, sort_keys=True)), fingerprint=np.array(digest(prov)))
     result = os.path.join(args.results, f"{run['name']}.npz")
-    note_replaced_run(result, out["fingerprint"])
+    note_replaced_run(result, flat["fingerprint"])
     start_path = os.path.join(args.results, f"{init[1]}.npz") if init else None
     start_run = None
-    if start_path and os.path.exists(start_path):  # the run it started from, for the figure
+    if start_path and os.path.exists(start_path):  # the run it started from: figure, claims.py
         s = load_npz(start_path)
         start_run = dict(name=describe_run(json.loads(str(s["provenance"]))), tuned=s["test_r_tuned"])
-    figures.tuned_run(out, subject_data, os.path.join(args.results, f"{run['name']}.png"), start_run)
-    save_npz(result, **out)  # last: a run with its result file is finished (--resume skips it)
-    return out
+        flat["test_r_start"] = s["test_r_tuned"]
+    for view, subject_data in zip(run_rows(run["name"], flat, files), files.values()):
+        suffix = "" if len(files) == 1 else "_" + str(view[1]["subject"])
+        figures.tuned_run(view[1], subject_data, os.path.join(args.results, f"{run['name']}{suffix}.png"), start_run)
+    save_npz(result, **flat)  # last: a run with its result file is finished (--resume skips it)
+    return flat
 
 
-def resume_hint(args, run_args, subj, seed, run_settings, defaults):
+def run_rows(name, saved, files):
+    """A run's result as rows to print, one per subject: (label, that subject's arrays, its file)."""
+    if "subjects" not in saved:
+        return [(name, saved, next(iter(files.values())))]
+    per = ("test_r_baseline", "test_r_tuned", "test_r_untuned", "alphas_tuned", "test_r_direct", "roi_mask")
+    rows = []
+    for s in saved["subjects"]:
+        view = {k: v for k, v in saved.items() if k not in per and not k.startswith(per)}
+        view.update({k: saved[f"{k}_{s}"] for k in per}, subject=np.array(str(s)))
+        rows.append((f"{name} on {s}", view, files[str(s)]))
+    return rows
+
+
+def resume_hint(args, run_args, subjects, seed, run_settings, defaults):
     """The command that continues an interrupted run (Ctrl-C in stage 03)."""
     a = run_args
     return "continue with " + command(
-        "03_finetune_lora.py", a, f"--subject {subj}", f"--seed {seed}", "" if a.roi == "whole" else f"--roi {a.roi}",
+        "03_finetune_lora.py", a, f"--subject {' '.join(subjects)}", "--joint" if a.joint else "",
+        f"--seed {seed}", "" if a.roi == "whole" else f"--roi {a.roi}",
         "--full-finetune" if a.full_finetune else "", f"--init-from {args.init_from}" if args.init_from else "",
         f"--baseline-tag {args.baseline_tag}" if args.baseline_tag else "",
         *as_flags(run_settings(a), dict(defaults, full_finetune=a.full_finetune)), "--resume")

@@ -1,8 +1,8 @@
 """The stages' figures: each stage's results drawn, one function per figure, saved atomically.
 
-Used by stage 02 (baseline, baseline_flatmaps), stage 03 (tuned_run), stage 04 (cross_subject) and
-stage 05 (probes). The flatmaps draw on the subject's flattened cortex that stage 01 stored
-(lib/anatomy.draw_flatmap, no pycortex needed).
+Used by stage 02 (baseline, baseline_flatmaps), stage 03 (tuned_run), stage 04 (cross_subject,
+data_efficiency) and stage 05 (probes). The flatmaps draw on the subject's flattened cortex that
+stage 01 stored (lib/anatomy.draw_flatmap, no pycortex needed).
 """
 import json
 import os
@@ -168,4 +168,26 @@ def probes(scores, spreads, models, layers, probe_names, path, subject, runs):
     fig.legend(handles, names, loc="lower center", ncol=1, fontsize=7, frameon=False)
     fig.suptitle(f"Linear probes of {subject}'s models: word representations -> targets")
     fig.subplots_adjust(bottom=0.18 + 0.05 * len(models), top=0.85, wspace=0.3)
+    plumbing.save_figure(fig, path)
+
+
+def data_efficiency(sizes, curves, needed, path):
+    """Stage 04 --data-efficiency: for each subject a joint run never saw, mean test r against the
+    stories the ridge was fit on, one line per kind of features (untuned, each model tuned on one
+    other subject, the joint model of the others), the untuned level with every story dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.8), squeeze=False)
+    for a, (b, kinds) in zip(ax[0], curves.items()):
+        for k, c in kinds.items():
+            style = dict(color="k") if k == "untuned" else dict(lw=2.2) if k.startswith("joint-") else {}
+            n = needed[b][k]
+            a.plot(sizes, c, "o-", label=f"{k} (matches at {n:.1f})" if np.isfinite(n) else f"{k} (never)",
+                   **style)
+        a.axhline(kinds["untuned"][-1], color="k", ls="--", lw=1)
+        a.set_xscale("log", base=2)
+        a.set_xticks(sizes, [str(s) for s in sizes])
+        a.set(xlabel="stories the ridge is fit on", ylabel="mean test r", title=f"{b}, unseen in tuning")
+        a.legend(fontsize=7)
+    fig.suptitle("Data efficiency: stories needed to reach the untuned model with all of them (dashed)")
+    fig.tight_layout()
     plumbing.save_figure(fig, path)

@@ -84,10 +84,16 @@ def tuned_runs(args, subjects, study):
 
 def cross_subject(args):
     """Stage 04's inputs: the study, the subjects to evaluate on (files opened lazily) and the tuned
-    runs, each with the stage 02 result of every evaluated subject of the setting it was scored
-    against (run["baselines"]), checked to be fit on the run's base model."""
+    runs: each subject's, then the joint runs of the same settings (when --tuned-on is not given;
+    labelled joint-<subjects>), each with the stage 02 result of every evaluated subject of the
+    setting it was scored against (run["baselines"]), checked to be fit on the run's base model."""
     study, subject_files = study_and_subjects(args, args.evaluate_on)
     runs, loaded = tuned_runs(args, plumbing.subject_list(args.tuned_on, study), study), {}
+    mode, tag = "full" if args.full_finetune else "lora", next(iter(runs.values()))["tag"]
+    for name, subjects, t in provenance.joint_runs(args.results, args.roi, mode, args.seed):
+        if args.tuned_on is None and t == tag and set(subjects) <= set(study["subjects"]):
+            label = "joint-" + "-".join(subjects)
+            runs[label] = checkpoints.find_tuned(args, label, study, args.roi, mode, None)
     for run in runs.values():
         tag, run["baselines"] = run["provenance"]["baseline"]["tag"], {}
         for b in subject_files:
@@ -117,3 +123,34 @@ def probed_runs(args):
                          "choose runs of one setting with --tag")
     base = next(iter(runs.values()))["baseline"] if runs else provenance.load_baseline(args, subj, study)
     return study, subj, runs, base
+
+
+def tuning_baselines(args, study, subjects):
+    """Each subject's stage 02 result (load_baseline, --baseline-tag). A joint run's subjects must
+    agree on what they are compared with: one base model, one layer, one ridge recipe and window,
+    and responses to the same stories (the same TRs of each)."""
+    tag = provenance.baseline_tag_flag(args.baseline_tag)
+    out = {s: provenance.load_baseline(args, s, study, tag) for s in subjects}
+    if not args.joint:
+        return out
+    if args.init_from:
+        raise StudyError("--init-from starts a single subject's run from another; --joint runs start "
+                         "from stage 02's model")
+    first, ref = subjects[0], out[subjects[0]]
+    for s in subjects[1:]:
+        b = out[s]
+        for key, what in (("best_layer", "layer"), ("delays", "delays"), ("context_s", "window"),
+                          ("stride_s", "window"), ("alpha_grid", "ridge alphas")):
+            if np.asarray(b[key]).tolist() != np.asarray(ref[key]).tolist():
+                raise StudyError(f"--joint: {first}'s and {s}'s stage 02 results differ in {what} "
+                                 f"({ref['path']}, {b['path']}): rerun stage 02 for both with one setting")
+        if b["provenance"]["model_fingerprint"] != ref["provenance"]["model_fingerprint"]:
+            raise StudyError(f"--joint: {ref['path']} and {b['path']} were fit on other base models")
+    files = {s: load_subject(args.data, s, study) for s in subjects}
+    for st in study["train"] + study["val"] + [study["test"]]:
+        key = f"resp_{st}" if st != study["test"] else "test_resp"
+        rows = {s: plumbing.array_shape(d, key)[0] for s, d in files.items()}
+        if len(set(rows.values())) > 1:
+            raise StudyError(f"--joint: the subjects did not hear the same stories ({st}: "
+                             + ", ".join(f"{s} {n} TRs" for s, n in rows.items()) + "); tune them apart")
+    return out

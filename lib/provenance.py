@@ -146,11 +146,13 @@ def link_tree(src, dest, names=None):
 
 
 def describe_run(prov):
-    """A stage 03 run in words (figures): what it tuned, its seed, its flags, edited code."""
+    """A stage 03 run in words (figures): what it tuned (a joint run: on whom), its seed, its flags,
+    edited code."""
     edited = (prov.get("code") or {}).get("edited")
     start = (prov.get("init_from") or {}).get("name")
     flags = [f for f in prov.get("flags", []) if not f.startswith("--init-from")]
-    return (f"{prov['subject']} {prov['roi']} {'LoRA' if prov['mode'] == 'lora' else 'full fine-tuning'}, seed "
+    who = "joint on " + "+".join(prov["subjects"]) if "subjects" in prov else prov["subject"]
+    return (f"{who} {prov['roi']} {'LoRA' if prov['mode'] == 'lora' else 'full fine-tuning'}, seed "
             f"{prov['seed']}" + (f", from {start.split('_')[1]}'s {start.split('_')[2]} run" if start else "")
             + (f", {' '.join(flags)}" if flags else ", default flags")
             + (f", code edited ({', '.join(edited)})" if edited else ""))
@@ -174,11 +176,17 @@ def read_provenance(d, path, rebuild):
 
 
 def check_built_from(prov, study, subject, path, rebuild):
-    """Refuse a result built from other stories or another file of `subject` than the study's now."""
+    """Refuse a result built from other stories or another file of `subject` (a joint run's:
+    each of its subjects') than the study's now."""
+    recorded = prov.get("subject_data")
+    if "subjects" in prov:
+        changed = [s for s in prov["subjects"] if recorded.get(s) != study["subject_fingerprints"].get(s)]
+    else:
+        changed = [subject] if subject is not None and recorded != study["subject_fingerprints"].get(subject) else []
     if prov["stories"] != study["stories_fingerprint"]:
         why = "its stories or splits differ"
-    elif subject is not None and prov["subject_data"] != study["subject_fingerprints"].get(subject):
-        why = f"{subject}'s responses differ"
+    elif changed:
+        why = f"{', '.join(changed)}'s responses differ"
     else:
         return
     raise StudyError(f"{path} was built from another study than {study['data']}/ ({why}: the data were rebuilt "
@@ -296,7 +304,8 @@ def save_cross_subject(args, study, runs, out, script, **arrays):
     defaults' choice keeps the plain name) and recording the runs and baselines it read. Returns
     its path."""
     first = next(iter(runs.values()))
-    tuned_on, evaluated_on = list(runs), list(first["baselines"])
+    tuned_on = [a for a in runs if not a.startswith("joint-")]  # the joint runs there are come too
+    evaluated_on = list(first["baselines"])
     parts = [args.roi if args.roi != "whole" else "", "full" if args.full_finetune else "",
              f"seed{args.seed}" if args.seed else "", first["tag"], f"from_{args.init_from}" if args.init_from else ""]
     if tuned_on != study["subjects"] or evaluated_on != study["subjects"]:
@@ -324,7 +333,8 @@ def save_probes(args, study, subj, runs, base, script, **arrays):
     prov = dict(stage="05", stories=study["stories_fingerprint"], subject=subj, baseline=base["fingerprint"],
                 runs={k: r["fingerprint"] for k, r in runs.items()}, word_vectors=args.word_vectors,
                 n_folds=args.n_folds, code=code_state(script))
-    save_result(path, prov, dict(arrays, subject=np.array(subj),
+    tuned = {} if "whole" not in runs else dict(tuned_layer=np.int64(int(runs["whole"]["layer"])))
+    save_result(path, prov, dict(arrays, subject=np.array(subj), **tuned,  # the layer compared at
                                  runs=np.array([runs[m]["name"] if m in runs else "" for m in models])))
     return path
 
@@ -430,6 +440,18 @@ class MissingRun(StudyError):
     """No stage 03 result of the run asked for (load_run): stage 04 names every missing one at once."""
 
 
+def joint_runs(folder, roi, mode, seed):
+    """The joint stage 03 results in `folder` of (roi, mode, seed): [(name, its subjects, tag)]."""
+    out = []
+    pattern = os.path.join(glob.escape(folder), f"03_joint-*_{roi}_{mode}_seed{seed}*.npz")
+    for path in sorted(glob.glob(pattern)):
+        m = re.fullmatch(rf"03_joint-(.+)_{roi}_{mode}_seed{seed}(?:_([0-9a-f]{{6}}))?",
+                         os.path.basename(path)[:-4])
+        if m:
+            out.append((os.path.basename(path)[:-4], m[1].split("-"), m[2] or ""))
+    return out
+
+
 def train_command(args, subjects, roi, mode, seed, init_from=None, *flags):
     """The stage 03 command that makes a run of `subjects` (for an error message)."""
     return command("03_finetune_lora.py", args, "--subject " + " ".join(subjects), "" if roi == "whole" else f"--roi {roi}",
@@ -459,13 +481,16 @@ def load_run(args, subject, roi, mode, seed, init_from=None, tag=None, study=Non
     path = os.path.join(args.results, name + ".npz")
     run = load_npz(path, "stage 03 result")
     prov = read_provenance(run, path, train)
-    retrain = command("03_finetune_lora.py", args, f"--subject {subject}", *prov["flags"])
+    subjects = prov.get("subjects", [subject])  # a joint run's, or the one
+    retrain = command("03_finetune_lora.py", args, f"--subject {' '.join(subjects)}",
+                      "--joint" if "subjects" in prov else "", *prov["flags"])
     if study is not None:
         check_built_from(prov, study, subject, path, retrain)
-        base = load_baseline(args, subject, study, prov["baseline"]["tag"])
-        if base["fingerprint"] != prov["baseline"]["fingerprint"]:
-            raise StudyError(f"{path} was scored against another stage 02 result than {base['path']} holds now "
-                             f"(stage 02 was rerun since, with other inputs): rerun it with {retrain}")
-        run["baseline"] = base
+        for s in reversed(subjects):
+            base = load_baseline(args, s, study, prov["baseline"]["tag"])
+            if base["fingerprint"] != prov.get("baselines", {s: prov["baseline"]})[s]["fingerprint"]:
+                raise StudyError(f"{path} was scored against another stage 02 result than {base['path']} holds "
+                                 f"now (stage 02 was rerun since, with other inputs): rerun it with {retrain}")
+        run["baseline"] = base  # the first subject's
     run.update(name=name, path=path, provenance=prov, fingerprint=digest(prov), tag=runs[0][1])
     return run

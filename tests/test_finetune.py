@@ -33,7 +33,7 @@ def test_lora_changes_after_a_step_and_loss_falls_on_a_fixed_batch(tiny_study):
     model = common.add_lora(common.load_wavlm("tiny"), 4, 4, 0.0, ["q_proj", "k_proj", "v_proj", "out_proj"]).train()
     stories = common.load_stories(model, tiny_study, ["story00"], "cpu")
     y = torch.tensor(plumbing.load_npz(f"{tiny_study}/subjects/sim01.npz")["resp_story00"][:16])
-    readout = common.make_readout(96 * 4, y.shape[1], 20)
+    readout = common.make_readout(96 * 4, {"s": y.shape[1]}, 20)
     opt = torch.optim.Adam([{"params": [p for p in model.parameters() if p.requires_grad], "lr": 3e-3},
                             {"params": readout.parameters(), "lr": 1e-3}])
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
@@ -41,7 +41,7 @@ def test_lora_changes_after_a_step_and_loss_falls_on_a_fixed_batch(tiny_study):
     for _ in range(15):
         opt.zero_grad()
         x, _ = common.block_inputs(model, stories, [("story00", 0, 16)], 3)
-        loss = common.blocks_loss(readout, x, y, [16])
+        loss = common.blocks_loss(common.read_out(readout, x)["s"], y, [16])
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -66,7 +66,7 @@ def test_one_batched_step_has_the_gradients_of_its_blocks_one_by_one(tiny_study)
     resp = {s: torch.tensor(d[f"resp_{s}"]) for s in stories}
     rows = len(stories["story01"]["tr_times"])
     blocks = [("story00", 4, 20), ("story01", rows - 5, rows)]
-    readout = common.make_readout(96 * 4, resp["story00"].shape[1], 20)
+    readout = common.make_readout(96 * 4, {"s": resp["story00"].shape[1]}, 20)
     params = [p for p in model.parameters() if p.requires_grad] + list(readout.parameters())
 
     def grads(batches):
@@ -76,7 +76,7 @@ def test_one_batched_step_has_the_gradients_of_its_blocks_one_by_one(tiny_study)
         for batch in batches:
             x, order = common.block_inputs(model, stories, batch, 3)
             batch = [batch[j] for j in order]
-            loss = common.blocks_loss(readout, x, torch.cat([resp[s][a:b] for s, a, b in batch]),
+            loss = common.blocks_loss(common.read_out(readout, x)["s"], torch.cat([resp[s][a:b] for s, a, b in batch]),
                                       [b - a for _, a, b in batch])
             (loss / 2).backward()
             total += loss.item()
@@ -91,8 +91,9 @@ def test_one_batched_step_has_the_gradients_of_its_blocks_one_by_one(tiny_study)
     # and the pieces compose as the paper's loss: each block's spatial correlation loss, summed
     x, _ = common.block_inputs(model, stories, blocks[:1], 3)
     with torch.no_grad():
-        assert abs(common.spatial_corr_loss(readout(x), resp["story00"][4:20]).item()
-                   - common.blocks_loss(readout, x, resp["story00"][4:20], [16]).item()) < 1e-6
+        pred = common.read_out(readout, x)["s"]
+        assert abs(common.spatial_corr_loss(pred, resp["story00"][4:20]).item()
+                   - common.blocks_loss(pred, resp["story00"][4:20], [16]).item()) < 1e-6
 
 
 @pytest.mark.parametrize("context_s,stride_s,norm", [(0.0, 4.0, "layer"), (4.0, 2.0, "layer"), (4.0, 2.0, "group")])
@@ -231,7 +232,7 @@ def test_an_edit_to_stage_03_is_a_run_of_its_own_and_compare_names_it(trained, t
     git = ["git", "-c", "user.name=student", "-c", "user.email=student@example.org"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "as cloned"]):
         subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True)
-    loss_line = '                loss = common.blocks_loss(readout, x, y, rows, args.loss)\n'
+    loss_line = "                           for subj in resp) / len(resp)  # the mean over a joint run's subjects\n"
     code = open(repo / STAGE).read()
     assert loss_line in code
     open(repo / STAGE, "w").write(code.replace(loss_line, loss_line + "                loss = loss + 1e-2 * sum("
@@ -520,7 +521,7 @@ def test_roi_restricts_the_readout(trained, tmp_path):
     np.testing.assert_array_equal(out["roi_mask"], ac)
     assert np.all(np.isnan(out["test_r_direct"][~ac])) and np.all(np.isfinite(out["test_r_direct"][ac]))
     state = torch.load(one(f"{ckpt}/03_sim01_AC_lora_seed0_*") + "/best/state.pt", weights_only=True)
-    assert state["readout"]["1.weight"].shape[0] == ac.sum()
+    assert state["readout"]["sim01.weight"].shape[0] == ac.sum()
 
 
 def test_bad_inputs(trained, tmp_path, capsys):
@@ -595,9 +596,9 @@ def test_init_from_starts_exactly_at_the_checkpoint(trained, tmp_path, full):
     source = one(f"{ckpt}/03_sim01_whole_{'full' if full else 'lora'}_seed0_*")
     baseline = _baseline(data, results)
     args = m.get_args(["--roi", "AC", "--init-from", source] + FAST + mode)
-    model, readout, _, prov, init = m.setup_model(args, baseline, 1, 7, "cpu")
+    model, readout, _, prov, init = m.setup_model(args, baseline, 1, {"sim01": 7}, "cpu")
     model.eval()  # new LoRA dropout modules start in train mode; compare without dropout
-    assert init[:2] == (f"{source}/best", os.path.basename(source)) and readout[1].out_features == 7
+    assert init[:2] == (f"{source}/best", os.path.basename(source)) and readout["sim01"].out_features == 7
     ref = checkpoints.load_tuned_wavlm(common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"])),
                                        f"{source}/best/model", full=full)
     plain = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]))
@@ -641,7 +642,7 @@ def test_init_from_refuses_checkpoints_that_do_not_fit(trained, tmp_path):
 
     def refused(flags, base=baseline):
         with pytest.raises(plumbing.StudyError) as e:
-            m.setup_model(m.get_args(["--roi", "AC"] + FAST + flags), base, 0, 5, "cpu")
+            m.setup_model(m.get_args(["--roi", "AC"] + FAST + flags), base, 0, {"sim01": 5}, "cpu")
         return str(e.value)
     assert "is a lora checkpoint; this run is full" in refused(["--init-from", source, "--full-finetune"])
     assert "another LoRA shape" in refused(["--init-from", source, "--lora-rank", "8"])

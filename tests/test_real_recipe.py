@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import common
@@ -83,7 +84,15 @@ def test_the_readme_recipe_runs_as_written(miniature, tmp_path, monkeypatch):
     assert len([f for f in os.listdir(res) if re.match(r"03_UTS01_whole_lora_seed\d_[0-9a-f]{6}\.npz$", f)]) == 3
     assert len([f for f in os.listdir(res) if re.match(r"03_UTS01_whole_full_seed\d_[0-9a-f]{6}\.npz$", f)]) == 3
     one(f"{res}/03_UTS01_AC_lora_seed0_*_from_*.npz")
-    assert plumbing.load_npz(one(f"{res}/04_cross_subject_*.npz"))["mean_delta_r"].shape == (3, 3)
+    # the joint runs: their rows in stage 04's matrix, each subject scored by the joint run that never
+    # saw it, and the data-efficiency curves
+    for group in ("UTS01-UTS02-UTS03", "UTS02-UTS03", "UTS01-UTS03", "UTS01-UTS02"):
+        one(f"{res}/03_joint-{group}_whole_lora_seed0_*.npz")
+    cross = plumbing.load_npz(one(f"{res}/04_cross_subject_*.npz"))
+    assert cross["mean_delta_r"].shape == (7, 3) and list(cross["tuned_on"])[:3] == SUBJECTS
+    for subj in SUBJECTS:
+        assert cross[f"unseen_{subj}"].shape == (3,) and np.isfinite(cross[f"unseen_{subj}"]).all()
+        assert len(cross[f"efficiency_{subj}_untuned"]) == len(cross["efficiency_stories"])
     probes = plumbing.load_npz(one(f"{res}/05_probes_*.npz"))
     assert list(probes["probes"]) == ["semantic", "acoustic"]  # English1000 from the dataset, no GloVe
     assert os.path.exists(one(f"{res}/02_flatmaps_*.png"))

@@ -1,0 +1,180 @@
+"""The paper's claims, checked on a results folder: what the paper reports, what these runs
+measured, and whether it holds here (make demo ends with it; results/claims.md).
+
+    python claims.py [RESULTS] [--data DATA] [--subject sim01]
+
+Every verdict is computed from the result files (stage 03's runs of the subject, stage 04's
+matrix, stage 05's probes), by the rule printed beside it; a claim whose runs are not there is
+"not run here", with the command that runs them. Gains are like for like: a tuned model's
+linearized test r minus the untuned model's at the same layer, mean over voxels.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+from lib import plumbing
+from lib.plumbing import StudyError
+
+HOLDS, FAILS, NOT_RUN = "holds", "does not hold", "not run here"
+
+
+def get_parser():
+    p = plumbing.parser(__doc__)
+    p.add_argument("results", nargs="?", default="results", help="a results folder (default: results/)")
+    p.add_argument("--data", default="data", help="its study's data folder (the AC mask)")
+    p.add_argument("--subject", help="whose runs (default: the subject with whole-cortex runs of most seeds)")
+    p.add_argument("--out", help="the table's markdown file (default: <results>/claims.md)")
+    return p
+
+
+def load(results, pattern):
+    return [plumbing.load_npz(f) for f in sorted(glob.glob(os.path.join(results, pattern)))]
+
+
+def gain(run, mask=None):
+    d = run["test_r_tuned"] - run["test_r_untuned"]
+    return float(d.mean() if mask is None else d[mask].mean())
+
+
+def pm(values):
+    return f"{np.mean(values):+.4f} +- {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:+.4f}"
+
+
+def claim_1(whole, full, base_r):
+    """Whole-cortex LoRA raises mean performance (the paper: about +12.5%) more stably across seeds
+    than full fine-tuning. Holds: every seed's gain positive; stable: the seeds' sd of LoRA's gains
+    below full fine-tuning's (at least two seeds of each)."""
+    if not whole:
+        return [("1. whole-cortex tuning raises mean test r", "about +12.5%", "no whole-cortex LoRA run",
+                 NOT_RUN, "make 03")]
+    g = [gain(r) for r in whole]
+    rows = [("1. whole-cortex tuning raises mean test r", "about +12.5%",
+             f"{pm(g)} ({np.mean(g) / base_r:+.0%} of the untuned {base_r:.3f}), {len(g)} seed(s)",
+             HOLDS if min(g) > 0 else FAILS, "every seed's gain > 0")]
+    if len(whole) < 2 or len(full) < 2:
+        rows.append(("1. ... more stably with LoRA than full fine-tuning", "smaller spread across seeds",
+                     f"{len(whole)} LoRA and {len(full)} full fine-tuning seed(s)", NOT_RUN, "make stability"))
+    else:
+        gf = [gain(r) for r in full]
+        rows.append(("1. ... more stably with LoRA than full fine-tuning", "smaller spread across seeds",
+                     f"sd across seeds: LoRA {np.std(g):.4f}, full {np.std(gf):.4f} (full's mean gain "
+                     f"{np.mean(gf):+.4f})", HOLDS if np.std(g) < np.std(gf) else FAILS, "LoRA's sd < full's"))
+    return rows
+
+
+def claim_2(whole, from_whole, ac):
+    """Whole-cortex tuning costs AC; AC tuning of the whole-cortex model wins AC back while keeping
+    most of the gain elsewhere. Holds: the mean AC change under whole-cortex tuning is negative; AC
+    over the run it started from positive and at least half of that run's gain outside AC kept."""
+    rows = []
+    if whole:
+        a = [gain(r, ac) for r in whole]
+        rows.append(("2. whole-cortex tuning costs AC", "AC r falls", f"AC change {pm(a)}",
+                     HOLDS if np.mean(a) < 0 else FAILS, "mean AC change < 0"))
+    if not from_whole:
+        return rows + [("2. AC tuning of it wins AC back, keeps the rest", "AC up, most gains kept",
+                        "no AC run started from the whole-cortex run", NOT_RUN, "make 03")]
+    over = [float((r["test_r_tuned"] - r["test_r_start"])[ac].mean()) for r in from_whole]
+    kept = [gain(r, ~ac) / float((r["test_r_start"] - r["test_r_untuned"])[~ac].mean()) for r in from_whole]
+    rows.append(("2. AC tuning of it wins AC back, keeps the rest", "AC up, most gains kept",
+                 f"AC over the whole-cortex run {pm(over)}; its gain outside AC kept: "
+                 + ", ".join(f"{k:.0%}" for k in kept),
+                 HOLDS if min(over) > 0 and min(kept) >= 0.5 else FAILS, "AC change > 0 and >= 50% kept"))
+    return rows
+
+
+def claim_3(cross):
+    """A model tuned on one subject helps the others. Holds: every off-diagonal gain positive."""
+    if cross is None:
+        return [("3. a model tuned on one subject helps others", "gains on other subjects",
+                 "no stage 04 result", NOT_RUN, "make 04")]
+    rows = [str(a) for a in cross["tuned_on"]]
+    single = [i for i, a in enumerate(rows) if not a.startswith("joint-")]
+    m = cross["mean_delta_r"][single]
+    off = m[~np.eye(len(m), dtype=bool)] if m.shape[0] == m.shape[1] else m.ravel()
+    return [("3. a model tuned on one subject helps others", "gains on other subjects",
+             f"off-diagonal mean {off.mean():+.4f} (min {off.min():+.4f}), diagonal "
+             + " / ".join(f"{x:+.4f}" for x in np.diag(m)), HOLDS if off.min() > 0 else FAILS,
+             "every off-diagonal gain > 0")]
+
+
+def claim_4(probes):
+    """Linear probes find more semantic information after whole-cortex tuning. Holds: at the tuned
+    layer, the whole-cortex model's semantic probe beats the baseline's on most held-out folds and
+    on average (paired by fold)."""
+    if probes is None or "whole" not in list(probes["models"]):
+        return [("4. more semantic information after tuning", "semantic probe up", "no stage 05 result",
+                 NOT_RUN, "make 05")]
+    models, names = list(probes["models"]), list(probes["probes"])
+    layer = int(probes.get("tuned_layer", probes["scores"].shape[1] - 1))
+    k = names.index("semantic")
+    d = probes["scores_by_fold"][models.index("whole"), layer, k] - probes["scores_by_fold"][models.index("baseline"), layer, k]
+    d = d[np.isfinite(d)]
+    return [("4. more semantic information after tuning", "semantic probe up",
+             f"whole - baseline at layer {layer}: {d.mean():+.3f} +- {d.std():.3f}, higher on "
+             f"{(d > 0).sum()} of {len(d)} folds", HOLDS if d.mean() > 0 and (d > 0).sum() > len(d) / 2 else FAILS,
+             "mean > 0 and higher on most folds")]
+
+
+def still_improving(results):
+    """Runs whose best epoch was their last one at the epochs they were allowed: measured mid-climb."""
+    runs = load(results, "03_*.npz")
+    capped = [r for r in runs if int(r["best_epoch"]) == len(r["val_r_by_epoch"])
+              == json.loads(str(r["settings"]))["epochs"]]
+    if not capped:
+        return f"No run was still improving at its epoch cap ({len(runs)} runs)."
+    cap = sorted({len(r["val_r_by_epoch"]) for r in capped})
+    return (f"{len(capped)} of {len(runs)} runs had their best epoch at the cap ({'/'.join(map(str, cap))} epochs): "
+            "they were still improving, so their gains are measured mid-climb (bench/claims.sh trains until "
+            "validation stops, up to 20 epochs: bench/RESULTS.md).")
+
+
+def check(results, data, subject=None):
+    """Every claim's rows (claim, the paper, measured here, verdict, rule or command) and the
+    line on runs still improving."""
+    whole_all = [f for f in glob.glob(os.path.join(results, "03_*_whole_lora_seed*.npz")) if "_from_" not in f
+                 and "joint-" not in f]
+    if not whole_all and subject is None:
+        raise StudyError(f"{results}: no stage 03 whole-cortex run (03_<subject>_whole_lora_seed*.npz): run make 03")
+    subject = subject or max({os.path.basename(f).split("_")[1] for f in whole_all},
+                             key=lambda s: sum(f"03_{s}_" in f for f in whole_all))
+    ac = plumbing.load_npz(os.path.join(data, "subjects", f"{subject}.npz"), "the subject's file")["roi_AC"]
+    whole = [r for r in load(results, f"03_{subject}_whole_lora_seed*.npz") if not str(r["init_from"])]
+    full = load(results, f"03_{subject}_whole_full_seed*.npz")
+    from_whole = [r for r in load(results, f"03_{subject}_AC_lora_seed*_from_*whole*.npz") if "test_r_start" in r]
+    base = load(results, f"02_baseline_{subject}*.npz")
+    cross = next(iter(load(results, "04_cross_subject*.npz")), None)
+    probes = next(iter(load(results, "05_probes*.npz")), None)
+    rows = (claim_1(whole, full, float(base[0]["test_r"].mean()) if base else np.nan)
+            + claim_2(whole, from_whole, ac) + claim_3(cross) + claim_4(probes))
+    return subject, rows, still_improving(results)
+
+
+def table(subject, rows, note):
+    out = [f"Claims checked on {subject}'s runs (claims.py):", "",
+           "| claim | the paper | measured here | verdict | rule / to run it |", "|---|---|---|---|---|"]
+    out += [f"| {c} | {p} | {m} | **{v}** | {r} |" for c, p, m, v, r in rows]
+    return "\n".join(out + ["", note])
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    try:
+        subject, rows, note = check(args.results, args.data, args.subject)
+    except StudyError as e:
+        plumbing.fail(e)
+    text = table(subject, rows, note)
+    print(text)
+    out = args.out or os.path.join(args.results, "claims.md")
+    with open(out + ".tmp", "w") as f:
+        f.write(text + "\n")
+    os.replace(out + ".tmp", out)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

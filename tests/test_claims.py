@@ -1,0 +1,117 @@
+"""claims.py (issue 38): every verdict computed from the result files. A results folder written here
+in the stages' layout, with every claim holding; then one result altered at a time so that its
+claim fails, and its row turns to "does not hold" (and the other rows stay)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from helpers import run_stage
+from lib import plumbing
+
+V, AC = 40, np.arange(40) < 8  # 40 voxels, the first 8 in AC
+
+
+def run(path, tuned, untuned, epochs=(5, 6), **extra):
+    best, ran = epochs
+    arrays = dict(test_r_tuned=np.float32(tuned), test_r_untuned=np.float32(untuned), init_from=np.array(""),
+                  val_r_by_epoch=np.linspace(0, 1, ran), best_epoch=np.int64(best),
+                  settings=np.array(json.dumps(dict(epochs=ran))))
+    plumbing.save_npz(path, **dict(arrays, **extra))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Results where every claim holds: whole-cortex LoRA gains 0.01 everywhere but AC (-0.004),
+    three seeds, steadier than full fine-tuning; AC tuning from it wins AC back and keeps 80%
+    outside; every cross-subject gain positive; the semantic probe higher on 4 of 5 folds."""
+    res, data = tmp_path / "results", tmp_path / "data"
+    os.makedirs(res)
+    os.makedirs(data / "subjects")
+    plumbing.save_npz(data / "subjects" / "sim01.npz", roi_AC=AC)
+    untuned = np.full(V, 0.1, np.float32)
+    plumbing.save_npz(res / "02_baseline_sim01.npz", test_r=untuned)
+    for seed, g in enumerate((0.010, 0.011, 0.012)):
+        tuned = untuned + np.where(AC, -0.004, g)
+        run(res / f"03_sim01_whole_lora_seed{seed}_abcdef.npz", tuned, untuned)
+        run(res / f"03_sim01_whole_full_seed{seed}_abcdef.npz", untuned + [0.0, 0.03, 0.06][seed], untuned)
+    whole = untuned + np.where(AC, -0.004, 0.010)
+    run(res / "03_sim01_AC_lora_seed0_abcdef_from_sim01_whole_lora_seed0_abcdef.npz",
+        untuned + np.where(AC, 0.02, 0.008), untuned, init_from=np.array("checkpoints/x/best"), test_r_start=whole)
+    plumbing.save_npz(res / "04_cross_subject_abcdef.npz", tuned_on=np.array(["sim01", "sim02"]),
+                      mean_delta_r=np.array([[0.01, 0.004], [0.003, 0.012]]))
+    by_fold = np.zeros((2, 4, 1, 5))
+    by_fold[1, 3, 0] = [0.02, 0.01, 0.015, -0.005, 0.01]  # whole - baseline at layer 3
+    plumbing.save_npz(res / "05_probes_abcdef.npz", models=np.array(["baseline", "whole"]),
+                      probes=np.array(["semantic"]), scores=by_fold.mean(-1), scores_by_fold=by_fold,
+                      tuned_layer=np.int64(3))
+    return str(res), str(data)
+
+
+def verdicts(res, data, capsys):
+    assert run_stage("claims.py", [res, "--data", data]) == 0
+    rows = [line.split(" | ") for line in open(os.path.join(res, "claims.md")).read().splitlines()
+            if line.startswith("| ") and "**" in line]
+    return {r[0][2:].split(".")[0] + ("b" if "..." in r[0] or "AC tuning" in r[0] else ""): r[3].strip("*")
+            for r in rows}
+
+
+def test_every_claim_holds_on_results_that_show_it(folder, capsys):
+    res, data = folder
+    v = verdicts(res, data, capsys)
+    assert v == {"1": "holds", "1b": "holds", "2": "holds", "2b": "holds", "3": "holds", "4": "holds"}, v
+    text = open(os.path.join(res, "claims.md")).read()
+    assert "+8%" in text and "AC over the whole-cortex run +0.0240" in text and "80%" in text
+
+
+@pytest.mark.parametrize("alter, claim", [
+    ("whole_seed1_loses", "1"), ("full_steadier", "1b"), ("ac_gains_under_whole", "2"),
+    ("ac_run_keeps_little", "2b"), ("one_transfer_hurts", "3"), ("probe_lower", "4")])
+def test_a_result_altered_so_that_a_claim_fails_turns_its_row(folder, capsys, alter, claim):
+    res, data = folder
+    untuned = np.full(V, 0.1, np.float32)
+    if alter == "whole_seed1_loses":
+        run(os.path.join(res, "03_sim01_whole_lora_seed1_abcdef.npz"), untuned - 0.001, untuned)
+    elif alter == "full_steadier":
+        for seed in range(3):
+            run(os.path.join(res, f"03_sim01_whole_full_seed{seed}_abcdef.npz"), untuned + 0.03, untuned)
+    elif alter == "ac_gains_under_whole":
+        for seed in range(3):
+            run(os.path.join(res, f"03_sim01_whole_lora_seed{seed}_abcdef.npz"), untuned + 0.01 + 0.001 * seed,
+                untuned)
+    elif alter == "ac_run_keeps_little":
+        path = os.path.join(res, "03_sim01_AC_lora_seed0_abcdef_from_sim01_whole_lora_seed0_abcdef.npz")
+        r = plumbing.load_npz(path)
+        r["test_r_tuned"] = np.where(AC, r["test_r_tuned"], 0.102).astype(np.float32)  # keeps 20%
+        plumbing.save_npz(path, **r)
+    elif alter == "one_transfer_hurts":
+        plumbing.save_npz(os.path.join(res, "04_cross_subject_abcdef.npz"), tuned_on=np.array(["sim01", "sim02"]),
+                          mean_delta_r=np.array([[0.01, -0.001], [0.003, 0.012]]))
+    else:
+        r = plumbing.load_npz(os.path.join(res, "05_probes_abcdef.npz"))
+        r["scores_by_fold"][1, 3, 0] *= -1
+        plumbing.save_npz(os.path.join(res, "05_probes_abcdef.npz"), **r)
+    v = verdicts(res, data, capsys)
+    assert v.pop(claim) == "does not hold", (claim, v)
+    assert set(v.values()) == {"holds"}, v
+
+
+def test_missing_runs_are_not_run_here_with_the_command(folder, capsys):
+    res, data = folder
+    for f in os.listdir(res):
+        if "_full_" in f or "_from_" in f:
+            os.remove(os.path.join(res, f))
+    v = verdicts(res, data, capsys)
+    assert v["1b"] == v["2b"] == "not run here"
+    text = open(os.path.join(res, "claims.md")).read()
+    assert "make stability" in text and "make 03" in text
+
+
+def test_runs_still_improving_at_the_cap_are_said(folder, capsys):
+    res, data = folder
+    untuned = np.full(V, 0.1, np.float32)
+    run(os.path.join(res, "03_sim01_whole_lora_seed2_abcdef.npz"), untuned + np.where(AC, -0.004, 0.012), untuned,
+        epochs=(6, 6))
+    verdicts(res, data, capsys)
+    assert "1 of 7 runs had their best epoch at the cap (6 epochs)" in open(os.path.join(res, "claims.md")).read()

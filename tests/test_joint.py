@@ -1,0 +1,147 @@
+"""One model, several brains (issue 37): stage 03 --joint (one run, the same adapters and bottleneck,
+an output layer per subject), stage 04's rows for joint runs, the subjects they never saw, and
+the data-efficiency curves, on the tiny study."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from helpers import fails_cleanly, one, run_stage
+from lib import checkpoints, plumbing
+
+STAGE = "03_finetune_lora.py"
+FAST = ["--epochs", "2", "--block-trs", "16", "--lr-adapter", "3e-3", "--lr-readout", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def joint(tiny_study, tmp_path_factory):
+    """Baselines for both subjects; single-subject runs; joint runs of sim01 alone, of sim02 alone
+    (the leave-one-out runs of a two-subject study) and of both."""
+    base = tmp_path_factory.mktemp("joint")
+    results, ckpt = str(base / "results"), str(base / "ckpt")
+    io = ["--data", tiny_study, "--results", results, "--checkpoints", ckpt]
+    assert run_stage("02_baseline_ridge.py", io[:4] + ["--layers", "1", "--context-s", "4", "--stride-s", "2"]) == 0
+    assert run_stage(STAGE, io + FAST) == 0
+    for subjects in (["sim01"], ["sim02"], ["sim01", "sim02"]):
+        assert run_stage(STAGE, io + ["--subject", *subjects, "--joint"] + FAST) == 0
+    return tiny_study, results, ckpt
+
+
+def test_joint_tuning_on_one_subject_is_single_subject_tuning(joint):
+    """The same seed, the same numbers: a joint run of one subject is that subject's run."""
+    _, results, ckpt = joint
+    single = plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
+    alone = plumbing.load_npz(one(f"{results}/03_joint-sim01_whole_lora_seed0_*.npz"))
+    assert list(alone["subjects"]) == ["sim01"] and str(alone["subject"]) == "joint-sim01"
+    for k in ("test_r_tuned", "test_r_direct", "alphas_tuned", "test_r_untuned"):
+        np.testing.assert_array_equal(alone[f"{k}_sim01"], single[k], err_msg=k)
+    for k in ("val_r_by_epoch", "loss_by_epoch", "best_epoch", "layer"):
+        np.testing.assert_array_equal(alone[k], single[k], err_msg=k)
+    from safetensors.torch import load_file
+    a = load_file(one(f"{ckpt}/03_joint-sim01_*/best/model/adapter_model.safetensors"))
+    b = load_file(one(f"{ckpt}/03_sim01_whole_*/best/model/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_joint_run_scores_every_subject_it_saw_with_provenance(joint):
+    data, results, _ = joint
+    both = plumbing.load_npz(one(f"{results}/03_joint-sim01-sim02_whole_lora_seed0_*.npz"))
+    prov = json.loads(str(both["provenance"]))
+    assert prov["subjects"] == ["sim01", "sim02"] and set(prov["baselines"]) == {"sim01", "sim02"}
+    assert set(prov["subject_data"]) == {"sim01", "sim02"}
+    for s in ("sim01", "sim02"):
+        base = plumbing.load_npz(one(f"{results}/02_baseline_{s}_*.npz"))
+        assert both[f"test_r_tuned_{s}"].shape == base["test_r"].shape
+        np.testing.assert_array_equal(both[f"test_r_untuned_{s}"], base["test_r"])  # the same layer
+        assert os.path.exists(one(f"{results}/03_joint-sim01-sim02_whole_lora_seed0_*_{s}.png"))
+    # the joint and the single runs are different models: their tuned scores differ
+    single = plumbing.load_npz(one(f"{results}/03_sim01_whole_lora_seed0_*.npz"))
+    assert not np.allclose(both["test_r_tuned_sim01"], single["test_r_tuned"])
+
+
+def test_every_subjects_head_gets_a_gradient_from_one_forward():
+    """The joint loss (the mean over subjects) trains the shared adapters and bottleneck and every
+    subject's output layer; a subject's head gets no gradient from another subject's loss."""
+    torch.manual_seed(0)
+    readout = common.make_readout(12, {"a": 5, "b": 7}, 4)
+    x = torch.randn(10, 12)
+    preds = common.read_out(readout, x)
+    ys = {"a": torch.randn(10, 5), "b": torch.randn(10, 7)}
+    loss = sum(common.blocks_loss(preds[s], ys[s], [10]) for s in ys) / 2
+    loss.backward()
+    for name in ("bottleneck", "a", "b"):
+        assert readout[name].weight.grad is not None and readout[name].weight.grad.abs().sum() > 0, name
+    readout.zero_grad()
+    common.blocks_loss(common.read_out(readout, x)["a"], ys["a"], [10]).backward()
+    assert readout["b"].weight.grad is None or readout["b"].weight.grad.abs().sum() == 0
+
+
+def test_a_joint_run_resumes_to_the_same_numbers(joint, tmp_path, monkeypatch, capsys):
+    data, results, _ = joint
+    res, ckpt = str(tmp_path / "r"), str(tmp_path / "c")
+    os.makedirs(res)
+    for f in os.listdir(results):
+        if f.startswith("02_baseline_"):
+            shutil.copy(os.path.join(results, f), res)
+    real = checkpoints.save_checkpoint
+
+    def save_then_ctrl_c(folder, *a):
+        real(folder, *a)
+        if folder.endswith("last"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_ctrl_c)
+    capsys.readouterr()
+    io = ["--data", data, "--results", res, "--checkpoints", ckpt]
+    assert run_stage(STAGE, io + ["--subject", "sim01", "sim02", "--joint"] + FAST) == 130
+    hint = capsys.readouterr().err.split("`")[1].split()[2:]
+    assert "--joint" in hint and "--resume" in hint
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
+    assert run_stage(STAGE, hint) == 0
+    a = plumbing.load_npz(one(f"{results}/03_joint-sim01-sim02_*.npz"))
+    b = plumbing.load_npz(one(f"{res}/03_joint-sim01-sim02_*.npz"))
+    np.testing.assert_allclose(b["val_r_by_epoch"], a["val_r_by_epoch"], atol=1e-6)
+    np.testing.assert_allclose(b["test_r_tuned_sim02"], a["test_r_tuned_sim02"], atol=1e-5)
+
+
+def test_subjects_who_heard_other_stories_are_one_line(joint, tmp_path, capsys):
+    data, results, _ = joint
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine, ignore=shutil.ignore_patterns("features"))
+    d = plumbing.load_npz(mine / "subjects" / "sim02.npz")
+    d["resp_story00"] = d["resp_story00"][:-1]  # one TR fewer: not the story sim01 heard
+    plumbing.save_npz(mine / "subjects" / "sim02.npz", **d)
+    fails_cleanly(STAGE, ["--data", str(mine), "--results", results, "--checkpoints", str(tmp_path / "c"),
+                          "--subject", "sim01", "sim02", "--joint"] + FAST, capsys,
+                  "--joint: the subjects did not hear the same stories (story00: sim01", str(tmp_path / "c"))
+
+
+def test_stage_04_scores_joint_runs_like_for_like_and_on_the_subject_they_never_saw(joint, tmp_path):
+    data, results, ckpt = joint
+    out = str(tmp_path / "r")
+    shutil.copytree(results, out)
+    assert run_stage("04_cross_subject.py", ["--data", data, "--results", out, "--checkpoints", ckpt,
+                                             "--data-efficiency"]) == 0
+    r = plumbing.load_npz(one(f"{out}/04_cross_subject_*.npz"))
+    rows = list(r["tuned_on"])
+    assert rows[:2] == ["sim01", "sim02"] and set(rows[2:]) == {"joint-sim01", "joint-sim02", "joint-sim01-sim02"}
+    m = r["mean_delta_r"]
+    # like for like: the joint run of both, on sim01, is its own stage 03 linearized score there
+    both = plumbing.load_npz(one(f"{out}/03_joint-sim01-sim02_*.npz"))
+    i = rows.index("joint-sim01-sim02")
+    np.testing.assert_allclose(m[i, 0], np.mean(both["test_r_tuned_sim01"] - both["test_r_untuned_sim01"]),
+                               atol=1e-5)
+    # sim01 never seen by joint-sim02: own model, single models of others, the joint of others
+    own, single, joint_ = r["unseen_sim01"]
+    assert own == pytest.approx(m[0, 0]) and single == pytest.approx(m[1, 0])
+    assert joint_ == pytest.approx(m[rows.index("joint-sim02"), 0])
+    # the curves: one size per power of two up to every story, untuned with all at the end
+    study = plumbing.load_npz(f"{data}/study.npz")
+    n = len(study["train_stories"]) + len(study["val_stories"])
+    assert list(r["efficiency_stories"]) == [1, 2, 4][:len(r["efficiency_stories"])] and r["efficiency_stories"][-1] == n
+    base = plumbing.load_npz(one(f"{out}/02_baseline_sim01_*.npz"))
+    assert r["efficiency_sim01_untuned"][-1] == pytest.approx(base["test_r"].mean(), abs=1e-6)
+    assert os.path.exists(one(f"{out}/04_cross_subject_*_data_efficiency.png"))
