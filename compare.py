@@ -41,10 +41,12 @@ def get_parser():
 
 
 def load_runs(paths):
-    """Every stage 03 result under `paths`, in order, with its provenance (older results lack one)."""
+    """Every stage 03 result under `paths`, in order, with its provenance (older results lack one).
+    Joint runs (03_joint-...) are stage 04's and bench/joint_summary.py's to compare: left out."""
     runs = []
     for k, path in enumerate(paths):
-        files = [path] if path.endswith(".npz") else sorted(glob.glob(os.path.join(path, "03_*.npz")))
+        files = [path] if path.endswith(".npz") else sorted(
+            f for f in glob.glob(os.path.join(path, "03_*.npz")) if not os.path.basename(f).startswith("03_joint-"))
         if not files:
             raise StudyError(f"{path}: no stage 03 results (03_*.npz) there")
         for f in files:

@@ -145,3 +145,10 @@ def test_stage_04_scores_joint_runs_like_for_like_and_on_the_subject_they_never_
     base = plumbing.load_npz(one(f"{out}/02_baseline_sim01_*.npz"))
     assert r["efficiency_sim01_untuned"][-1] == pytest.approx(base["test_r"].mean(), abs=1e-6)
     assert os.path.exists(one(f"{out}/04_cross_subject_*_data_efficiency.png"))
+
+
+def test_compare_leaves_joint_runs_to_stage_04(joint, capsys):
+    """compare.py groups single-subject runs; a joint run beside them is not one of its groups."""
+    _, results, _ = joint
+    assert run_stage("compare.py", [results, "--out", os.path.join(results, "compare_joint.png")]) == 0
+    assert "joint-" not in capsys.readouterr().out
