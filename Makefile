@@ -86,7 +86,7 @@ joint: $(VENV)/.installed
 	$(PY) 04_cross_subject.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS)
 
 05: $(VENV)/.installed
-	$(PY) 05_linear_probes.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ)
+	$(PY) 05_linear_probes.py $(STAGE_ARGS) --checkpoints $(CHECKPOINTS) --subject $(SUBJ) --init-from whole
 
 # The student's loop: change a stage, then `make quick EXP=mine`: stages 01-05 into experiments/$(EXP)/
 # with the demo's settings, tuning sim01 with one seed, then compare.py against the demo's results.
@@ -118,9 +118,9 @@ figures:
 	mkdir -p figures
 	cp $(RESULTS)/02_baseline.png $(RESULTS)/02_flatmaps.png figures/
 	cp $(wildcard $(RESULTS)/03_$(SUBJ)_whole_lora_seed0_??????.png) figures/03_whole_lora.png
-	cp $(wildcard $(RESULTS)/03_$(SUBJ)_AC_lora_seed0_??????.png) figures/03_AC_lora.png
+	cp $(wildcard $(RESULTS)/03_$(SUBJ)_AC_lora_seed0_??????_from_*.png) figures/03_AC_lora.png
 	cp $(wildcard $(RESULTS)/04_cross_subject_??????.png) figures/04_cross_subject.png
-	cp $(wildcard $(RESULTS)/05_probes_??????.png) figures/05_probes.png
+	cp $(wildcard $(RESULTS)/05_probes_??????_from_whole.png) figures/05_probes.png
 
 clean:
 	rm -rf $(DATA) $(RESULTS) $(CHECKPOINTS) experiments
