@@ -66,12 +66,13 @@ def setup(legacy):
 
 
 def new_step(model, readout, opt, stories, resp, batch, layer=2):
-    """Stage 03's step (03_finetune_lora.py train): its blocks in one forward, one backward."""
+    """Stage 03's step (03_finetune_lora.py train, one subject): its blocks in one forward, one backward."""
     opt.zero_grad()
-    x, order = common.block_inputs(model, stories, batch, layer)
-    batch = [batch[j] for j in order]
-    y = torch.cat([resp[s][i0:i1] for s, i0, i1 in batch])
-    loss = common.blocks_loss(common.read_out(readout, x)["s"], y, [i1 - i0 for _, i0, i1 in batch])
+    x, in_x = common.block_inputs(model, stories, batch, layer)
+    batch = [batch[j] for j in in_x]
+    rows, preds = [i1 - i0 for _, i0, i1 in batch], common.read_out(readout, x)
+    ys = {"s": torch.cat([resp[s][i0:i1] for s, i0, i1 in batch])}
+    loss = sum(common.blocks_loss(preds[subj], ys[subj], rows) for subj in ys) / len(ys)
     (loss / 2).backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()

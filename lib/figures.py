@@ -98,7 +98,12 @@ def tuned_run(out, subject_data, path, start=None):
               label="over the untuned model")
     what = [provenance.describe_run(json.loads(str(out["provenance"])))]
     if start:  # an --init-from run: its change over the run it started from, too
-        ax[1].bar(x + 0.2, [np.mean((t - start["tuned"])[m]) for m in masks], 0.4, label="over the run it started from")
+        label = "over the run it started from"
+        if "AC" in names:  # the share of that run's gain it keeps outside AC (claim 2)
+            out_ac = ~masks[names.index("AC")]
+            kept = np.mean((t - b)[out_ac]) / np.mean((start["tuned"] - b)[out_ac])
+            label += f"\n(keeps {kept:.0%} of that run's gain outside AC)"
+        ax[1].bar(x + 0.2, [np.mean((t - start["tuned"])[m]) for m in masks], 0.4, label=label)
         ax[1].legend(fontsize=7)
         what.append(f"started from: {start['name']}")
     ax[1].axhline(0, color="k", lw=1)
