@@ -69,18 +69,19 @@ def tuned_features(args, run, study):
             for s in study["train"] + study["val"] + [study["test"]]}
 
 
-def cross_subject(args, study, subject_files, runs):
-    """Each tuned model (rows: the subject it was tuned on) scored on each subject (columns) with
-    that subject's stage 02 recipe, against the untuned model at the same layer. Returns (per-voxel
-    arrays, mean delta r, mean delta r against the subject's best-layer baseline)."""
+def cross_subject(args, study, subject_files, runs, features):
+    """Each tuned model (rows: the subject it was tuned on; features: its tuned_features) scored on
+    each subject (columns) with that subject's stage 02 recipe, against the untuned model at the
+    same layer. Returns (per-voxel arrays, mean delta r, mean delta r against the subject's
+    best-layer baseline)."""
     delta = np.zeros((len(runs), len(subject_files)), np.float32)
     vs_best, out, untuned = np.zeros_like(delta), {}, {}  # untuned r by (subject, layer)
     for i, (a, run) in enumerate(runs.items()):
-        features, layer = tuned_features(args, run, study), int(run["layer"])
+        layer = int(run["layer"])
         for j, (b, d) in enumerate(subject_files.items()):
             base = run["baselines"][b]
             recipe = common.ridge_recipe(base)
-            r = common.score_on_test(features, d, study, device=args.device, **recipe)[0]
+            r = common.score_on_test(features[a], d, study, device=args.device, **recipe)[0]
             if (b, layer) not in untuned:
                 untuned[b, layer] = common.untuned_r(base, layer, d, study, args.device)
             delta[i, j], vs_best[i, j] = (r - untuned[b, layer]).mean(), (r - base["test_r"]).mean()
@@ -127,7 +128,7 @@ def stories_to_match(sizes, curve, target):
     return np.nan
 
 
-def data_efficiency(args, study, subject_files, runs, tuned_on):
+def data_efficiency(args, study, subject_files, runs, features):
     """How many stories of a subject the ridge needs with each kind of features: for each subject a
     joint run never saw, stage 02's recipe fit on its first 1, 2, 4, ... stories (of train + val)
     and scored on the test story, with the untuned model's features (same layer), each model tuned
@@ -135,18 +136,19 @@ def data_efficiency(args, study, subject_files, runs, tuned_on):
     mean test r per size}}, {subject: {kind: stories needed to match untuned with all}})."""
     fit = study["train"] + study["val"]
     sizes = sorted({min(2 ** k, len(fit)) for k in range(int(np.ceil(np.log2(len(fit)))) + 1)})
-    curves, needed = {}, {}
+    curves, needed, untuned = {}, {}, {}  # untuned features by layer: every subject's alike
     for b, d in subject_files.items():
-        kinds = {a: runs[a] for a in tuned_on if a != b and b not in a.split("-")}
+        kinds = [a for a in runs if a != b and b not in a.split("-")]
         if not any(a.startswith("joint-") for a in kinds):
             continue
-        base = next(iter(kinds.values()))["baselines"][b]
-        layer, recipe = int(next(iter(kinds.values()))["layer"]), common.ridge_recipe(base)
-        features = {"untuned": common.untuned_features(base, layer, study, args.device)}
-        features.update({a: tuned_features(args, run, study) for a, run in kinds.items()})
+        base, layer = runs[kinds[0]]["baselines"][b], int(runs[kinds[0]]["layer"])
+        if layer not in untuned:
+            untuned[layer] = common.untuned_features(base, layer, study, args.device)
+        kind_features = dict(untuned=untuned[layer], **{a: features[a] for a in kinds})
+        recipe = common.ridge_recipe(base)
         curves[b] = {kind: np.array([common.score_on_test(
             f, d, dict(study, train=fit[:n], val=[]), device=args.device, **recipe)[0].mean()
-            for n in sizes]) for kind, f in features.items()}
+            for n in sizes]) for kind, f in kind_features.items()}
         target = curves[b]["untuned"][-1]  # untuned features with every story
         needed[b] = {k: stories_to_match(sizes, c, target) for k, c in curves[b].items()}
         print(f"  {b}: mean test r with " + "/".join(map(str, sizes)) + " stories: " + "; ".join(
@@ -181,9 +183,10 @@ def main(args):
     study, subject_files, runs = inputs.cross_subject(args)  # every run and checkpoint checked
     tuned_on, evaluated_on = list(runs), list(subject_files)
     print(f"stage 04: models tuned on {', '.join(tuned_on)} evaluated on {', '.join(evaluated_on)}")
-    out, delta, vs_best = cross_subject(args, study, subject_files, runs)
+    features = {a: tuned_features(args, run, study) for a, run in runs.items()}  # once each
+    out, delta, vs_best = cross_subject(args, study, subject_files, runs, features)
     unseen = held_out(delta, tuned_on, evaluated_on)  # joint runs: the subjects they never saw
-    sizes, curves, needed = (data_efficiency(args, study, subject_files, runs, tuned_on)
+    sizes, curves, needed = (data_efficiency(args, study, subject_files, runs, features)
                              if args.data_efficiency else ([], {}, {}))
     path = provenance.save_cross_subject(args, study, runs, out, __file__, mean_delta_r=delta,
                                          tuned_on=np.array(tuned_on), mean_delta_r_vs_best=vs_best,

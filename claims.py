@@ -170,9 +170,7 @@ def main(argv=None):
     text = table(subject, rows, note)
     print(text)
     out = args.out or os.path.join(args.results, "claims.md")
-    with open(out + ".tmp", "w") as f:
-        f.write(text + "\n")
-    os.replace(out + ".tmp", out)
+    plumbing.save_text(out, text + "\n")
     print(f"\nwrote {out}")
 
 

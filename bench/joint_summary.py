@@ -92,9 +92,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     out = args.out or os.path.join(args.results, "joint_summary.md")
-    with open(out + ".tmp", "w") as f:
-        f.write(text + "\n")
-    os.replace(out + ".tmp", out)
+    plumbing.save_text(out, text + "\n")
     print(f"\nwrote {out}")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lib import figures
-from lib.plumbing import StudyError, load_npz, pick_device, save_npz
+from lib.plumbing import StudyError, load_npz, model_fingerprint, pick_device, save_npz
 from lib.provenance import (as_flags, baseline_tag_flag, code_differs, code_state, command, describe_run, digest,
                             find_runs, init_matches, load_run, note_replaced_run, run_name, settings_tag)
 
@@ -277,7 +277,6 @@ def run_record(args, subjects, seed, study, baselines, settings, defaults, scrip
 
 def with_model(prov, args, baseline, model):
     """A run's record with its base model: stage 02's, by name, seed and weights."""
-    from lib.plumbing import model_fingerprint
     return dict(prov, model=str(baseline["model"]), model_seed=int(baseline["model_seed"]),
                 mode="full" if args.full_finetune else "lora", model_fingerprint=model_fingerprint(model))
 

@@ -230,6 +230,14 @@ def feature_cache_dir(data, name, seed, context_s, stride_s):
     return os.path.join(data, "features", tag, f"context{context_s:g}s_stride{stride_s:g}s")
 
 
+def save_text(path, text):
+    """Write a text file (a markdown table) to a temp file, then rename: never half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def save_figure(fig, path):
     """Save a matplotlib figure atomically (as save_npz), then close it (stage 03 plots once per run)."""
     import matplotlib.pyplot as plt
@@ -274,9 +282,7 @@ def frame_seconds(positive):
     """An argparse type: seconds, a whole number of WavLM's 20 ms frames (> 0 when `positive`)."""
     def check(text):
         value = float(text)
-        try:
-            check_window(0.0 if positive else value, value if positive else 1.0)
-        except StudyError:
+        if not whole_frames(value, positive):
             raise argparse.ArgumentTypeError(f"{value:g} must be a {'positive' if positive else 'non-negative'} "
                                              "multiple of WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
         return value
@@ -322,20 +328,17 @@ def add_common_args(p):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
 
-def check_ranges(checks):
-    """(flag, value, low, high) tuples -> one clear StudyError for the first out of range (None: open)."""
-    for flag, value, lo, hi in checks:
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = f"{lo:g}..{hi:g}" if lo is not None and hi is not None else (f">= {lo:g}" if lo is not None else f"<= {hi:g}")
-            raise StudyError(f"{flag} {value:g} is out of range: it must be {bounds}")
+def whole_frames(value, positive):
+    """Is `value` seconds a whole number of WavLM's 20 ms frames (and > 0 when `positive`)?"""
+    hop_s = 0.02  # WavLM's frame: 320 samples at 16 kHz
+    return value >= (hop_s if positive else 0.0) and abs(value / hop_s - round(value / hop_s)) <= 1e-6
 
 
 def check_window(context_s, stride_s, flags=("--context-s", "--stride-s")):
     """Window context and stride must be whole numbers of WavLM's 20 ms frames (stride > 0)."""
-    hop_s = 0.02  # WavLM's frame: 320 samples at 16 kHz
-    for flag, value, lo in ((flags[1], stride_s, hop_s), (flags[0], context_s, 0.0)):
-        if value < lo or abs(value / hop_s - round(value / hop_s)) > 1e-6:
-            raise StudyError(f"{flag} {value:g} must be a {'positive' if lo else 'non-negative'} multiple of "
+    for flag, value, positive in ((flags[1], stride_s, True), (flags[0], context_s, False)):
+        if not whole_frames(value, positive):
+            raise StudyError(f"{flag} {value:g} must be a {'positive' if positive else 'non-negative'} multiple of "
                              f"WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
 
 

@@ -1,6 +1,6 @@
 """Summaries of test r: per ROI (all, AC, non-AC) and as a fraction of the noise ceiling.
 
-Used by stage 02 (its table), lib/figures.py, compare.py's neighbours in bench/ (claims_table.py,
+Used by stage 02 (its table), lib/figures.py and bench/ (claims_table.py,
 tiny_model.py). The yardstick of the tuned models, the untuned model at the same layer, is
 common.untuned_r.
 """

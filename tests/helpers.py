@@ -68,6 +68,31 @@ def fails_cleanly(script, argv, capsys, msg, *folders):
 
 
 
+def fresh_results(results, tmp_path, name):
+    """A results folder holding only stage 02's results of `results`, and a checkpoint folder: room
+    for one more stage 03 run."""
+    res, ckpt = tmp_path / f"res_{name}", tmp_path / f"ckpt_{name}"
+    res.mkdir()
+    for f in os.listdir(results):
+        if f.startswith("02_baseline_"):
+            shutil.copy(os.path.join(results, f), res)
+    return str(res), str(ckpt)
+
+
+def ctrl_c_after_each_epoch(monkeypatch):
+    """Ctrl-C right after each epoch's checkpoint (last/) is saved, as a user would; returns the
+    real save, for monkeypatch.setattr(checkpoints, "save_checkpoint", real) to undo it."""
+    from lib import checkpoints
+    real = checkpoints.save_checkpoint
+
+    def save_then_ctrl_c(folder, *a):
+        real(folder, *a)
+        if folder.endswith("last"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_ctrl_c)
+    return real
+
+
 # ---- a miniature ds003020 in the published layout ----
 
 SUBJECTS = ["UTS01", "UTS02", "UTS03"]

@@ -10,7 +10,7 @@ import torch
 
 import common
 from lib import batching, checkpoints, plumbing, provenance
-from helpers import fails_cleanly, stage, one, run_stage
+from helpers import ctrl_c_after_each_epoch, fails_cleanly, fresh_results, one, run_stage, stage
 from lib.study import load_study
 
 STAGE = "03_finetune_lora.py"
@@ -199,16 +199,6 @@ def test_run_writes_results_and_peft_checkpoints(trained):
     assert os.path.exists(one(f"{results}/03_sim01_whole_lora_seed0_*.png"))
 
 
-def _fresh(results, tmp_path, name):
-    """A results folder holding only stage 02's results, and a checkpoint folder, for one more run."""
-    res, ckpt = tmp_path / f"res_{name}", tmp_path / f"ckpt_{name}"
-    res.mkdir()
-    for f in os.listdir(results):
-        if f.startswith("02_baseline_"):
-            shutil.copy(os.path.join(results, f), res)
-    return str(res), str(ckpt)
-
-
 def _same_result(a, b):
     a, b = plumbing.load_npz(one(f"{a}/03_*.npz")), plumbing.load_npz(one(f"{b}/03_*.npz"))
     np.testing.assert_allclose(b["val_r_by_epoch"], a["val_r_by_epoch"], atol=1e-6)
@@ -260,7 +250,7 @@ def test_an_edit_to_stage_03_is_a_run_of_its_own_and_compare_names_it(trained, t
 def uninterrupted(trained, tmp_path_factory):
     """The reference: a 3-epoch run of the FAST settings, never stopped."""
     data, results, _ = trained
-    res, ckpt = _fresh(results, tmp_path_factory.mktemp("ref"), "ref")
+    res, ckpt = fresh_results(results, tmp_path_factory.mktemp("ref"), "ref")
     assert run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01",
                              "--epochs", "3"] + FAST[2:]) == 0
     return res
@@ -273,14 +263,8 @@ def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(
     A bare --resume does the same (the epochs and learning rates come from the checkpoint), and a
     flag that contradicts the checkpoint is refused, naming both values."""
     data, results, _ = trained
-    res, ckpt = _fresh(results, tmp_path, "a")
-    real = checkpoints.save_checkpoint
-
-    def save_then_ctrl_c(folder, *a):
-        real(folder, *a)
-        if folder.endswith("last"):
-            raise KeyboardInterrupt
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_ctrl_c)
+    res, ckpt = fresh_results(results, tmp_path, "a")
+    real = ctrl_c_after_each_epoch(monkeypatch)
     capsys.readouterr()
     argv = ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01", "--epochs", "3"] + FAST[2:]
     assert run_stage(STAGE, argv) == 130
@@ -302,8 +286,8 @@ def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(
     assert "after epoch 1" in out and "epoch 2:" in out and "epoch 3:" in out and "epoch 1:" not in out
     _same_result(uninterrupted, res)
     # the same with a bare --resume (no training flags at all) from a copy of the interrupted state
-    res_b, ckpt_b = _fresh(results, tmp_path, "b")
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_ctrl_c)
+    res_b, ckpt_b = fresh_results(results, tmp_path, "b")
+    ctrl_c_after_each_epoch(monkeypatch)
     assert run_stage(STAGE, argv[:2] + ["--results", res_b, "--checkpoints", ckpt_b] + argv[6:]) == 130
     monkeypatch.setattr(checkpoints, "save_checkpoint", real)
     assert run_stage(STAGE, ["--data", data, "--results", res_b, "--checkpoints", ckpt_b, "--subject", "sim01",
@@ -428,7 +412,7 @@ def test_a_crash_mid_save_then_resume_gives_the_uninterrupted_result(trained, un
     argv = ["--subject", "sim01", "--epochs", "3"] + FAST[2:]
 
     def attempt(crash_at, torn=False):
-        res, ckpt = _fresh(results, tmp_path, f"{crash_at}{'t' if torn else ''}")
+        res, ckpt = fresh_results(results, tmp_path, f"{crash_at}{'t' if torn else ''}")
         saves[0], steps.steps, steps.crash_at, steps.torn = 0, 0, crash_at, torn
         code = run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt] + argv)
         return code, res, ckpt

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from helpers import fails_cleanly, one, run_stage
+from helpers import ctrl_c_after_each_epoch, fails_cleanly, fresh_results, one, run_stage
 from lib import checkpoints, plumbing
 
 STAGE = "03_finetune_lora.py"
@@ -82,18 +82,8 @@ def test_every_subjects_head_gets_a_gradient_from_one_forward():
 
 def test_a_joint_run_resumes_to_the_same_numbers(joint, tmp_path, monkeypatch, capsys):
     data, results, _ = joint
-    res, ckpt = str(tmp_path / "r"), str(tmp_path / "c")
-    os.makedirs(res)
-    for f in os.listdir(results):
-        if f.startswith("02_baseline_"):
-            shutil.copy(os.path.join(results, f), res)
-    real = checkpoints.save_checkpoint
-
-    def save_then_ctrl_c(folder, *a):
-        real(folder, *a)
-        if folder.endswith("last"):
-            raise KeyboardInterrupt
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_ctrl_c)
+    res, ckpt = fresh_results(results, tmp_path, "joint")
+    real = ctrl_c_after_each_epoch(monkeypatch)
     capsys.readouterr()
     io = ["--data", data, "--results", res, "--checkpoints", ckpt]
     assert run_stage(STAGE, io + ["--subject", "sim01", "sim02", "--joint"] + FAST) == 130
