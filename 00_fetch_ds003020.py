@@ -12,9 +12,9 @@ later snapshots spell the folder derivatives/, which every stage also reads), an
 that stage 01 finds everything it reads. Interrupted, it is rerun with the same command: files
 already complete are kept (openneuro-py resumes). The machinery is lib/fetch.py.
 
-    pip install 'openneuro-py>=2026.4.0'                       # once (make fetch); not part of make demo
-    python 00_fetch_ds003020.py --dest /data/ds003020 --dry-run   # the plan and its size only
-    python 00_fetch_ds003020.py --dest /data/ds003020             # UTS01-UTS03, every story they share
+    pip install 'openneuro-py>=2026.4.0'               # once (make fetch); make demo needs none
+    python 00_fetch_ds003020.py --dest /data/ds003020 --dry-run    # the plan and its size only
+    python 00_fetch_ds003020.py --dest /data/ds003020              # UTS01-UTS03, every story
     python 00_fetch_ds003020.py --dest /data/ds003020 --subjects UTS01 --no-pycortex
 """
 import os

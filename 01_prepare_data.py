@@ -12,8 +12,10 @@ Either way each story's responses are z-scored per voxel (Section 2.2), the test
 mean over its repeats, and the noise ceiling comes from those repeats.
 
     python 01_prepare_data.py                                   # simulated study -> data/
+    # ds003020, ROIs from the dataset's pycortex-db (make pycortex), or from a file of masks
     python 01_prepare_data.py --source ds003020 --ds-root PATH --subjects UTS01 UTS02 UTS03 \\
-        [--roi-file masks.npz | --rois-from-pycortex]
+        --rois-from-pycortex
+    python 01_prepare_data.py --source ds003020 --ds-root PATH --roi-file masks.npz
 """
 import os
 import time

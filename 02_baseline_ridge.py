@@ -8,10 +8,8 @@ stories, and one layer, the best mean over the study's subjects, is refit for ea
 train + validation stories and scored on the held-out test story (Pearson r per voxel, also as a
 fraction of the noise ceiling).
 
-    python 02_baseline_ridge.py                                    # simulated study, pretrained
-    tiny WavLM
-    python 02_baseline_ridge.py --model tiny                       # the same with a random tiny
-    WavLM
+    python 02_baseline_ridge.py                                    # the pretrained tiny WavLM
+    python 02_baseline_ridge.py --model tiny                       # the same, a random tiny WavLM
     python 02_baseline_ridge.py --model microsoft/wavlm-base-plus  # real data, on a GPU
 
 Features are cached under data/features/<model>/context<C>s_stride<S>s/, one folder per window.

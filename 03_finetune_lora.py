@@ -9,12 +9,12 @@ exact ridge recipe, so the tuned r is directly comparable with the baseline.
 
     python 03_finetune_lora.py                          # every subject, whole cortex, LoRA, seed 0
     python 03_finetune_lora.py --subject sim01 --roi AC
-    python 03_finetune_lora.py --subject sim01 --seeds 0 1 2 --full-finetune   # the unstable
-    comparison
-    python 03_finetune_lora.py --subject sim01 --roi AC --init-from whole        # from the
-    whole-cortex run
-    python 03_finetune_lora.py --subject sim01 --resume  # continue a killed run, with its own
-    settings
+    # full fine-tuning, the paper's less stable comparison
+    python 03_finetune_lora.py --subject sim01 --seeds 0 1 2 --full-finetune
+    # AC tuning started from the subject's whole-cortex run
+    python 03_finetune_lora.py --subject sim01 --roi AC --init-from whole
+    # continue a killed run, with its own settings
+    python 03_finetune_lora.py --subject sim01 --resume
 
 A training example is a block of consecutive TRs of one story with the audio that covers them (plus
 the Lanczos window and the delays); a step takes its blocks in one forward and one backward, and

@@ -8,8 +8,7 @@ the untuned model at the same layer, with B's ridge recipe (mean_delta_r); the g
 best-layer baseline is printed and saved beside it (mean_delta_r_vs_best): a change of layer alone
 moves r.
 
-    python 04_cross_subject.py                  # every subject's whole-cortex LoRA model, on
-    everyone
+    python 04_cross_subject.py                  # every subject's whole-cortex model, on everyone
     python 04_cross_subject.py --roi AC --tuned-on sim01
 
 Reads stage 02's and stage 03's results (each checked: same study, the run scored against the

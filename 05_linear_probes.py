@@ -11,10 +11,9 @@ for the frozen baseline, the whole-cortex tuned and the AC-tuned models. Score =
 over target dimensions of held-out predictions. The paper's finding: more semantic information
 after whole-cortex tuning; AC tuning keeps the acoustic information.
 
-    python 05_linear_probes.py                       # subject: the study's first
+    python 05_linear_probes.py                                    # subject: the study's first
     python 05_linear_probes.py --subject UTS01                    # English1000 (ds003020's own)
-    python 05_linear_probes.py --subject UTS01 --word-vectors glove.6B.300d.txt   # the paper's
-    GloVe
+    python 05_linear_probes.py --subject UTS01 --word-vectors glove.6B.300d.txt  # the paper's GloVe
 """
 import os
 

@@ -1,7 +1,8 @@
 """The paper's claims, checked on a results folder: what the paper reports, what these runs
 measured, and whether it holds here (make demo ends with it; results/claims.md).
 
-    python claims.py [RESULTS] [--data DATA] [--subject sim01]
+    python claims.py                                      # results/ of make demo, data/
+    python claims.py experiments/mine/results --data experiments/mine/data --subject sim01
 
 Every verdict is computed from the result files (stage 03's runs of the subject, stage 04's
 matrix, stage 05's probes), by the rule printed beside it; a claim whose runs are not there is
