@@ -14,13 +14,12 @@ import types
 import numpy as np
 import torch
 
-from lib.batching import (FRAME_HOP, FRAME_WIN, base_wavlm, encode_windows, kept_frames, n_frames,
+from lib.batching import (FRAME_HOP, FRAME_WIN, SR, base_wavlm, encode_windows, kept_frames, n_frames,
                           story_cnn, window_cnn, windows_per_batch)
 from lib.plumbing import (StudyError, autocast, cached_npz, check_window, feature_cache_dir,
                           from_pretrained, load_npz, memory_budget, model_fingerprint, pick_device,
                           progress_bar, sha1, to_device)
 from lib.study import stack_responses
-from lib.speech import SR  # 16 kHz, WavLM's audio rate: stage 01 resamples every story to it
 
 
 # ==== 1. The encoding model (the Huth lab's recipe): numpy in, numpy out, float32 ====
@@ -297,9 +296,12 @@ def _attention_forward(self, hidden_states, attention_mask=None, position_bias=N
     gates = self.gru_rel_pos_linear(gated).view(gated.shape[:-1] + (2, 4)).sum(-1)
     gate_a, gate_b = torch.sigmoid(gates).chunk(2, -1)
     gate = (gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0).to(q.dtype)
-    bias = gate * position_bias  # batch x heads x T x T: broadcast, not repeated
-    if attention_mask is not None:  # 1 = real frame, 0 = padding: padded keys get -inf
-        bias = bias.masked_fill(attention_mask.ne(1)[:, None, None, :], float("-inf"))
+    if attention_mask is None:
+        bias = gate * position_bias  # batch x heads x T x T: broadcast, not repeated
+    else:  # padded keys get -inf, added in the same pass as the gate's product (0 elsewhere: exact)
+        pad = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
+        pad = pad.masked_fill(attention_mask.ne(1), float("-inf"))[:, None, None, :]
+        bias = torch.addcmul(pad, gate, position_bias)
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
     out = self.out_proj(out.transpose(1, 2).reshape(bsz, tgt_len, self.embed_dim))

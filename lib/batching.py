@@ -15,6 +15,7 @@ import torch
 
 from lib.plumbing import autocast, cached_npz, memory_budget, model_fingerprint, sha1, to_device
 
+SR = 16000  # WavLM's audio rate: stage 01 resamples every story to it
 FRAME_HOP = 320  # WavLM's CNN strides multiply to 320 samples: one frame per 20 ms at 16 kHz
 FRAME_WIN = 400  # receptive field of one frame, in samples
 

@@ -10,9 +10,8 @@ import os
 import numpy as np
 from scipy.signal import resample_poly
 
+from lib.batching import SR  # every story's audio rate, WavLM's
 from lib.plumbing import StudyError
-
-SR = 16000  # every story's audio rate, WavLM's (common.SR is this one)
 
 # variants whose audio is the same every time: en-us+f2, +f3 and +f5 add noise seeded from the clock
 VOICES = ["en-us", "en-us+m3", "en-us+f1", "en-us+m7", "en-us+f4", "en-us+m1"]
