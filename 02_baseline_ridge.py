@@ -11,6 +11,7 @@ fraction of the noise ceiling).
     python 02_baseline_ridge.py                                    # the pretrained tiny WavLM
     python 02_baseline_ridge.py --model tiny                       # the same, a random tiny WavLM
     python 02_baseline_ridge.py --model microsoft/wavlm-base-plus  # real data, on a GPU
+    python 02_baseline_ridge.py --recipe authors                   # the authors' windows and ridge
 
 Features are cached under data/features/<model>/context<C>s_stride<S>s/, one folder per window.
 """
@@ -21,13 +22,20 @@ import numpy as np
 
 import common
 from lib import figures, inputs, plumbing, provenance, scoring
-from lib.plumbing import StudyError, frame_seconds, ranged, stage
+from lib.plumbing import StudyError, ranged, sample_seconds, stage
 from lib.study import stack_responses
 
 DEFAULT_STRIDE_S = 4.0  # chosen from bench/features.py (README): 32x cheaper than the lab's 0.1 s
 # what a result depends on: its file name carries a tag when one of these differs from the default
 SETTINGS = ("model", "model_seed", "layers", "layer_choice", "context_s", "stride_s", "delays",
-            "alphas", "n_folds", "sweep_voxels", "seed")
+            "alphas", "n_folds", "sweep_voxels", "seed", "window_feature", "ridge", "fit_stories",
+            "story_start", "recipe")
+# the authors' released code (docs/methods.md, "Beside the authors' code"): extract_features_hf's
+# 4 s windows every 0.25 s, each giving its first frame stamped at its end; brain_refit_linear's
+# bootstrap_ridge (alphas logspace(1, 4, 10) in the lab's convention, a^2 here) on the training
+# stories, each story's delays zero-padded
+AUTHORS = dict(window_feature="first", context_s=3.75, stride_s=0.25, ridge="bootstrap",
+               alphas=list(np.logspace(2, 8, 10)), fit_stories="train", story_start="zeros")
 
 
 def get_parser():
@@ -43,10 +51,14 @@ def get_parser():
                    "one layer for every subject, the best mean validation r over all of them, so "
                    "that comparisons across subjects are at one layer (docs/methods.md); subject: "
                    "each subject's own")
-    p.add_argument("--context-s", type=frame_seconds(False), default=16.0,
+    p.add_argument("--context-s", type=sample_seconds(False), default=16.0,
                    help="seconds of past audio per window (lab: 16)")
-    p.add_argument("--stride-s", type=frame_seconds(True), default=DEFAULT_STRIDE_S,
+    p.add_argument("--stride-s", type=sample_seconds(True), default=DEFAULT_STRIDE_S,
                    help="window step (lab: 0.1)")
+    p.add_argument("--window-feature", choices=common.WINDOW_FEATURES, default="stride",
+                   help="stride: every frame of a window's last --stride-s seconds, at its centre "
+                   "(whole 20 ms frames); first/last: one frame per window, stamped at its end "
+                   "(the authors': first)")
     p.add_argument("--delays", type=ranged(int, None, common.PAD_TRS), nargs="+",
                    default=[1, 2, 3, 4], help=f"delays in TRs (paper: 1 2 3 4; at most "
                    f"{common.PAD_TRS}; stage 03 uses the same)")
@@ -55,6 +67,14 @@ def get_parser():
                    "(default: logspace(0, 6, 13), see common.ALPHAS)")
     p.add_argument("--n-folds", type=ranged(int, 2), default=5,
                    help="cross-validation folds of contiguous TRs (>= 2)")
+    p.add_argument("--ridge", choices=common.RIDGES, default="folds", help="folds: --n-folds "
+                   "contiguous folds; bootstrap: the lab's bootstrap_ridge, 3 draws of 40-TR "
+                   "chunks, a quarter held out (common.fit_ridge)")
+    p.add_argument("--fit-stories", choices=["train+val", "train"], default="train+val",
+                   help="stories the test score's ridge is fit on")
+    p.add_argument("--story-start", choices=["audio", "zeros"], default="audio", help="what the "
+                   "delays read before a story's first response TR: its downsampled audio, or "
+                   "zeros (the lab's make_delayed)")
     p.add_argument("--sweep-voxels", type=ranged(int, 0), default=0, help="compare layers on "
                    "this many random voxels (0: all); the best layer is then fit on every voxel. "
                    "Cheaper for real data (README)")
@@ -66,6 +86,9 @@ def get_parser():
     p.add_argument("--reuse", metavar="DIR", help="when DIR (or RESULTS) holds every subject's "
                    "result made from this study and model with these settings by this code, link "
                    "them into RESULTS instead (the quick loop)")
+    flags = ", ".join("--" + k.replace("_", "-") for k in AUTHORS)
+    plumbing.add_recipe(p, dict(authors=AUTHORS), help="authors: the defaults of the authors' "
+                        f"released code for {flags} (docs/methods.md); a flag given still wins")
     return p
 
 
@@ -79,6 +102,8 @@ def settings(args, study=None, chosen_on=(), layers=()):
     on fewer subjects is another result)."""
     if len(set(args.delays)) != len(args.delays):
         raise StudyError(f"--delays {' '.join(map(str, args.delays))} repeats a delay")
+    if args.window_feature == "stride":
+        plumbing.check_window(args.context_s, args.stride_s)
     out = {k: getattr(args, k) for k in SETTINGS}
     out["seed"] = args.seed if args.sweep_voxels else 0
     subset = set(chosen_on) != set(study["subjects"]) if study else False
@@ -87,22 +112,23 @@ def settings(args, study=None, chosen_on=(), layers=()):
     return out
 
 
-def stack(features, stories, layer, delays):
-    return np.vstack([common.design_matrix(features[s][layer], delays) for s in stories])
+def stack(features, stories, layer, args):
+    return np.vstack([common.design_matrix(features[s][layer], args.delays, args.story_start)
+                      for s in stories])
 
 
 def story_features(model, fingerprint, study, args):
     """Every story's hidden states, downsampled to its TRs (layers x (PAD_TRS + TRs) x hidden),
     cached under data/features/<model>/context<C>s_stride<S>s/ (one folder per window setting)."""
     cache = plumbing.feature_cache_dir(args.data, args.model, args.model_seed, args.context_s,
-                                       args.stride_s)
+                                       args.stride_s, args.window_feature)
     features, stories = {}, study["train"] + study["val"] + [study["test"]]
     for i, s in enumerate(stories):
         print(f"  features {i + 1}/{len(stories)}: {s}", flush=True)
         path = os.path.join(args.data, "stories", f"{s}.npz")
         features[s] = common.story_features(model, fingerprint, cache, path, args.context_s,
                                             args.stride_s, args.refresh_features, progress=True,
-                                            data=args.data)
+                                            data=args.data, take=args.window_feature)
     return features
 
 
@@ -125,9 +151,9 @@ def layer_sweep(features, subject_data, subj, study, layers, args):
     val_r = []
     for layer in layers:
         t0 = time.time()
-        W, _, _ = common.ridge_cv(stack(features, train, layer, args.delays), Y_train, args.alphas,
-                                  n_folds=args.n_folds, device=args.device)
-        pred = common.ridge_predict(stack(features, val, layer, args.delays), W, args.device)
+        W, _, _ = common.fit_ridge(stack(features, train, layer, args), Y_train, args.alphas,
+                                   args.n_folds, args.ridge, args.device)
+        pred = common.ridge_predict(stack(features, val, layer, args), W, args.device)
         val_r.append(common.pearson_r(Y_val, pred))
         print(f"    layer {layer}: mean validation r {val_r[-1].mean():.4f} "
               f"({time.time() - t0:.0f} s)", flush=True)
@@ -149,7 +175,9 @@ def baseline(args, subj, subject_data, features, study, layer, val_r, swept, own
     story (the recipe stages 03-04 reuse, saved beside the scores)."""
     test_r, W, alphas = common.score_on_test({s: features[s][layer] for s in features},
                                              subject_data, study, args.delays, args.alphas,
-                                             args.device, args.n_folds)
+                                             args.device, args.n_folds, ridge=args.ridge,
+                                             fit_stories=args.fit_stories,
+                                             story_start=args.story_start)
     if args.save_weights:  # apart from the results: stages 03-05 read those whole
         plumbing.save_npz(os.path.join(args.results, f"02_weights_{subj}{tag}.npz"), weights=W)
     return dict(test_r=test_r, val_r_by_layer=val_r[subj], best_layer=np.int64(layer),
@@ -157,6 +185,9 @@ def baseline(args, subj, subject_data, features, study, layer, val_r, swept, own
                 layers=np.array(layers), noise_ceiling=subject_data["noise_ceiling"],
                 model=np.array(args.model), model_seed=np.int64(args.model_seed),
                 context_s=np.float64(args.context_s), stride_s=np.float64(args.stride_s),
+                window_feature=np.array(args.window_feature), ridge=np.array(args.ridge),
+                fit_stories=np.array(args.fit_stories), story_start=np.array(args.story_start),
+                recipe=np.array(args.recipe),
                 delays=np.array(args.delays), alpha_grid=np.array(args.alphas, np.float64),
                 n_folds=np.int64(args.n_folds),
                 layer_chosen_on=np.array(list(val_r) if args.layer_choice == "study" else [subj]))

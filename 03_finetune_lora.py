@@ -15,6 +15,8 @@ exact ridge recipe, so the tuned r is directly comparable with the baseline.
     python 03_finetune_lora.py --subject sim01 --roi AC --init-from whole
     # continue a killed run, with its own settings
     python 03_finetune_lora.py --subject sim01 --resume
+    # the authors' training choices (docs/methods.md), after stage 02 --recipe authors
+    python 03_finetune_lora.py --subject sim01 --recipe authors
 
 A training example is a block of consecutive TRs of one story with the audio that covers them (plus
 the Lanczos window and the delays); a step takes its blocks in one forward and one backward, and
@@ -31,16 +33,26 @@ import torch
 
 import common
 from lib import checkpoints, inputs, plumbing, provenance
+from lib.study import stack_responses
 from lib.checkpoints import ROIS
-from lib.plumbing import frame_seconds, one_of, ranged, stage, tag_type
+from lib.plumbing import one_of, ranged, sample_seconds, stage, tag_type
 
 # what a run depends on besides its subject, ROI, seed and stage 02 result: its name carries a tag
 # when one differs from the defaults, and --resume continues with the saved values
 TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "norm", "tune_stories", "layer",
                   "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "bottleneck",
                   "lr_adapter", "lr_readout", "grad_clip", "block_trs", "batch_blocks",
-                  "train_context_s", "train_stride_s")
+                  "train_context_s", "train_stride_s", "train_window_feature", "lanczos_floor",
+                  "block_history", "block_order", "best_epoch", "readout_init", "recipe")
 POSITIVE = ranged(float, 0, above=True)
+# the authors' released code (docs/methods.md, "Beside the authors' code"): brain_finetune.py's
+# training windows (stage 02's), thresholded Lanczos, 10-TR blocks one per step in story order,
+# InstanceNorm and zero-padded delays, xavier readout, no clipping, LoRA's dropout inactive
+# (theirs adds B A to the weights), 20 epochs; brain_best_linear.py's epoch choice
+AUTHORS = dict(train_context_s=3.75, train_stride_s=0.25, train_window_feature="first",
+               lanczos_floor=1e-10, block_trs=10, batch_blocks=1, block_history="zeros",
+               norm="instance", block_order="stories", best_epoch="linearized", epochs=20,
+               patience=20, readout_init="xavier", grad_clip=float("inf"), lora_dropout=0.0)
 
 
 def get_parser():
@@ -88,23 +100,45 @@ def get_parser():
                    "intermediate_dense, output_dense, projection (the CNN -> transformer one)")
     g.add_argument("--bottleneck", type=ranged(int, 0), default=100,
                    help="readout width; 0 = one linear map")
-    g.add_argument("--norm", choices=["block", "none"], default="block", help="block: z-score "
-                   "each feature over the training block before the delays (the paper's "
-                   "InstanceNorm); none: leave it out")
+    g.add_argument("--readout-init", choices=["default", "xavier"], default="default",
+                   help="the readout's weights: torch's default or xavier-uniform (the authors')")
+    g.add_argument("--norm", choices=["block", "instance", "none"], default="block",
+                   help="block: z-score each feature over the training block before the delays "
+                   "(the paper's InstanceNorm); instance: the authors' InstanceNorm1d (biased "
+                   "variance, eps inside the root); none: leave it out")
     g.add_argument("--lr-adapter", type=POSITIVE, default=1e-4, help="LoRA's (or all weights')")
     g.add_argument("--lr-readout", type=POSITIVE, default=1e-4, help="the readout's learning rate")
-    g.add_argument("--grad-clip", type=POSITIVE, default=1.0, help="clip the gradient norm")
+    g.add_argument("--grad-clip", type=POSITIVE, default=1.0, help="clip the gradient norm (inf: "
+                   "never, as the authors)")
+    g.add_argument("--best-epoch", choices=["validation", "linearized"], default="validation",
+                   help="validation: the best end-to-end validation r; linearized: the authors', "
+                   "each epoch's features through a ridge with the untuned model's alphas, the "
+                   "untuned model a candidate too (common.linearized_val_r)")
     g = p.add_argument_group("training examples")
     g.add_argument("--block-trs", type=ranged(int, 1), default=32, help="TRs per training "
                    "example (normalised as one block: see common.readout_input)")
     g.add_argument("--batch-blocks", type=ranged(int, 1), default=2, help="examples per step")
+    g.add_argument("--block-history", choices=["real", "zeros"], default="real", help="what a "
+                   "block's first rows' delays read: the TRs before it, or zeros (the authors')")
+    g.add_argument("--block-order", choices=["shuffled", "stories"], default="shuffled",
+                   help="shuffled: across stories, anew each epoch; stories: story by story in "
+                   "time order, one order for every epoch (the authors')")
+    g.add_argument("--lanczos-floor", type=POSITIVE, help="set the training Lanczos kernel's "
+                   "entries below this to 0 (the authors': 1e-10, which drops its negative lobes)")
     g.add_argument("--tune-stories", type=ranged(int, 1), help="tune on the first N training "
                    "stories only (default: all); the linearized scoring fits on all of them")
-    g.add_argument("--train-context-s", type=frame_seconds(False), default=0.0, help="past audio "
-                   "per training window, in seconds (stage 02 and the evaluation use 16; 0 keeps "
-                   "training 5x cheaper: the forward pass dominates the cost, docs/methods.md)")
-    g.add_argument("--train-stride-s", type=frame_seconds(True), default=4.0,
+    g.add_argument("--train-context-s", type=sample_seconds(False), default=0.0, help="past "
+                   "audio per training window, in seconds (stage 02 and the evaluation use 16; 0 "
+                   "keeps training 5x cheaper: the forward pass dominates the cost, "
+                   "docs/methods.md)")
+    g.add_argument("--train-stride-s", type=sample_seconds(True), default=4.0,
                    help="training window length and step, seconds")
+    g.add_argument("--train-window-feature", choices=common.WINDOW_FEATURES, default="stride",
+                   help="what a training window gives, as stage 02's --window-feature")
+    plumbing.add_recipe(p, dict(authors=AUTHORS), help="authors: the defaults of the authors' "
+                        "released code for " + ", ".join(sorted("--" + k.replace("_", "-")
+                                                                for k in AUTHORS))
+                        + " (docs/methods.md); needs stage 02's --recipe authors result")
     return p
 
 
@@ -149,35 +183,40 @@ def setup_model(args, baseline, seed, n_vox, device, prov=None):
         checkpoints.load_model_weights(init[0], model, args.full_finetune)
     torch.manual_seed(seed)  # the readout starts alike whether LoRA or full fine-tuning came first
     n_in = model.config.hidden_size * len(common.ridge_recipe(baseline)["delays"])
-    readout = common.make_readout(n_in, n_vox, args.bottleneck).to(device)
+    readout = common.make_readout(n_in, n_vox, args.bottleneck, args.readout_init).to(device)
     trained = [p_ for p_ in model.parameters() if p_.requires_grad]
     opt = torch.optim.Adam([{"params": trained, "lr": args.lr_adapter},
                             {"params": readout.parameters(), "lr": args.lr_readout}], fused=True)
     return model, readout, opt, prov, init
 
 
-def train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, delays):
+def train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, delays, lin=None):
     """Epochs of shuffled blocks with the spatial-correlation loss (a joint run: its mean over the
     subjects, every subject's output layer fed by one forward of the same audio); after each, the
-    validation stories' mean r picks the best epoch (early stopping with --patience). best/ is saved
-    before last/, so a crash between the two only repeats an epoch (the same numbers: seeded)."""
+    validation stories' mean r picks the best epoch (early stopping with --patience; lin: the
+    linearized choice's inputs, linearized_start, the untuned model a candidate too). best/ is
+    saved before last/, so a crash between the two only repeats an epoch (the same numbers:
+    seeded)."""
     first = next(iter(resp.values()))  # the subjects heard the same stories
-    blocks = [(s, i, min(len(stories[s]["tr_times"]), i + args.block_trs)) for s in first
-              for i in range(0, len(stories[s]["tr_times"]), args.block_trs)]
+    blocks = common.training_blocks({s: len(stories[s]["tr_times"]) for s in first},
+                                    args.block_trs, args.block_history)
     history, start = checkpoints.start_history(args, run, model, readout, opt)
+    if lin is not None and "val_r_start" not in history:
+        checkpoints.start_candidate(run, history, lin[0], model, readout, opt)
     for epoch in range(start, args.epochs):
-        if history["val_r"] and epoch - 1 - int(np.argmax(history["val_r"])) >= args.patience:
+        if history["val_r"] and epoch - checkpoints.best_epoch(history) >= args.patience:
             print(f"  early stop: no better validation r for {args.patience} epochs")
             break
         model.train()
-        order = np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))  # resumable
+        order = common.block_order(blocks, seed, epoch, args.block_order)  # resumable
         loss_sum, n_blocks = 0.0, 0  # on the device: read once an epoch (or for the progress bar)
         steps = range(0, len(order), args.batch_blocks)
         for k in (bar := plumbing.progress_bar(steps, f"  {run['name']} epoch {epoch + 1}")):
             batch = [blocks[j] for j in order[k:k + args.batch_blocks]]
             opt.zero_grad()
             with plumbing.autocast(args.device):  # the paper's step: one forward, one backward
-                x, in_x = common.block_inputs(model, stories, batch, layer, delays, args.norm)
+                x, in_x = common.block_inputs(model, stories, batch, layer, delays, args.norm,
+                                              args.block_history, args.lanczos_floor)
                 batch = [batch[j] for j in in_x]  # x's order: blocks of one length together
                 rows, preds = [i1 - i0 for _, i0, i1 in batch], common.read_out(readout, x)
                 ys = {subj: torch.cat([r[s][i0:i1] for s, i0, i1 in batch])
@@ -191,18 +230,46 @@ def train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, 
             loss_sum, n_blocks = loss_sum + loss.detach(), n_blocks + len(batch)
             plumbing.show_loss(bar, k // args.batch_blocks, loss_sum, n_blocks)
         model.eval()
-        val_r = val_score(args, model, readout, stories, val_resp, layer, delays)
+        val_r = val_score(args, model, readout, stories, val_resp, layer, delays, lin)
         checkpoints.end_epoch(run, epoch, history, float(loss_sum) / n_blocks, float(val_r), model,
                               readout, opt)
     return history
 
 
-def val_score(args, model, readout, stories, val_resp, layer, delays):
-    """The validation stories' mean r, each subject's, then the mean over subjects."""
+def val_score(args, model, readout, stories, val_resp, layer, delays, lin=None):
+    """The validation stories' mean r, each subject's, then the mean over subjects: the model's own
+    predictions, or (lin, --best-epoch linearized) its features through the ridge of each
+    subject's training stories with the untuned model's alphas."""
+    if lin is not None:
+        _, window, study, recipe, fits = lin
+        tuned = common.merged(model)
+        feats = {s: common.tr_features(tuned, stories[s], layer, window, stories[s]["cnn"])
+                 for s in study["train"] + study["val"]}
+        return np.mean([common.linearized_val_r(feats, Y, val_resp[subj], study, recipe, alphas,
+                                                args.device)[0]
+                        for subj, (Y, alphas) in fits.items()])
     preds = {s: common.predict_story(model, readout, stories[s], layer, args.block_trs, delays,
-                                     args.norm) for s in next(iter(val_resp.values()))}
+                                     args.norm, args.block_history, args.lanczos_floor)
+             for s in next(iter(val_resp.values()))}
     return np.mean([np.mean([common.pearson_r(y, preds[s][subj]).mean() for s, y in v.items()])
                     for subj, v in val_resp.items()])
+
+
+def linearized_start(args, layer, study, files, masks, baselines, val_resp):
+    """--best-epoch linearized (the authors'): the untuned model's features through each subject's
+    stage 02 ridge on the training stories give every voxel its alpha (epoch 0's) and the untuned
+    model's validation r, itself a candidate. Returns (that r, stage 02's window, the study, its
+    ridge recipe, {subject: (training responses, alphas)})."""
+    base = next(iter(baselines.values()))
+    recipe, untuned = common.ridge_recipe(base), common.untuned_features(base, layer, study,
+                                                                         args.device)
+    fits, scores = {}, []
+    for subj, d in files.items():
+        Y = stack_responses(d, study["train"], np.flatnonzero(masks[subj]))
+        r, alphas = common.linearized_val_r(untuned, Y, val_resp[subj], study, recipe,
+                                            device=args.device)
+        fits[subj], scores = (Y, alphas), scores + [r]
+    return float(np.mean(scores)), common.scoring_window(base), study, recipe, fits
 
 
 def evaluate(args, run, model, readout, stories, files, masks, layer, study, baselines, delays):
@@ -213,14 +280,15 @@ def evaluate(args, run, model, readout, stories, files, masks, layer, study, bas
     checkpoints.load_weights(os.path.join(run["ckpt"], "best"), model, readout, args.full_finetune)
     model.eval()
     predicted = common.predict_story(model, readout, stories[study["test"]], layer,
-                                     args.block_trs, delays, args.norm)
+                                     args.block_trs, delays, args.norm, args.block_history,
+                                     args.lanczos_floor)
     fingerprint = plumbing.model_fingerprint(model)  # the tuned model's: stage 04 finds its cache
     merged, cache = common.merged(model), os.path.join(args.data, "features", run["name"])
-    base = next(iter(baselines.values()))  # the subjects' stage 02 results share their window
+    window = common.scoring_window(next(iter(baselines.values())))  # the subjects' share it
     features = {s: common.story_features(
-        merged, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"),
-        float(base["context_s"]), float(base["stride_s"]), refresh=True, top_layer=layer,
-        cnn=stories[s]["cnn"])[layer] for s in stories}
+        merged, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"), *window[:2],
+        refresh=True, top_layer=layer, cnn=stories[s]["cnn"], take=window[2])[layer]
+        for s in stories}
     stories.clear()  # the audio (0.4x the responses) is done with before the ridge reads them all
     out = {}
     for subj, d in files.items():
@@ -252,12 +320,17 @@ def run(args, subjects, seed, study, baselines):
     if args.compile:
         common.compile_layers(model)
     stories = common.load_stories(model, args.data, study["train"] + study["val"] + [study["test"]],
-                                  args.device, args.train_context_s, args.train_stride_s)
+                                  args.device, args.train_context_s, args.train_stride_s,
+                                  args.train_window_feature)
     resp = {subj: {s: torch.as_tensor(files[subj][f"resp_{s}"][:, masks[subj]], device=args.device)
                    for s in study["train"][:args.tune_stories]} for subj in subjects}
     val_resp = {subj: {s: files[subj][f"resp_{s}"][:, masks[subj]] for s in study["val"]}
                 for subj in subjects}
-    history = train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, delays)
+    lin = (linearized_start(args, layer, study, files, masks, baselines, val_resp)
+           if args.best_epoch == "linearized" else None)
+    history = train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, delays,
+                    lin)
+    del lin
     del resp  # the ridge below reads the responses again: never hold them twice (UTS01: ~10 GB)
     scores = evaluate(args, run, model, readout, stories, files, masks, layer, study, baselines,
                       delays)
@@ -266,11 +339,12 @@ def run(args, subjects, seed, study, baselines):
                                                       args.device),  # like for like
                       alphas_tuned=scores[subj][2], test_r_direct=scores[subj][0],
                       roi_mask=masks[subj]) for subj in subjects}
-    best = int(np.argmax(history["val_r"])) + 1
+    best = checkpoints.best_epoch(history)
     common_out = dict(layer=np.int64(layer), val_r_by_epoch=np.array(history["val_r"], np.float32),
                       loss_by_epoch=np.array(history["loss"], np.float32), delays=np.array(delays),
                       best_epoch=np.int64(best), roi=np.array(args.roi), seed=np.int64(seed),
-                      mode=np.array(prov["mode"]), init_from=np.array(init[0] if init else ""))
+                      mode=np.array(prov["mode"]), init_from=np.array(init[0] if init else ""),
+                      val_r_start=np.float32(history.get("val_r_start", np.nan)))
     saved = checkpoints.save_run(args, run, out, common_out, files, init)
     return checkpoints.run_rows(run["name"], saved, files)
 

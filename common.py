@@ -14,8 +14,8 @@ import types
 import numpy as np
 import torch
 
-from lib.batching import (FRAME_HOP, FRAME_WIN, SR, base_wavlm, encode_windows, kept_frames, n_frames,
-                          story_cnn, window_cnn, windows_per_batch)
+from lib.batching import (FRAME_HOP, FRAME_WIN, SR, base_wavlm, encode_windows, kept_frames,
+                          n_frames, story_cnn, window_cnn, windows_per_batch)
 from lib.plumbing import (StudyError, autocast, cached_npz, check_window, feature_cache_dir,
                           from_pretrained, load_npz, memory_budget, model_fingerprint, pick_device,
                           progress_bar, sha1, to_device)
@@ -110,15 +110,19 @@ def downsample_to_trs(feats, feat_times, tr_times):
     pad = tr_times[0] - np.mean(np.diff(tr_times)) * np.arange(PAD_TRS, 0, -1)
     return lanczos_interp(feats, feat_times, np.concatenate([pad, tr_times]))
 
-def design_matrix(ds, delays=(1, 2, 3, 4)):
+def design_matrix(ds, delays=(1, 2, 3, 4), story_start="audio"):
     """Downsampled features (PAD_TRS + TRs rows) -> z-scored -> delayed, one row per response TR. As
     the lab's, mean and std come from the response rows; the pad rows, which the delays read,
-    too."""
+    too. story_start 'zeros': the delays read zeros before the first response row (the lab's
+    make_delayed on the response rows alone, as the authors' refit)."""
     if max(delays) > PAD_TRS:
         raise StudyError(f"delays up to {PAD_TRS} TRs are supported (got {max(delays)})")
     x = np.asarray(ds, dtype=np.float32)
     mean, std = x[PAD_TRS:].mean(0), x[PAD_TRS:].std(0)
-    return make_delayed((x - mean) / np.where(std > 0, std, 1.0), delays)[PAD_TRS:]
+    z = (x - mean) / np.where(std > 0, std, 1.0)
+    if story_start == "zeros":
+        return make_delayed(z[PAD_TRS:], delays)
+    return make_delayed(z, delays)[PAD_TRS:]
 
 # The lab's bootstrap_ridge grid logspace(1, 3) is logspace(2, 6) in this (himalaya) convention; the
 # grid reaches lower so small studies (a few hundred TRs) find their optimum too.
@@ -129,14 +133,38 @@ def contiguous_folds(n_samples, n_folds=5):
     edges, idx = np.linspace(0, n_samples, n_folds + 1).astype(int), np.arange(n_samples)
     return [(np.concatenate([idx[:a], idx[b:]]), idx[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
-def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu", voxel_batch=None):
+def bootstrap_folds(n_samples, n_boots=3, chunk_trs=40, held_out=0.25, seed=0):
+    """The splits of the lab's bootstrap_ridge (the authors' refit): n_boots draws, each holding out
+    int(held_out * n / chunk_trs) chunks of chunk_trs consecutive TRs picked at random (the rows
+    past the last whole chunk are never held out). Seeded here; the authors' draw is not."""
+    rng, chunks = np.random.default_rng(seed), np.arange(n_samples // chunk_trs * chunk_trs)
+    chunks, n_held = chunks.reshape(-1, chunk_trs), int(n_samples * held_out / chunk_trs)
+    out = []
+    for _ in range(n_boots):
+        held = np.sort(chunks[rng.permutation(len(chunks))[:n_held]].ravel())
+        out.append((np.setdiff1d(np.arange(n_samples), held), held))
+    return out
+
+RIDGES = ("folds", "bootstrap")
+
+def fit_ridge(X, Y, alphas=ALPHAS, n_folds=5, ridge="folds", device="cpu"):
+    """ridge_cv with a recipe's held-out splits: 'folds' (this repository's: n_folds contiguous
+    blocks, ties to the larger alpha, as himalaya) or 'bootstrap' (the lab's bootstrap_ridge: ties
+    to the smaller, as its argmax)."""
+    if ridge == "bootstrap":
+        return ridge_cv(X, Y, alphas, folds=bootstrap_folds(len(X)), device=device, ties="smaller")
+    return ridge_cv(X, Y, alphas, n_folds=n_folds, device=device)
+
+def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu", voxel_batch=None,
+             ties="larger"):
     """Ridge X -> Y with one alpha per voxel (column of Y), picked by K-fold CV on contiguous
     blocks. Every alpha from one eigendecomposition per fold (X^T X = V S^2 V^T, W = V (S^2 +
     alpha)^-1 V^T X^T Y), scored by the Pearson r of held-out predictions (mean over folds); each
     voxel's best (ties to the larger, as himalaya) is refit on all rows. No intercept: z-score X and
     Y first. The lab's bootstrap_ridge alpha a is a^2 here. X^T Y is formed once, r's numerator
     needs no prediction, prediction norms come from Gram matrices; voxels go in batches (Y batch <
-    256 MB). Returns (weights: features x voxels, best_alphas: voxels, cv_r: alphas x voxels)."""
+    256 MB). ties 'smaller': the first best alpha (the lab's argmax). Returns (weights: features x
+    voxels, best_alphas: voxels, cv_r: alphas x voxels)."""
     dev = torch.device(device)
     X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
     if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
@@ -194,7 +222,8 @@ def ridge_cv(X, Y, alphas=ALPHAS, n_folds=5, folds=None, device="cpu", voxel_bat
                 cv_r[a, sl] += ((cross * EZ).sum(0) / norm.clamp(min=1e-12)).double()
         score = cv_r[:, sl] / len(folds)
         log_alphas = torch.log(torch.as_tensor(alphas, device=dev))
-        best = torch.argmax(score + 1e-10 * log_alphas[:, None], 0)  # ties to the larger alpha
+        nudge = 1e-10 * log_alphas[:, None] if ties == "larger" else 0.0
+        best = torch.argmax(score + nudge, 0)  # ties to the larger alpha, or the first
         a_best = torch.as_tensor(alphas, device=dev)[best]
         shrink = (lam_all[:, None] + a_best[None, :]).float()
         W[:, sl] = (V_all @ (V_all.T @ XtY / shrink)).cpu().numpy()
@@ -212,35 +241,44 @@ def ridge_predict(X, W, device="cpu", voxel_batch=20000):
     return out
 
 def score_on_test(features, subject_data, study, delays=(1, 2, 3, 4), alphas=ALPHAS, device="cpu",
-                  n_folds=5, Y=None):
-    """Stage 02's recipe for one layer: ridge on the train + validation stories (Y: their responses,
-    if the caller holds them), Pearson r per voxel on the test story. Returns (test_r, W,
-    alphas)."""
-    fit = study["train"] + study["val"]
-    X = np.vstack([design_matrix(features[s], delays) for s in fit])
+                  n_folds=5, Y=None, ridge="folds", fit_stories="train+val", story_start="audio"):
+    """Stage 02's recipe for one layer: ridge (fit_ridge) on the train + validation stories
+    (fit_stories 'train': the training stories alone, as the authors' refit; Y: their responses, if
+    the caller holds them), Pearson r per voxel on the test story. Returns (test_r, W, alphas)."""
+    fit = study["train"] + (study["val"] if fit_stories == "train+val" else [])
+    X = np.vstack([design_matrix(features[s], delays, story_start) for s in fit])
     Y = stack_responses(subject_data, fit) if Y is None else Y
-    W, best_alphas, _ = ridge_cv(X, Y, alphas, n_folds=n_folds, device=device)
+    W, best_alphas, _ = fit_ridge(X, Y, alphas, n_folds, ridge, device)
     del Y  # our own stack (if we read one) goes before the prediction
-    pred = ridge_predict(design_matrix(features[study["test"]], delays), W, device)
+    pred = ridge_predict(design_matrix(features[study["test"]], delays, story_start), W, device)
     return pearson_r(subject_data["test_resp"], pred), W, best_alphas
 
 def ridge_recipe(baseline):
     """Stage 02's ridge settings from its results npz: stages 03-04 score tuned features so."""
     return dict(delays=tuple(int(x) for x in baseline["delays"]),
                 n_folds=int(baseline.get("n_folds", 5)),
-                alphas=np.asarray(baseline.get("alpha_grid", ALPHAS), np.float64))
+                alphas=np.asarray(baseline.get("alpha_grid", ALPHAS), np.float64),
+                ridge=str(baseline.get("ridge", "folds")),
+                fit_stories=str(baseline.get("fit_stories", "train+val")),
+                story_start=str(baseline.get("story_start", "audio")))
 
 def untuned_features(baseline, layer, study, device="cpu"):
     """The untuned model's features of every story at `layer` (stage 02's model and window, from
     its cache): what a tuned model's features are compared with."""
     model = load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
-    context_s, stride_s = float(baseline["context_s"]), float(baseline["stride_s"])
+    window = scoring_window(baseline)
     cache = feature_cache_dir(study["data"], str(baseline["model"]), int(baseline["model_seed"]),
-                              context_s, stride_s)
+                              *window)
     stories = study["train"] + study["val"] + [study["test"]]
     return {s: story_features(model, model_fingerprint(model), cache,
-                              os.path.join(study["data"], "stories", f"{s}.npz"), context_s,
-                              stride_s, data=study["data"])[layer] for s in stories}
+                              os.path.join(study["data"], "stories", f"{s}.npz"), *window[:2],
+                              data=study["data"], take=window[2])[layer] for s in stories}
+
+def scoring_window(baseline):
+    """Stage 02's windows, which every scoring of tuned features shares: (context_s, stride_s,
+    feature_windows' take)."""
+    return (float(baseline["context_s"]), float(baseline["stride_s"]),
+            str(baseline.get("window_feature", "stride")))
 
 def untuned_r(baseline, layer, subject_data, study, device="cpu"):
     """The yardstick of every tuned model: the untuned model read out at `layer`, on the subject of
@@ -250,6 +288,33 @@ def untuned_r(baseline, layer, subject_data, study, device="cpu"):
         return baseline["test_r"]
     features = untuned_features(baseline, layer, study, device)
     return score_on_test(features, subject_data, study, device=device, **ridge_recipe(baseline))[0]
+
+def ridge_fixed(X, Y, alphas, device="cpu"):
+    """Ridge weights X -> Y with a given alpha per voxel, W = V (S^2 + alpha)^-1 V^T X^T Y (as
+    ridge_cv's refit): the authors refit every epoch after the first with epoch 0's alphas."""
+    Xt = torch.from_numpy(np.asarray(X, dtype=np.float32)).to(torch.device(device))
+    lam, V = torch.linalg.eigh(Xt.double().T @ Xt.double())
+    lam, V = lam.clamp(min=0).float(), V.float()
+    Z = V.T @ (Xt.T @ torch.from_numpy(np.asarray(Y, dtype=np.float32)).to(Xt.device))
+    shrink = lam[:, None] + torch.as_tensor(np.asarray(alphas), device=Xt.device).float()[None]
+    return (V @ (Z / shrink)).cpu().numpy()
+
+def linearized_val_r(features, Y_train, val_resp, study, recipe, alphas=None, device="cpu"):
+    """The authors' choice of epoch (brain_best_linear.py): features at the tuned layer through a
+    ridge on the training stories, scored by Pearson r on each validation story, the mean over the
+    stories, then over voxels (NaN-safe). alphas: each voxel's (epoch 0's), else chosen here with
+    the recipe's ridge. Returns (mean r, the alphas)."""
+    X = np.vstack([design_matrix(features[s], recipe["delays"], recipe["story_start"])
+                   for s in study["train"]])
+    if alphas is None:
+        W, alphas, _ = fit_ridge(X, Y_train, recipe["alphas"], recipe["n_folds"], recipe["ridge"],
+                                 device)
+    else:
+        W = ridge_fixed(X, Y_train, alphas, device)
+    r = [pearson_r(y, ridge_predict(design_matrix(features[s], recipe["delays"],
+                                                  recipe["story_start"]), W, device))
+         for s, y in val_resp.items()]
+    return float(np.nanmean(np.mean(r, axis=0))), alphas
 
 # ==== 2. The speech model: WavLM with attention that LoRA can reach ====
 
@@ -365,9 +430,16 @@ def merged(model):
 
 # ==== 3. Features: causal windows over a story, Lanczos-downsampled to its TRs ====
 
+FRAMES = (FRAME_WIN / 2, FRAME_HOP)  # the story's frames: the first centred at 12.5 ms, every 20 ms
+
+def feature_times(times, first, count):
+    """Seconds of features first .. first + count - 1 of a story whose features start at times[0]
+    samples and follow every times[1] samples (FRAMES: frame centres)."""
+    return ((first + np.arange(count)) * times[1] + times[0]) / SR
+
 def frame_times(first, count):
     """Centres of frames first .. first + count - 1 in seconds (each frame spans 25 ms)."""
-    return ((first + np.arange(count)) * FRAME_HOP + FRAME_WIN / 2) / SR
+    return feature_times(FRAMES, first, count)
 
 def window_grid(frames, context_s, stride_s):
     """A story's causal windows, one every stride_s seconds: (first frame fed, first frame kept,
@@ -376,13 +448,43 @@ def window_grid(frames, context_s, stride_s):
     s, c = round(stride_s * SR / FRAME_HOP), round(context_s * SR / FRAME_HOP)
     return [(max(0, k - c), k, min(frames, k + s)) for k in range(0, frames, s)]
 
+WINDOW_FEATURES = ("stride", "first", "last")
+
+def feature_windows(n_samples, context_s, stride_s, take="stride"):
+    """A story's windows as (first sample, end sample, first kept frame, end kept frame) of each
+    clip, and its features' times (feature_times). take 'stride' (this repository's): window_grid,
+    every frame of each window's last stride_s seconds kept at its centre, so the features are the
+    story's frames. 'first' or 'last' (the authors' extract_features_hf.slide_window with
+    target_token 0 or -1): windows of context_s + stride_s seconds ending every stride_s seconds
+    (the first ones shorter: they start with the story), each giving one frame, stamped at the
+    window's end. The authors' 'first' frame sees its window's future, not its past
+    (docs/methods.md, the authors' code)."""
+    if take == "stride":
+        check_window(context_s, stride_s, ("context_s", "stride_s"))
+        grid = window_grid(n_frames(n_samples), context_s, stride_s)
+        return [(a * FRAME_HOP, (b - 1) * FRAME_HOP + FRAME_WIN, k - a, b - a)
+                for a, k, b in grid], FRAMES
+    if take not in WINDOW_FEATURES:
+        raise StudyError(f"window feature {take!r}: choose one of {', '.join(WINDOW_FEATURES)}")
+    length, step = round((context_s + stride_s) * SR), round(stride_s * SR)
+    if step < 1 or abs(stride_s * SR - step) > 1e-6 or abs(context_s * SR - (length - step)) > 1e-6:
+        raise StudyError(f"context_s {context_s:g} and stride_s {stride_s:g} must be whole numbers "
+                         f"of samples at {SR} Hz, stride_s > 0")
+    out = []
+    for end in range(step, n_samples + 1, step):
+        start = max(0, end - length)
+        if end - start >= FRAME_WIN:  # as theirs: a clip shorter than one frame gives nothing
+            n = n_frames(end - start)
+            out.append((start, end, 0, 1) if take == "first" else (start, end, n - 1, n))
+    return out, (step, step)
+
 def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, grad=False,
-                     progress=False, cnn=None):
-    """Causal WavLM features of one story: its windows (window_grid; the lab's recipe is 16 s of
-    context every 0.1 s, costing (context_s + stride_s) / stride_s model-seconds per second), as
+                     progress=False, cnn=None, take="stride"):
+    """Causal WavLM features of one story: its windows (feature_windows; the lab's recipe is 16 s
+    of context every 0.1 s, costing (context_s + stride_s) / stride_s model-seconds per second), as
     many per forward as memory allows. cnn: story_cnn's output, if the caller has it. Returns
-    (feats, times): feats[i] (frames x hidden; a tensor on the model's device when grad) is hidden
-    state layers[i] (0: the first layer's input); times: frame centres in seconds."""
+    (feats, times): feats[i] (features x hidden; a tensor on the model's device when grad) is
+    hidden state layers[i] (0: the first layer's input); times: the features' times in seconds."""
     m = base_wavlm(model)
     if sr != 16000:
         raise StudyError(f"WavLM needs 16 kHz audio, got {sr} Hz; resample first (stage 01 does)")
@@ -391,7 +493,6 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     if not all(0 <= layer <= n_layers for layer in layers):
         raise StudyError(f"layers {layers} out of range: this model has hidden states "
                          f"0..{n_layers}")
-    check_window(context_s, stride_s, ("context_s", "stride_s"))
     x = torch.as_tensor(audio, dtype=torch.float32, device=next(m.parameters()).device).reshape(-1)
     F = n_frames(len(x))
     if F < 1:
@@ -399,9 +500,12 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
                          f"({FRAME_WIN} samples)")
     if cnn is not None and len(cnn) != F:
         raise StudyError(f"precomputed CNN output has {len(cnn)} frames, the audio {F}")
-    windows = window_grid(F, context_s, stride_s)
+    windows, times = feature_windows(len(x), context_s, stride_s, take)
+    if not windows:
+        raise StudyError(f"audio of {len(x) / SR:g} s is shorter than one window step "
+                         f"({stride_s:g} s)")
     cnns = window_cnn(m, x, windows, cnn)
-    n = windows_per_batch(m, max(b - a for a, _, b in windows), x.device, grad)
+    n = windows_per_batch(m, max(n_frames(b - a) for a, b, _, _ in windows), x.device, grad)
     batches = [range(i, min(i + n, len(windows))) for i in range(0, len(windows), n)]
     out = [[] for _ in layers]
     with torch.set_grad_enabled(grad), autocast(x.device):
@@ -410,35 +514,47 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
             for li, layer in enumerate(layers):
                 out[li].append(kept_frames(states[layer], [windows[i] for i in batch]).float())
     feats = [torch.cat(o) for o in out]  # on the device until the story is done
-    return (feats if grad else [f.cpu().numpy() for f in feats]), frame_times(0, F)
+    feats = feats if grad else [f.cpu().numpy() for f in feats]
+    return feats, feature_times(times, 0, len(feats[0]))
+
+def tr_features(model, story, layer, window, cnn=None):
+    """One story's hidden state `layer` downsample_to_trs'd, uncached (a model of one epoch):
+    story as load_stories holds it, window as scoring_window gives it."""
+    feats, times = extract_features(model, story["audio"], layers=[layer], context_s=window[0],
+                                    stride_s=window[1], cnn=cnn, take=window[2])
+    return downsample_to_trs(feats[0], times, story["tr_times"])
 
 def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False,
-                   progress=False, top_layer=None, cnn=None, data=None):
+                   progress=False, top_layer=None, cnn=None, data=None, take="stride"):
     """Hidden states 0..top_layer (default: all) of one story, downsample_to_trs'd (layers x
     (PAD_TRS + TRs) x hidden), cached in <cache_dir>/<story>.npz under the model's fingerprint, the
-    window, the audio and the TR times. cnn: the story's story_cnn output (else computed, cached in
-    `data`)."""
+    windows, the audio and the TR times. cnn: the story's story_cnn output (else computed, cached in
+    `data`); take: feature_windows'."""
     name = os.path.basename(story_npz)[:-4]
     story = load_npz(story_npz, "story file")
     n_states = (base_wavlm(model).config.num_hidden_layers if top_layer is None else top_layer) + 1
-    key = json.dumps(dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS,
-                          layers=n_states, audio=sha1(story["audio"]),
-                          tr_times=sha1(story["tr_times"])), sort_keys=True)
+    key = dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS,
+               layers=n_states, audio=sha1(story["audio"]), tr_times=sha1(story["tr_times"]))
+    key = json.dumps(key if take == "stride" else dict(key, take=take), sort_keys=True)
 
     def compute():
         c = cnn if cnn is not None or data is None else story_cnn(model, story["audio"], data, name)
         feats, times = extract_features(model, story["audio"], int(story["sr"]), range(n_states),
-                                        context_s, stride_s, progress=progress, cnn=c)
+                                        context_s, stride_s, progress=progress, cnn=c, take=take)
         return np.stack([downsample_to_trs(f, times, story["tr_times"]) for f in feats])
     return cached_npz(os.path.join(cache_dir, f"{name}.npz"), key, compute, "ds", refresh)
 
 # ==== 4. BrainWavLM, end to end: WavLM layer -> Lanczos -> norm -> delays -> readout ====
 
-def make_readout(n_in, n_vox, bottleneck):
+def make_readout(n_in, n_vox, bottleneck, init="default"):
     """BrainWavLM's readout: a bottleneck shared by every subject (Linear n_in -> bottleneck; none
-    when 0) and one output layer per subject, {subject: voxels} (a joint run has several)."""
+    when 0) and one output layer per subject, {subject: voxels} (a joint run has several). init
+    'xavier': every weight xavier-uniform, as the authors' (biases torch's default)."""
     layers = {"bottleneck": torch.nn.Linear(n_in, bottleneck)} if bottleneck else {}
     layers.update({s: torch.nn.Linear(bottleneck or n_in, n) for s, n in n_vox.items()})
+    if init == "xavier":
+        for layer in layers.values():
+            torch.nn.init.xavier_uniform_(layer.weight)
     return torch.nn.ModuleDict(layers)
 
 def read_out(readout, x):
@@ -451,88 +567,129 @@ def delay_reach(delays):
     """TRs the delays read before and after a block (a negative delay reads later rows)."""
     return max(0, max(delays)), max(0, -min(delays))
 
-def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0):
-    """Each story's audio and TR times on `device`, its windows on the training grid (window_grid)
-    and the frozen CNN's output for each (window_cnn), computed once rather than in every block of
+def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0, take="stride"):
+    """Each story's audio and TR times on `device`, its windows on the training grid
+    (feature_windows), where each window's features start among the story's (`offsets`), and the
+    frozen CNN's output for each window (window_cnn), computed once rather than in every block of
     every epoch: on the device while they fit in its budget, else in pinned host memory."""
     stories, room = {}, memory_budget(device)
     for s in names:
         story_file = load_npz(os.path.join(data, "stories", f"{s}.npz"))
         audio = torch.as_tensor(story_file["audio"], device=device)
-        windows = window_grid(n_frames(len(audio)), context_s, stride_s)
+        windows, times = feature_windows(len(audio), context_s, stride_s, take)
         cnn = story_cnn(model, audio, data, s)  # a local CNN's, once per story (cached on disk)
         cnns = window_cnn(model, audio, windows, cnn)
         if cnn is None:  # a group-norm CNN's output per window: memory of its own
             room -= sum(c.numel() * c.element_size() for c in cnns)
             if room < 0 and torch.device(device).type == "cuda":
                 cnns = [c.cpu().pin_memory() for c in cnns]
+        kept = np.array([k1 - k0 for _, _, k0, k1 in windows])
         stories[s] = dict(audio=audio, tr_times=story_file["tr_times"], windows=windows, cnn=cnn,
-                          window_cnn=cnns)
+                          window_cnn=cnns, times=times, offsets=np.cumsum(kept) - kept)
     return stories
 
-def block_span(story, i0, i1, delays):
+def block_span(story, i0, i1, delays, history="real"):
     """What rows i0..i1 of a story need: the TR grid that feeds their delays (rows i0 - max delay ..
-    i1) and the windows [w0, w1) of the story whose kept frames the Lanczos window (3 TRs each side)
-    reaches from it. The block's features are then exactly the whole story's."""
+    i1; history 'zeros': the block's rows alone, as the authors' zero-padded delays) and the windows
+    [w0, w1) of the story whose kept features the Lanczos window (3 TRs each side) reaches from it.
+    The block's features are then exactly the whole story's."""
     tr = np.mean(np.diff(story["tr_times"]))
-    before, after = delay_reach(delays)
+    before, after = delay_reach(delays) if history == "real" else (0, 0)
     grid = story["tr_times"][0] + tr * np.arange(i0 - before, i1 + after)
-    keep = [k for _, k, _ in story["windows"]]
+    keep = story["offsets"]
     reach = np.array([grid[0] - 3 * tr, grid[-1] + 3 * tr])  # seconds
-    first, last = (reach * SR - FRAME_WIN / 2) / FRAME_HOP  # in frames
+    first, last = (reach * SR - story["times"][0]) / story["times"][1]  # in features
     w0 = max(0, int(np.searchsorted(keep, np.ceil(first), "right")) - 1)
     return grid, w0, max(w0 + 1, int(np.searchsorted(keep, np.floor(last), "right")))
 
+def window_features(story, w0, w1):
+    """The first of the story's features that windows w0 .. w1 - 1 keep, and how many."""
+    _, _, k0, k1 = story["windows"][w1 - 1]
+    return story["offsets"][w0], story["offsets"][w1 - 1] + k1 - k0 - story["offsets"][w0]
+
 _KERNELS = {}  # Lanczos matrices on a device: the grids are regular, so blocks share a few
 
-def block_kernel(story, grid, w0, w1, device, dtype):
-    """The Lanczos matrix from the kept frames of windows w0..w1 to the block's grid, on `device`.
-    It depends on the two grids' lengths, the TR and the grid's offset from the first frame alone:
-    keyed by those (to the nanosecond) and built from them, once, the same whichever block asks
-    first (a resumed run equals an uninterrupted one)."""
-    f0, f1 = story["windows"][w0][1], story["windows"][w1 - 1][2]
+def block_kernel(story, grid, w0, w1, device, dtype, floor=None):
+    """The Lanczos matrix from the kept features of windows w0..w1 to the block's grid, on
+    `device`. It depends on the two grids' lengths and steps and the grid's offset from the first
+    feature alone: keyed by those (to the nanosecond) and built from them, once, the same whichever
+    block asks first (a resumed run equals an uninterrupted one). floor: entries below it set to 0
+    (the authors' training kernel: `K[K < 1e-10] = 0`, which also drops the negative lobes)."""
+    f0, n = window_features(story, w0, w1)
     tr = np.mean(np.diff(story["tr_times"]))
-    offset_ns = round((grid[0] - frame_times(f0, 1)[0]) * 1e9)
-    key = (f1 - f0, len(grid), offset_ns, round(tr * 1e9), str(device), dtype)
+    offset_ns = round((grid[0] - feature_times(story["times"], f0, 1)[0]) * 1e9)
+    key = (n, len(grid), offset_ns, round(tr * 1e9), story["times"][1], floor, str(device), dtype)
     if key not in _KERNELS:
-        old = np.arange(f1 - f0) * (FRAME_HOP / SR)
+        old = np.arange(n) * (story["times"][1] / SR)
         new = offset_ns * 1e-9 + key[3] * 1e-9 * np.arange(len(grid))
-        _KERNELS[key] = to_device(lanczos_kernel(old, new), device).to(dtype)
+        k = lanczos_kernel(old, new)
+        if floor is not None:
+            k[k.astype(np.float32) < floor] = 0.0  # theirs compares the float32 kernel
+        _KERNELS[key] = to_device(k, device).to(dtype)
     return _KERNELS[key]
 
-def block_inputs(model, stories, blocks, layer, delays=(1, 2, 3, 4), norm="block"):
+def block_inputs(model, stories, blocks, layer, delays=(1, 2, 3, 4), norm="block",
+                 history="real", floor=None):
     """The readout's input for blocks [(story, i0, i1), ...] from ONE WavLM forward (a step is all
-    its blocks at once): every window they need -> hidden state `layer`'s kept frames -> each
-    block's differentiable Lanczos to its grid -> per-feature norm over the block -> delays. Returns
-    (rows of every block one under the other x delays * hidden, the blocks' order in it)."""
+    its blocks at once): every window they need -> hidden state `layer`'s kept features -> each
+    block's differentiable Lanczos to its grid (block_kernel, `floor`) -> per-feature norm over the
+    block -> delays (readout_input: `norm`, `history`). Returns (rows of every block one under the
+    other x delays * hidden, the blocks' order in it)."""
     spans, cnns, windows = [], [], []
     for s, i0, i1 in blocks:
-        grid, w0, w1 = block_span(stories[s], i0, i1, delays)
-        n = stories[s]["windows"][w1 - 1][2] - stories[s]["windows"][w0][1]
-        spans.append((s, grid, w0, w1, sum(b - k for _, k, b in windows), n))
+        grid, w0, w1 = block_span(stories[s], i0, i1, delays, history)
+        n = window_features(stories[s], w0, w1)[1]
+        spans.append((s, grid, w0, w1, sum(k1 - k0 for _, _, k0, k1 in windows), n))
         cnns += stories[s]["window_cnn"][w0:w1]
         windows += stories[s]["windows"][w0:w1]
     frames = kept_frames(encode_windows(model, cnns, layer)[layer], windows).float()
     groups = {}  # blocks of one length are normalised and delayed together
     for j, (s, grid, w0, w1, f, n) in enumerate(spans):
-        x = block_kernel(stories[s], grid, w0, w1, frames.device, frames.dtype) @ frames[f:f + n]
-        groups.setdefault(len(grid), []).append((j, x))
-    x = [readout_input(torch.stack([x for _, x in g]), delays, norm).flatten(0, 1)
+        k = block_kernel(stories[s], grid, w0, w1, frames.device, frames.dtype, floor)
+        groups.setdefault(len(grid), []).append((j, k @ frames[f:f + n]))
+    x = [readout_input(torch.stack([x for _, x in g]), delays, norm, history).flatten(0, 1)
          for g in groups.values()]
     return (torch.cat(x) if len(x) > 1 else x[0]), [j for g in groups.values() for j, _ in g]
 
-def readout_input(x, delays=(1, 2, 3, 4), norm="block"):
-    """Blocks x grid rows x hidden -> per-feature norm over each block -> the delayed copies of the
-    block's own rows (the grid starts max(delays) rows early, so each copy reads real rows:
-    make_delayed without its zero padding)."""
+def readout_input(x, delays=(1, 2, 3, 4), norm="block", history="real"):
+    """Blocks x grid rows x hidden -> per-feature norm over each block's rows -> delays. norm
+    'block': z-score with the unbiased std + 1e-5; 'instance': the authors' InstanceNorm1d (left in
+    training mode, so validation uses block statistics too): the biased variance, 1e-5 inside the
+    square root; 'none'. history 'real': the grid starts max(delays) rows early, so each delayed
+    copy reads real rows (make_delayed without its zero padding); 'zeros': the grid is the block's
+    own rows and the delays read zeros before its start (the authors' DelayFeatures)."""
     if norm == "block":
         # Per-feature normalisation over the block (the paper's readout starts with an
         # InstanceNorm): a block is all one step sees, so it is normalised on its own
         # (docs/methods.md: --norm none)
         x = (x - x.mean(-2, keepdim=True)) / (x.std(-2, keepdim=True) + 1e-5)
+    elif norm == "instance":
+        x = (x - x.mean(-2, keepdim=True)) / torch.sqrt(x.var(-2, correction=0, keepdim=True)
+                                                         + 1e-5)
+    if history == "zeros":
+        return make_delayed(x, delays)
     before, after = delay_reach(delays)
     n = x.shape[-2]
     return torch.cat([x[..., before - d:n - after - d, :] for d in delays], -1)
+
+def training_blocks(rows, block_trs, history="real"):
+    """A run's training examples [(story, i0, i1), ...]: each story ({story: rows}) cut into blocks
+    of block_trs TRs, the last shorter. With zero-padded delays (history 'zeros'), a block of one
+    row, whose input would be all zeros, is left out (as the authors')."""
+    least = 2 if history == "zeros" else 1
+    return [(s, i, min(n, i + block_trs)) for s, n in rows.items() for i in range(0, n, block_trs)
+            if min(n, i + block_trs) - i >= least]
+
+def block_order(blocks, seed, epoch, order="shuffled"):
+    """The order an epoch takes its blocks [(story, i0, i1), ...] in: 'shuffled' across stories,
+    anew each epoch (seeded by the seed and the epoch, so a resumed run takes the same); 'stories'
+    (the authors'): the stories in one seeded order, the same every epoch, each one's blocks in
+    time order."""
+    if order == "shuffled":
+        return np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))
+    names = np.random.default_rng(seed).permutation(sorted({s for s, _, _ in blocks}))
+    rank = {s: i for i, s in enumerate(names)}
+    return np.array(sorted(range(len(blocks)), key=lambda j: (rank[blocks[j][0]], blocks[j][1])))
 
 def tr_correlations(pred, y):
     """The correlation across voxels at each TR (row) of pred and y."""
@@ -552,20 +709,22 @@ def blocks_loss(pred, y, rows, loss="corr"):
     weights = to_device(np.repeat(1.0 / np.array(rows), rows).astype(np.float32), per_row.device)
     return (per_row * weights).sum()
 
-def predict_story(model, readout, story, layer, block_trs, delays=(1, 2, 3, 4), norm="block"):
+def predict_story(model, readout, story, layer, block_trs, delays=(1, 2, 3, 4), norm="block",
+                  history="real", floor=None):
     """A whole story's predicted responses of each subject of the readout ({subject: rows x
-    voxels}), in the blocks training sees, without a gradient: as many blocks per forward as
-    memory allows."""
+    voxels}), in the blocks training sees (block_inputs' settings), without a gradient: as many
+    blocks per forward as memory allows."""
     rows = len(story["tr_times"])
     blocks = [("s", i, min(rows, i + block_trs)) for i in range(0, rows, block_trs)]
-    longest = max(b - a for a, _, b in story["windows"])
-    spans = [block_span(story, i0, i1, delays) for _, i0, i1 in blocks]
+    longest = max(n_frames(b - a) for a, b, _, _ in story["windows"])
+    spans = [block_span(story, i0, i1, delays, history) for _, i0, i1 in blocks]
     widest = max(w1 - w0 for _, w0, w1 in spans)  # windows a block needs
     per = max(1, windows_per_batch(model, longest, story["audio"].device) // widest)
     out = {}
     with torch.no_grad(), autocast(story["audio"].device):
         for j in range(0, len(blocks), per):
-            x, order = block_inputs(model, {"s": story}, blocks[j:j + per], layer, delays, norm)
+            x, order = block_inputs(model, {"s": story}, blocks[j:j + per], layer, delays, norm,
+                                    history, floor)
             sizes = [blocks[j + i][2] - blocks[j + i][1] for i in order]
             for s, pred in read_out(readout, x).items():
                 out.setdefault(s, []).extend(p for _, p in sorted(zip(order, pred.split(sizes)),

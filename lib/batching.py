@@ -57,21 +57,31 @@ def story_cnn(model, audio, data=None, story=None):
 
 
 def window_cnn(model, audio, windows, cnn=None):
-    """The frozen CNN's output for each window (frames x channels). A frame-local CNN gives slices
-    of the story's (`cnn`, story_cnn's); a group-norm CNN normalises over its whole input, so each
-    window runs on its own audio (windows of one length batched, under autocast as the rest)."""
+    """The frozen CNN's output for each window (clip frames x channels; windows as common.feature_windows
+    gives them: (first sample, end sample, first kept frame, end kept frame)). A frame-local CNN
+    gives slices of the story's (`cnn`, story_cnn's, for windows on the story's frame grid; windows
+    that start between two of its frames slice the story's output from their own first sample on);
+    a group-norm CNN normalises over its whole input, so each window runs on its own audio (windows
+    of one length batched, under autocast as the rest)."""
     m = base_wavlm(model)
     if m.config.feat_extract_norm == "layer":
-        cnn = story_cnn(m, audio) if cnn is None else cnn
-        return [cnn[a:b] for a, _, b in windows]
+        by_phase = {}  # the story's CNN output from sample `phase` on: 0 is the story's own grid
+        out = []
+        for a, b, _, _ in windows:
+            phase = a % FRAME_HOP
+            if phase not in by_phase:
+                by_phase[phase] = story_cnn(m, audio[phase:]) if phase or cnn is None else cnn
+            first = a // FRAME_HOP
+            out.append(by_phase[phase][first:first + n_frames(b - a)])
+        return out
     out, lengths = [None] * len(windows), {}
-    for i, (a, _, b) in enumerate(windows):
+    for i, (a, b, _, _) in enumerate(windows):
         lengths.setdefault(b - a, []).append(i)
     for length, idx in lengths.items():
-        n = windows_per_batch(m, length, audio.device, cnn=True)
+        n = windows_per_batch(m, n_frames(length), audio.device, cnn=True)
         for j in range(0, len(idx), n):
             batch = idx[j:j + n]
-            clips = [audio[windows[i][0] * FRAME_HOP:(windows[i][2] - 1) * FRAME_HOP + FRAME_WIN] for i in batch]
+            clips = [audio[windows[i][0]:windows[i][1]] for i in batch]
             with autocast(audio.device):
                 for i, c in zip(batch, cnn_features(m, torch.stack(clips)).unbind()):
                     out[i] = c
@@ -127,8 +137,8 @@ def encode_windows(model, cnns, n_layers):
 
 
 def kept_frames(states, windows):
-    """Each window's kept frames (first kept .. end) one after the other: windows x longest x hidden
-    in, frames x hidden out (the story's frames in order, when the windows are its grid)."""
+    """Each window's kept frames one after the other: windows x longest x hidden in, features x
+    hidden out (the story's features in order, when the windows are its grid)."""
     longest = states.shape[1]
-    idx = np.concatenate([j * longest + np.arange(k - a, b - a) for j, (a, k, b) in enumerate(windows)])
+    idx = np.concatenate([j * longest + np.arange(k0, k1) for j, (_, _, k0, k1) in enumerate(windows)])
     return states.reshape(-1, states.shape[-1])[to_device(idx, states.device)]

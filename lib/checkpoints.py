@@ -300,12 +300,30 @@ def start_history(args, run, model, readout, opt):
     return dict(val_r=[], loss=[]), 0
 
 
+def best_epoch(history):
+    """The best epoch so far, counted from 1 (the first best on ties); 0 when the model it started
+    from is a candidate (history's val_r_start: --best-epoch linearized) and none beat it."""
+    scores = [history["val_r_start"]] if "val_r_start" in history else []
+    scores += history["val_r"]
+    return int(np.argmax(scores)) + (0 if "val_r_start" in history else 1) if scores else 0
+
+
+def start_candidate(run, history, val_r, model, readout, opt):
+    """The model a run starts from as a candidate for its best epoch, with its validation r: saved
+    as best/ and last/ (epoch -1: --resume goes on with epoch 1)."""
+    history["val_r_start"] = val_r
+    print(f"  {run['name']} before training: val r {val_r:.4f}", flush=True)
+    for folder in ("best", "last"):
+        save_checkpoint(os.path.join(run["ckpt"], folder), model, readout, opt, -1, history,
+                        run["prov"])
+
+
 def end_epoch(run, epoch, history, mean_loss, val_r, model, readout, opt):
     """An epoch's loss and validation r into the history, printed; best/ saved when it is the best
     so far (before last/: a crash between the two repeats the epoch, to the same numbers)."""
     history["val_r"].append(val_r)
     history["loss"].append(mean_loss)
-    best = int(np.argmax(history["val_r"]))
+    best = best_epoch(history) - 1
     print(f"  {run['name']} epoch {epoch + 1}: loss {mean_loss:.4f}, val r {val_r:.4f}"
           f"{'  (best)' if best == epoch else ''}", flush=True)
     if best == epoch:

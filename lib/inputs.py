@@ -29,7 +29,11 @@ def layers(requested, n_states, model):
 
 
 def study_for_tuning(args):
-    """Stage 03's study, with --tune-stories checked against its training stories."""
+    """Stage 03's study, with --tune-stories checked against its training stories (and the training
+    windows: whole 20 ms frames, unless each gives one frame)."""
+    if args.train_window_feature == "stride":
+        plumbing.check_window(args.train_context_s, args.train_stride_s,
+                              ("--train-context-s", "--train-stride-s"))
     study = load_study(args.data)
     if args.tune_stories and args.tune_stories > len(study["train"]):
         raise StudyError(f"--tune-stories {args.tune_stories}: the study has {len(study['train'])} "
@@ -130,7 +134,7 @@ def tuning_baselines(args, study, subjects):
     agree on what they are compared with: one base model, one layer, one ridge recipe and window,
     and responses to the same stories (the same TRs of each)."""
     tag = provenance.baseline_tag_flag(args.baseline_tag)
-    out = {s: provenance.load_baseline(args, s, study, tag) for s in subjects}
+    out = {s: provenance.load_baseline(args, s, study, tag, args.recipe) for s in subjects}
     if not args.joint:
         return out
     if args.init_from:

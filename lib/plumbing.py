@@ -223,11 +223,13 @@ def model_fingerprint(model):
     return h.hexdigest()
 
 
-def feature_cache_dir(data, name, seed, context_s, stride_s):
+def feature_cache_dir(data, name, seed, context_s, stride_s, take="stride"):
     """This stage's feature cache for one model at one window setting, e.g.
-    data/features/tiny_seed0/context16s_stride4s/ (each setting keeps its own)."""
+    data/features/tiny_seed0/context16s_stride4s/ (each setting keeps its own; the authors' one
+    frame per window: ..._first)."""
     tag = f"tiny_seed{seed}" if name == "tiny" else name.strip("/").replace("/", "--")  # a folder-safe name
-    return os.path.join(data, "features", tag, f"context{context_s:g}s_stride{stride_s:g}s")
+    window = f"context{context_s:g}s_stride{stride_s:g}s" + ("" if take == "stride" else f"_{take}")
+    return os.path.join(data, "features", tag, window)
 
 
 def save_text(path, text):
@@ -318,6 +320,37 @@ def explicit_flags(p, argv):
     finally:
         for a, d in saved:
             a.default = d
+
+
+def add_recipe(p, recipes, help):
+    """--recipe NAME: the defaults of the flags recipes[NAME] names ({dest: value}), all at once;
+    a flag typed on the command line still wins. 'repo' keeps this repository's defaults."""
+    p.add_argument("--recipe", choices=["repo", *recipes], default="repo", help=help)
+    parse = p.parse_args
+
+    def parse_args(args=None, namespace=None):
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--recipe", default="repo")
+        chosen = recipes.get(pre.parse_known_args(args)[0].recipe, {})
+        for a in p._actions:  # explicit_flags' parse (every default SUPPRESS) is left as it is
+            if a.dest in chosen and a.default is not argparse.SUPPRESS:
+                a.default = chosen[a.dest]
+        return parse(args, namespace)
+    p.parse_args = parse_args
+
+
+def sample_seconds(positive):
+    """An argparse type: seconds, a whole number of samples at 16 kHz (> 0 when `positive`); whether
+    they must also be whole 20 ms frames depends on the windows (check_window)."""
+    def check(text):
+        value = float(text)
+        if value < 0 or (positive and value <= 0) or abs(value * 16000 - round(value * 16000)) > 1e-6:
+            raise argparse.ArgumentTypeError(f"{value:g} must be a {'positive' if positive else 'non-negative'} "
+                                             "multiple of a 16 kHz sample (and of WavLM's 20 ms frame for "
+                                             "--window-feature stride, e.g. 0.1, 2, 4)")
+        return value
+    check.__name__ = "float"
+    return check
 
 
 def add_common_args(p):

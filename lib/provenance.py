@@ -374,11 +374,28 @@ def baseline_files(results, subject):
     return out
 
 
-def load_baseline(args, subject, study, tag=None):
+def baseline_recipe(path):
+    """The --recipe a stage 02 result was made with ('repo' for results older than the flag)."""
+    with np.load(path, allow_pickle=False) as f:
+        return str(f["recipe"]) if "recipe" in f.files else "repo"
+
+
+def load_baseline(args, subject, study, tag=None, recipe=None):
     """Stage 02's result for `subject`, checked to be from this study. tag: which one ('' = made
-    with the defaults, None = the only one there). Adds its path, tag, provenance and fingerprint."""
+    with the defaults, None = the only one there). recipe: only results of that --recipe count, and
+    a result of another is refused in one line (stage 03 compares with its own recipe's). Adds its
+    path, tag, provenance and fingerprint."""
     rebuild = command("02_baseline_ridge.py", args, f"--subjects {subject}")
     found = {t: p for t, p in baseline_files(args.results, subject).items() if tag is None or t == tag}
+    if recipe is not None:
+        other = {t: p for t, p in found.items() if baseline_recipe(p) != recipe}
+        found = {t: p for t, p in found.items() if t not in other}
+        if other and not found:
+            made = ", ".join(sorted({baseline_recipe(p) for p in other.values()}))
+            flag = f"--recipe {recipe}" if recipe != "repo" else ""
+            raise StudyError(f"{', '.join(sorted(other.values()))}: made by stage 02 --recipe {made}, and a "
+                             f"--recipe {recipe} run compares with its own recipe's: run "
+                             + command("02_baseline_ridge.py", args, flag) + " first")
     if not found:
         which = f" with tag {tag or 'default'}" if tag is not None else ""
         raise StudyError(f"no stage 02 result for {subject}{which} in {args.results}/ "

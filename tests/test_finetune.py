@@ -121,19 +121,21 @@ def test_block_inputs_are_the_whole_story_recipe_at_its_rows(tiny_study, context
 def test_window_cnn_is_the_cnn_of_each_window_s_own_audio(tiny_study):
     """Stage 03 runs the frozen CNN once (per story for a frame-local CNN, sliced per window; per
     window for a group-norm one) and keeps it for every epoch: that must be exactly what the CNN
-    gives for each window's own audio (windows with past context, mid-story, the story's last)."""
+    gives for each window's own audio (windows with past context, mid-story, the story's last; and
+    the authors' windows every 0.25 s, which start between two of the story's frames)."""
     from transformers import WavLMModel
     audio = torch.tensor(plumbing.load_npz(f"{tiny_study}/stories/story01.npz")["audio"])
-    windows = common.window_grid(batching.n_frames(len(audio)), 4.0, 2.0)
     for norm in ("layer", "group"):
         cfg = common.tiny_config()
         cfg.feat_extract_norm = norm
         model = common.load_wavlm("tiny", config=cfg)
-        kept = batching.window_cnn(model, audio, windows)
-        for w in (0, 3, len(windows) // 2, len(windows) - 1):
-            a, _, b = windows[w]
-            own = batching.cnn_features(model, audio[None, a * 320:(b - 1) * 320 + 400])[0]
-            torch.testing.assert_close(kept[w], own, rtol=1e-5, atol=1e-5)
+        for windows in (common.feature_windows(len(audio), 4.0, 2.0)[0],
+                        common.feature_windows(len(audio), 3.75, 0.25, "first")[0]):
+            kept = batching.window_cnn(model, audio, windows)
+            for w in (0, 3, 17, 18, len(windows) // 2, len(windows) - 1):
+                a, b = windows[w][:2]
+                own = batching.cnn_features(model, audio[None, a:b])[0]
+                torch.testing.assert_close(kept[w], own, rtol=1e-5, atol=1e-5)
     with pytest.raises(plumbing.StudyError, match="precomputed CNN"):
         common.extract_features(common.load_wavlm("tiny"), audio[:32000], cnn=kept[0][:10])
     # a group-norm CNN (wavlm-base-plus) normalises over its input: no story-wide output to reuse
@@ -480,7 +482,9 @@ def test_every_training_setting_alone_changes_the_run_tag(monkeypatch):
     monkeypatch.setattr(checkpoints, "code_state", lambda script: dict(committed, fingerprint="0ther", edited=[STAGE]))
     assert edited and run_tag(m.get_args([]), dict(tag="")) not in ("", edited)  # each edit its own name
     monkeypatch.setattr(checkpoints, "code_state", lambda script: committed)
-    new = dict(loss="mse", norm="none", tune_stories=3, layer=2)
+    new = dict(loss="mse", norm="none", tune_stories=3, layer=2, train_window_feature="first",
+               lanczos_floor=1e-10, block_history="zeros", block_order="stories",
+               best_epoch="linearized", readout_init="xavier", recipe="authors")
     tags = {}
     for k in m.TRAIN_SETTINGS:
         if k == "full_finetune":
