@@ -621,8 +621,8 @@ def block_kernel(story, grid, w0, w1, device, dtype, floor=None):
     key = (n, len(grid), offset_ns, round(tr * 1e9), story["times"][1], floor, str(device), dtype)
     if key not in _KERNELS:
         old = np.arange(n) * (story["times"][1] / SR)
-        new = offset_ns * 1e-9 + key[3] * 1e-9 * np.arange(len(grid))
-        k = lanczos_kernel(old, new)
+        new = offset_ns * 1e-9 + key[3] * 1e-9 * np.arange(max(2, len(grid)))  # the cutoff: 1 / TR
+        k = lanczos_kernel(old, new)[:len(grid)]
         if floor is not None:
             k[k.astype(np.float32) < floor] = 0.0  # theirs compares the float32 kernel
         _KERNELS[key] = to_device(k, device).to(dtype)

@@ -1,0 +1,294 @@
+"""The authors' choices (docs/methods.md, "Beside the authors' code"), each against a small
+independent implementation of the rule their released code applies (chengemily1/brain-id-abstract,
+scripts/finetuning at 07bb862; the lab's ridge_utils), written here from that code's description,
+not from this repository's functions; and --recipe authors, which sets them at once."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from helpers import fails_cleanly, run_stage, stage
+from lib import batching, checkpoints, plumbing
+
+SR = 16000
+
+
+def lanczos_authors(old, new, window=3):
+    """interpdata_torch.lanczosfun as brain_finetune.get_lanczos_mat_fir uses it, thresholded as
+    brain_finetune.py does after its float32 cast."""
+    cutoff = 1.0 / np.mean(np.diff(new))
+    t = (np.asarray(new)[:, None] - np.asarray(old)[None, :]) * cutoff
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = window * np.sin(math.pi * t) * np.sin(math.pi * t / window) / (math.pi ** 2 * t ** 2)
+    k[t == 0] = 1.0
+    k[np.abs(t) > window] = 0.0
+    k = k.astype(np.float32)
+    k[k < 1e-10] = 0
+    return k
+
+
+def slide_window_authors(n_samples, window=64000, stride=4000):
+    """extract_features_hf.slide_window: partial windows ending at stride, 2 stride, ... below the
+    window's length, then every full window (unfold) ending on a multiple of the stride."""
+    ends = list(range(stride, window, stride)) + [e for e in range(window, n_samples + 1, stride)]
+    return [(max(0, e - window), e) for e in ends if e <= n_samples]
+
+
+def delay_features_authors(x, delays=(1, 2, 3, 4)):
+    """brain_finetune.DelayFeatures: row t holds x[t - 1], ..., x[t - 4], zeros before row 0."""
+    out = np.zeros((len(x), len(delays) * x.shape[1]), np.float32)
+    for t in range(len(x)):
+        for j, d in enumerate(delays):
+            if t - d >= 0:
+                out[t, j * x.shape[1]:(j + 1) * x.shape[1]] = x[t - d]
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return common.load_wavlm("tiny", seed=2)
+
+
+@pytest.fixture(scope="module")
+def audio():
+    return np.random.default_rng(5).standard_normal(int(6.3 * SR)).astype(np.float32) * 0.1
+
+
+def naive_window_features(model, audio, layer, take):
+    """Each authors' window alone through stock transformers' forward, frame 0 (or -1) of the
+    hidden state: features and their times (the window's end)."""
+    out, times = [], []
+    with torch.no_grad():
+        for s, e in slide_window_authors(len(audio)):
+            h = model(torch.tensor(audio[None, s:e]), output_hidden_states=True).hidden_states[layer][0]
+            out.append(h[0 if take == "first" else -1].numpy())
+            times.append(e / SR)
+    return np.array(out), np.array(times)
+
+
+@pytest.mark.parametrize("take", ["first", "last"])
+def test_one_frame_per_window_is_the_authors_slide_window(model, audio, take):
+    """--window-feature first: 4 s windows ending every 0.25 s (the first 16 shorter, all starting
+    at the story's start), each alone through WavLM, its first frame, stamped at the window's end;
+    'last' takes its last frame. The windows start between two of the story's frames every other
+    step, so the CNN output must be the window's own."""
+    feats, times = common.extract_features(model, audio, layers=[2], context_s=3.75, stride_s=0.25,
+                                           take=take)
+    ref, ref_times = naive_window_features(model, audio, 2, take)
+    assert len(ref) == len(audio) // 4000 == 25
+    np.testing.assert_array_equal(times, ref_times)
+    np.testing.assert_allclose(feats[0], ref, atol=2e-4, rtol=1e-4)
+
+
+def test_the_authors_training_kernel_drops_its_negative_lobes(model, audio):
+    """block_kernel with the authors' floor is their float32 kernel with entries below 1e-10 set to
+    zero: the negative lobes (1-2 TRs away) gone, the third lobes kept; without a floor, the full
+    kernel (with negative entries)."""
+    windows, times = common.feature_windows(len(audio), 3.75, 0.25, "first")
+    kept = np.ones(len(windows), int)
+    story = dict(tr_times=np.arange(6.0, 20.0, 2.0), windows=windows, times=times,
+                 offsets=np.cumsum(kept) - kept)
+    for i0, i1 in [(0, 2), (1, 3), (2, 3)]:
+        grid, w0, w1 = common.block_span(story, i0, i1, (1, 2, 3, 4), "zeros")
+        k = common.block_kernel(story, grid, w0, w1, "cpu", torch.float32, 1e-10).numpy()
+        f0, n = common.window_features(story, w0, w1)
+        feature_t = common.feature_times(times, f0, n)
+        # theirs is made on every TR of the story, then sliced to the block's rows
+        np.testing.assert_allclose(k, lanczos_authors(feature_t, story["tr_times"])[i0:i1], atol=1e-6)
+        # every feature the authors' kernel weighs for these rows is in the windows the block runs
+        all_t = common.feature_times(times, 0, len(windows))
+        full = lanczos_authors(all_t, story["tr_times"])[i0:i1]
+        assert np.abs(full).sum() == pytest.approx(np.abs(k).sum(), rel=1e-6)
+        assert (k >= 0).all()
+        unfloored = common.block_kernel(story, grid, w0, w1, "cpu", torch.float32).numpy()
+        assert (unfloored < -0.01).any()
+
+
+def test_instance_norm_and_zero_padded_delays_are_the_authors_readout_input():
+    """norm 'instance' with history 'zeros' is the authors' preprocess_features: InstanceNorm1d
+    (track_running_stats, never in eval mode) over the block's own rows, then DelayFeatures."""
+    x = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    norm = torch.nn.InstanceNorm1d(16, track_running_stats=True)  # theirs, in training mode
+    ref = [delay_features_authors(norm(b.T).T.numpy()) for b in x]
+    out = common.readout_input(x, (1, 2, 3, 4), "instance", "zeros")
+    np.testing.assert_allclose(out.numpy(), np.array(ref), atol=1e-5)
+
+
+def test_a_block_of_the_authors_recipe_is_their_block(model):
+    """block_inputs with every authors' training choice equals their output_block_responses up to
+    the readout, computed from the windows one by one: window features -> thresholded Lanczos to the
+    block's own TRs -> InstanceNorm -> zero-padded delays, at blocks of unequal lengths and offsets
+    in one step."""
+    audio = np.random.default_rng(6).standard_normal(int(14.1 * SR)).astype(np.float32) * 0.1
+    tr_times = 2.0 + 2.0 * np.arange(6)
+    windows, times = common.feature_windows(len(audio), 3.75, 0.25, "first")
+    kept = np.ones(len(windows), int)
+    stories = {"s": dict(audio=torch.tensor(audio), tr_times=tr_times, windows=windows, times=times,
+                         offsets=np.cumsum(kept) - kept,
+                         window_cnn=batching.window_cnn(model, torch.tensor(audio), windows))}
+    ref_feats, ref_t = naive_window_features(model, audio, 1, "first")
+    norm = torch.nn.InstanceNorm1d(96, track_running_stats=True)
+    blocks = [("s", 3, 6), ("s", 0, 3), ("s", 1, 3)]
+    with torch.no_grad():
+        x, order = common.block_inputs(model, stories, blocks, 1, (1, 2, 3, 4), "instance", "zeros",
+                                       1e-10)
+    got = dict(zip(order, x.split([blocks[j][2] - blocks[j][1] for j in order])))
+    for j, (_, i0, i1) in enumerate(blocks):
+        k = lanczos_authors(ref_t, tr_times)[i0:i1]  # their kernel is made on every TR, then sliced
+        block = norm(torch.tensor(k @ ref_feats).T).T.numpy()
+        np.testing.assert_allclose(got[j].numpy(), delay_features_authors(block), atol=2e-3)
+
+
+def test_story_start_zeros_is_the_labs_make_delayed_on_zscored_rows():
+    ds = np.random.default_rng(1).standard_normal((common.PAD_TRS + 30, 5)).astype(np.float32) * 2 + 3
+    rows = ds[common.PAD_TRS:]
+    z = (rows - rows.mean(0)) / rows.std(0)  # npp.zscore, ddof 0
+    ref = delay_features_authors(z)
+    np.testing.assert_allclose(common.design_matrix(ds, (1, 2, 3, 4), "zeros"), ref, atol=1e-5)
+    assert not np.allclose(common.design_matrix(ds, (1, 2, 3, 4))[:4], ref[:4])  # ours reads the audio
+
+
+def test_bootstrap_folds_hold_out_the_labs_chunks():
+    """bootstrap_ridge: 3 draws, each holding out int(0.25 n / 40) whole chunks of 40 consecutive
+    rows (chunk k is rows 40k .. 40k + 39; rows past the last whole chunk never held out), the rest
+    for fitting; a seed gives the same draws."""
+    n = 1013
+    folds = common.bootstrap_folds(n)
+    assert len(folds) == 3
+    for train, held in folds:
+        assert len(held) == int(0.25 * n / 40) * 40
+        chunks = held.reshape(-1, 40)
+        assert (chunks[:, 0] % 40 == 0).all() and (np.diff(chunks, axis=1) == 1).all()
+        assert len(set(chunks[:, 0])) == len(chunks) and held.max() < n // 40 * 40
+        np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.arange(n))
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(folds, folds[1:]))
+    again = common.bootstrap_folds(n)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+
+
+def ridge_lab(X, Y, alphas):
+    """ridge_utils.ridge's per-voxel solution by SVD (penalty a^2 there, alpha here)."""
+    U, S, Vt = np.linalg.svd(X.astype(np.float64), full_matrices=False)
+    UR = U.T @ Y
+    return np.stack([Vt.T @ (S / (S ** 2 + a) * UR[:, v]) for v, a in enumerate(alphas)], 1)
+
+
+def test_bootstrap_ridge_picks_each_voxels_alpha_as_the_lab(tmp_path):
+    """fit_ridge 'bootstrap' = the lab's bootstrap_ridge on the same draws: each alpha's held-out
+    Pearson r averaged over the draws, each voxel the first best alpha (the smaller on ties: a
+    constant voxel scores 0 everywhere), weights refit on every row."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((400, 12)).astype(np.float32)
+    Y = (X @ rng.standard_normal((12, 6)) * [0.1, 0.3, 1, 3, 10, 0] + rng.standard_normal((400, 6)) * 3)
+    Y[:, -1] = 0  # a constant voxel
+    Y = Y.astype(np.float32)
+    alphas = np.logspace(0, 4, 5)
+    W, best, _ = common.fit_ridge(X, Y, alphas, ridge="bootstrap")
+    r = np.zeros((len(alphas), Y.shape[1]))
+    for train, held in common.bootstrap_folds(len(X)):
+        for a, alpha in enumerate(alphas):
+            pred = X[held] @ ridge_lab(X[train], Y[train], [alpha] * Y.shape[1])
+            r[a] += [0.0 if pred[:, v].std() == 0 or Y[held, v].std() == 0
+                     else np.corrcoef(pred[:, v], Y[held, v])[0, 1] for v in range(Y.shape[1])]
+    ref_best = alphas[np.argmax(r / 3, 0)]
+    np.testing.assert_allclose(best, ref_best)
+    assert best[-1] == alphas[0]  # the constant voxel: the first, smallest alpha
+    np.testing.assert_allclose(W, ridge_lab(X, Y, ref_best), rtol=1e-3, atol=1e-4)
+
+
+def test_the_authors_epoch_choice_is_linearized_and_counts_the_untuned_model(tiny_study, tmp_path):
+    """brain_best_linear.py: epoch 0 (the untuned model) is a candidate; every later epoch's
+    features go through a ridge on the training stories with epoch 0's alphas, scored on the
+    validation stories (mean over stories, then over voxels); the first best wins. Checked on a
+    run's saved history and start, and the rule itself on made-up histories."""
+    assert checkpoints.best_epoch(dict(val_r=[0.1, 0.3, 0.3], loss=[])) == 2
+    assert checkpoints.best_epoch(dict(val_r=[0.1, 0.3, 0.3], loss=[], val_r_start=0.3)) == 0
+    assert checkpoints.best_epoch(dict(val_r=[0.1, 0.4, 0.3], loss=[], val_r_start=0.3)) == 2
+    results, ckpt = str(tmp_path / "res"), str(tmp_path / "ckpt")
+    io = ["--data", tiny_study, "--results", results]
+    assert run_stage("02_baseline_ridge.py", io + ["--layers", "1", "--context-s", "4", "--stride-s", "2"]) == 0
+    assert run_stage("03_finetune_lora.py", io + ["--checkpoints", ckpt, "--subject", "sim01", "--epochs", "2",
+                                                  "--best-epoch", "linearized", "--lr-adapter", "3e-3"]) == 0
+    import glob
+    out = plumbing.load_npz(glob.glob(f"{results}/03_sim01_*.npz")[0])
+    history = [float(out["val_r_start"])] + list(out["val_r_by_epoch"])
+    assert int(out["best_epoch"]) == int(np.argmax(history))
+    # the untuned model's linearized r, recomputed: stage 02's features, its alphas on the training
+    # stories alone, the lab's SVD ridge, Pearson r per validation story
+    from lib.study import load_study, load_subject
+    study, d = load_study(tiny_study), load_subject(tiny_study, "sim01", load_study(tiny_study))
+    base = plumbing.load_npz(glob.glob(f"{results}/02_baseline_sim01*.npz")[0])
+    feats = common.untuned_features(base, 1, study)
+    X = np.vstack([common.design_matrix(feats[s]) for s in study["train"]])
+    Y = np.vstack([d[f"resp_{s}"] for s in study["train"]])
+    _, alphas, _ = common.ridge_cv(X, Y, base["alpha_grid"], n_folds=5)
+    W = ridge_lab(X, Y, alphas)
+    r = [[np.corrcoef(p, y)[0, 1] if p.std() > 0 and y.std() > 0 else 0.0
+          for p, y in zip((common.design_matrix(feats[s]) @ W).T, d[f"resp_{s}"].T)] for s in study["val"]]
+    assert float(out["val_r_start"]) == pytest.approx(np.nanmean(np.mean(r, axis=0)), abs=2e-4)
+    # the last epoch's score, recomputed from its checkpoint with those same alphas
+    model = checkpoints.load_tuned_wavlm(common.load_wavlm("tiny-pretrained"),
+                                         glob.glob(f"{ckpt}/03_sim01_*/last/model")[0], False)
+    tuned = common.merged(model)
+    feats = {s: common.tr_features(tuned, dict(audio=st["audio"], tr_times=st["tr_times"]), 1, (4.0, 2.0, "stride"))
+             for s in study["train"] + study["val"]
+             for st in [plumbing.load_npz(f"{tiny_study}/stories/{s}.npz")]}
+    W = ridge_lab(np.vstack([common.design_matrix(feats[s]) for s in study["train"]]), Y, alphas)
+    r = [[np.corrcoef(p, y)[0, 1] if p.std() > 0 and y.std() > 0 else 0.0
+          for p, y in zip((common.design_matrix(feats[s]) @ W).T, d[f"resp_{s}"].T)] for s in study["val"]]
+    assert float(out["val_r_by_epoch"][-1]) == pytest.approx(np.nanmean(np.mean(r, axis=0)), abs=2e-4)
+
+
+def test_stories_order_is_the_authors_fixed_order():
+    """block_order 'stories': the training stories sorted, then shuffled once by the seed; each
+    story's blocks in time order; the same order every epoch (the authors shuffle once, seed 42)."""
+    blocks = [(s, i, i + 10) for s in ("b", "c", "a") for i in (20, 0, 10)]
+    order = [blocks[j] for j in common.block_order(blocks, 7, 0, "stories")]
+    names = list(np.random.default_rng(7).permutation(["a", "b", "c"]))
+    assert order == [(s, i, i + 10) for s in names for i in (0, 10, 20)]
+    assert [blocks[j] for j in common.block_order(blocks, 7, 5, "stories")] == order
+    shuffled = [common.block_order(blocks, 7, e) for e in (0, 1)]
+    assert not np.array_equal(*shuffled)
+
+
+def test_xavier_readout_weights():
+    """--readout-init xavier: every weight uniform within +- sqrt(6 / (fan_in + fan_out))."""
+    torch.manual_seed(0)
+    r = common.make_readout(384, {"a": 50}, 100, "xavier")
+    for layer, (fan_in, fan_out) in ((r["bottleneck"], (384, 100)), (r["a"], (100, 50))):
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.95 * bound
+    default = common.make_readout(384, {"a": 50}, 100)
+    assert default["a"].weight.abs().max() <= 0.1  # torch's 1 / sqrt(fan_in)
+
+
+@pytest.mark.parametrize("script", ["02_baseline_ridge.py", "03_finetune_lora.py"])
+def test_recipe_authors_sets_every_flag_it_names_and_a_flag_typed_wins(script):
+    m = stage(script)
+    args = m.get_args(["--recipe", "authors"])
+    assert args.recipe == "authors"
+    for k, v in m.AUTHORS.items():
+        assert getattr(args, k) == v, k
+    repo = m.get_args([])
+    assert all(getattr(repo, k) != v for k, v in m.AUTHORS.items())  # each differs from ours
+    k, v = next(iter(m.AUTHORS.items()))
+    flag = "--" + k.replace("_", "-")
+    other = str(getattr(repo, k))
+    assert str(getattr(m.get_args(["--recipe", "authors", flag, other]), k)) == other
+    assert str(getattr(m.get_args([flag, other, "--recipe", "authors"]), k)) == other
+    assert plumbing.explicit_flags(m.get_parser(), ["--recipe", "authors"]) == {"recipe"}
+
+
+def test_a_run_of_one_recipe_refuses_the_others_stage_02_result(tiny_study, tmp_path, capsys):
+    results, ckpt = str(tmp_path / "res"), str(tmp_path / "ckpt")
+    io = ["--data", tiny_study, "--results", results]
+    assert run_stage("02_baseline_ridge.py", io + ["--layers", "1", "--context-s", "4", "--stride-s", "2",
+                                                   "--subjects", "sim01"]) == 0
+    fails_cleanly("03_finetune_lora.py", io + ["--checkpoints", ckpt, "--subject", "sim01", "--recipe", "authors"],
+                  capsys, "made by stage 02 --recipe repo", results, ckpt)
+    assert run_stage("02_baseline_ridge.py", io + ["--layers", "1", "--subjects", "sim02", "--recipe", "authors"]) == 0
+    err = fails_cleanly("03_finetune_lora.py", io + ["--checkpoints", ckpt, "--subject", "sim02"],
+                        capsys, "made by stage 02 --recipe authors", results, ckpt)
+    assert "--recipe authors" in err and "02_baseline_ridge.py" in err
