@@ -43,6 +43,8 @@ def get_parser():
                    "(whole: each subject's whole-cortex run) or a run's name")
     p.add_argument("--tag", type=tag_type, help="which stage 03 runs when results/ holds runs of "
                    "several settings: their tag (6 hex digits in the name) or 'default'")
+    p.add_argument("--recipe", choices=["repo", "authors"], default="repo", help="which stage 03 "
+                   "runs: those of stage 03's --recipe (docs/methods.md)")
     p.add_argument("--data-efficiency", action="store_true", help="for each subject a joint run "
                    "never saw: test r of the ridge fit on 1, 2, 4, ... of the stories, with "
                    "untuned, single-subject and joint features (beyond the paper: README)")
@@ -61,10 +63,10 @@ def tuned_features(args, run, study):
         str(base["model"]), int(base["model_seed"]), args.device), args.device)
     fingerprint, layer = plumbing.model_fingerprint(model), int(run["layer"])  # stage 03's key
     model, cache = common.merged(model), os.path.join(args.data, "features", run["name"])
+    window = common.scoring_window(base)
     return {s: common.story_features(model, fingerprint, cache,
-                                     os.path.join(args.data, "stories", f"{s}.npz"),
-                                     float(base["context_s"]), float(base["stride_s"]),
-                                     top_layer=layer, data=args.data)[layer]
+                                     os.path.join(args.data, "stories", f"{s}.npz"), *window[:2],
+                                     top_layer=layer, data=args.data, take=window[2])[layer]
             for s in study["train"] + study["val"] + [study["test"]]}
 
 

@@ -37,6 +37,8 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="which stage 03 seed")
     p.add_argument("--init-from", help="probe the AC run stage 03 started from another run: an "
                    "ROI (whole) or a run name, e.g. sim01_whole_lora_seed0")
+    p.add_argument("--recipe", choices=["repo", "authors"], default="repo", help="which stage 03 "
+                   "runs (and stage 02 result): those of this --recipe (docs/methods.md)")
     p.add_argument("--tag", type=tag_type, help="which stage 03 runs when results/ holds runs of "
                    "several settings: their tag (6 hex digits in the name) or 'default'")
     p.add_argument("--word-vectors", help="real data's semantic targets: a GloVe text file (word "
@@ -104,7 +106,7 @@ def probe_model(args, which, model, stories, cnn, targets, groups, base):
     """One model's probes at every layer: its word representations (common.word_representations,
     LoRA merged), then probe_layer. Returns (scores: layers x probes, by fold: layers x probes x
     folds)."""
-    window = float(base["context_s"]), float(base["stride_s"])
+    window = common.scoring_window(base)
     reps = np.concatenate([common.word_representations(model, s, cnn[n], *window)
                            for n, s in stories.items()], axis=1)
     per_layer = [probe_layer(reps[li], targets, groups, args.n_folds, args.device)

@@ -29,11 +29,22 @@ def get_parser():
     p.add_argument("--data", default="data", help="its study's data folder (the AC mask)")
     p.add_argument("--subject", help="whose runs (default: the subject with whole-cortex runs of most seeds)")
     p.add_argument("--out", help="the table's markdown file (default: <results>/claims.md)")
+    p.add_argument("--recipe", choices=["repo", "authors"], default="repo", help="whose results: "
+                   "those made with stages 02-05's --recipe (default: this repository's)")
     return p
 
 
-def load(results, pattern):
-    return [plumbing.load_npz(f) for f in sorted(glob.glob(os.path.join(results, pattern)))]
+def recipe_of(result):
+    """The --recipe a result was made with: stage 03's in its settings, the others' in `recipe`."""
+    if "settings" in result:
+        return json.loads(str(result["settings"])).get("recipe", "repo")
+    return str(result.get("recipe", "repo"))
+
+
+def load(results, pattern, recipe="repo"):
+    """The results matching `pattern` made with `recipe` (runs of both live side by side)."""
+    found = [plumbing.load_npz(f) for f in sorted(glob.glob(os.path.join(results, pattern)))]
+    return [r for r in found if recipe_of(r) == recipe]
 
 
 def gain(run, mask=None):
@@ -121,9 +132,9 @@ def claim_4(probes):
              "mean > 0 and higher on most folds")]
 
 
-def still_improving(results):
+def still_improving(results, recipe="repo"):
     """Runs whose best epoch was their last one at the epochs they were allowed: measured mid-climb."""
-    runs = load(results, "03_*.npz")
+    runs = load(results, "03_*.npz", recipe)
     capped = [r for r in runs if int(r["best_epoch"]) == len(r["val_r_by_epoch"])
               == json.loads(str(r["settings"]))["epochs"]]
     if not capped:
@@ -134,29 +145,32 @@ def still_improving(results):
             "validation stops, up to 20 epochs: bench/RESULTS.md).")
 
 
-def check(results, data, subject=None):
+def check(results, data, subject=None, recipe="repo"):
     """Every claim's rows (claim, the paper, measured here, verdict, rule or command) and the
-    line on runs still improving."""
-    whole_all = [f for f in glob.glob(os.path.join(results, "03_*_whole_lora_seed*.npz")) if "_from_" not in f
-                 and "joint-" not in f]
+    line on runs still improving, from the results of `recipe`."""
+    whole_all = [f for f in glob.glob(os.path.join(results, "03_*_whole_lora_seed*.npz"))
+                 if "_from_" not in os.path.basename(f) and "joint-" not in os.path.basename(f)
+                 and recipe_of(plumbing.load_npz(f)) == recipe]
     if not whole_all and subject is None:
         raise StudyError(f"{results}: no stage 03 whole-cortex run (03_<subject>_whole_lora_seed*.npz): run make 03")
     subject = subject or max({os.path.basename(f).split("_")[1] for f in whole_all},
                              key=lambda s: sum(f"03_{s}_" in f for f in whole_all))
     ac = plumbing.load_npz(os.path.join(data, "subjects", f"{subject}.npz"), "the subject's file")["roi_AC"]
-    whole = [r for r in load(results, f"03_{subject}_whole_lora_seed*.npz") if not str(r["init_from"])]
-    full = load(results, f"03_{subject}_whole_full_seed*.npz")
-    from_whole = [r for r in load(results, f"03_{subject}_AC_lora_seed*_from_*whole*.npz") if "test_r_start" in r]
-    base = load(results, f"02_baseline_{subject}*.npz")
-    cross = next(iter(load(results, "04_cross_subject*.npz")), None)
-    probes = next(iter(load(results, "05_probes*.npz")), None)
+    whole = [r for r in load(results, f"03_{subject}_whole_lora_seed*.npz", recipe) if not str(r["init_from"])]
+    full = load(results, f"03_{subject}_whole_full_seed*.npz", recipe)
+    from_whole = [r for r in load(results, f"03_{subject}_AC_lora_seed*_from_*whole*.npz", recipe)
+                  if "test_r_start" in r]
+    base = load(results, f"02_baseline_{subject}*.npz", recipe)
+    cross = next(iter(load(results, "04_cross_subject*.npz", recipe)), None)
+    probes = next(iter(load(results, "05_probes*.npz", recipe)), None)
     rows = (claim_1(whole, full, float(base[0]["test_r"].mean()) if base else np.nan)
             + claim_2(whole, from_whole, ac) + claim_3(cross) + claim_4(probes))
-    return subject, rows, still_improving(results)
+    return subject, rows, still_improving(results, recipe)
 
 
-def table(subject, rows, note):
-    out = [f"Claims checked on {subject}'s runs (claims.py):", "",
+def table(subject, rows, note, recipe="repo"):
+    which = "" if recipe == "repo" else f" of --recipe {recipe}"
+    out = [f"Claims checked on {subject}'s runs{which} (claims.py):", "",
            "| claim | the paper | measured here | verdict | rule / to run it |", "|---|---|---|---|---|"]
     out += [f"| {c} | {p} | {m} | **{v}** | {r} |" for c, p, m, v, r in rows]
     return "\n".join(out + ["", note])
@@ -165,12 +179,13 @@ def table(subject, rows, note):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
-        subject, rows, note = check(args.results, args.data, args.subject)
+        subject, rows, note = check(args.results, args.data, args.subject, args.recipe)
     except StudyError as e:
         plumbing.fail(e)
-    text = table(subject, rows, note)
+    text = table(subject, rows, note, args.recipe)
     print(text)
-    out = args.out or os.path.join(args.results, "claims.md")
+    name = "claims.md" if args.recipe == "repo" else f"claims_{args.recipe}.md"
+    out = args.out or os.path.join(args.results, name)
     plumbing.save_text(out, text + "\n")
     print(f"\nwrote {out}")
 

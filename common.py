@@ -733,11 +733,12 @@ def predict_story(model, readout, story, layer, block_trs, delays=(1, 2, 3, 4), 
 
 # ==== 5. Linear probes (Section 3.4): what a model's layers hold about each word ====
 
-def word_representations(model, story, cnn, context_s, stride_s):
-    """(layers x words x hidden): each layer's frames averaged within each word's span. cnn: the
-    story's frozen CNN output (story_cnn), the same for every model compared."""
+def word_representations(model, story, cnn, context_s, stride_s, take="stride"):
+    """(layers x words x hidden): each layer's features (feature_windows') averaged within each
+    word's span. cnn: the story's frozen CNN output (story_cnn), the same for every model
+    compared."""
     feats, times = extract_features(model, story["audio"], context_s=context_s, stride_s=stride_s,
-                                    cnn=cnn)
+                                    cnn=cnn, take=take)
     out = np.zeros((len(feats), len(story["words"]), feats[0].shape[1]), np.float32)
     for w, (a, b) in enumerate(zip(story["word_onsets"], story["word_offsets"])):
         sel = (times >= a) & (times <= b)

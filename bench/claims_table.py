@@ -23,7 +23,7 @@ R = args.results
 
 
 def runs(pattern):
-    return [plumbing.load_npz(f) for f in sorted(glob.glob(os.path.join(R, pattern))) if "_from_" not in f
+    return [plumbing.load_npz(f) for f in sorted(glob.glob(os.path.join(R, pattern))) if "_from_" not in os.path.basename(f)
             or "_from_" in pattern]
 
 

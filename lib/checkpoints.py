@@ -58,6 +58,14 @@ def read_state(folder):
     return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
 
 
+def checkpoint_recipe(ckpt):
+    """The --recipe of the run in checkpoint folder `ckpt` (None before its first epoch's save)."""
+    state = os.path.join(ckpt, "last", "state.pt")
+    if not os.path.exists(state):
+        return None
+    return torch.load(state, weights_only=True)["provenance"]["settings"].get("recipe", "repo")
+
+
 def run_folder(path):
     """The run's checkpoint folder of a path to it or to its best/ or last/."""
     path = os.path.normpath(path)
@@ -92,11 +100,13 @@ def init_source(args, subj, seed):
     if wanted not in ROIS:
         return wanted
     mode = "full" if args.full_finetune else "lora"
-    runs = [n for n, _, src in find_runs(args.checkpoints, subj, wanted, mode, seed, "") if src is None]
+    runs = [n for n, _, src in find_runs(args.checkpoints, subj, wanted, mode, seed, "") if src is None
+            and checkpoint_recipe(os.path.join(args.checkpoints, n)) == args.recipe]
     if len(runs) != 1:
         found = f"{len(runs)} of them: {', '.join(runs)}" if runs else "none"
         raise StudyError(f"--init-from {wanted}: want exactly one checkpoint {run_name(subj, wanted, mode, seed)}"
-                         f"[_<tag>] in {args.checkpoints}/, found {found}; pass the folder itself")
+                         f"[_<tag>] of --recipe {args.recipe} in {args.checkpoints}/, found {found}; pass the "
+                         "folder itself")
     return os.path.join(args.checkpoints, runs[0])
 
 

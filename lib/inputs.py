@@ -125,7 +125,8 @@ def probed_runs(args):
     if len(bases) > 1:
         raise StudyError(f"the runs were scored against different stage 02 results ({', '.join(sorted(bases))}); "
                          "choose runs of one setting with --tag")
-    base = next(iter(runs.values()))["baseline"] if runs else provenance.load_baseline(args, subj, study)
+    base = next(iter(runs.values()))["baseline"] if runs else provenance.load_baseline(args, subj, study,
+                                                                                      recipe=args.recipe)
     return study, subj, runs, base
 
 

@@ -315,6 +315,7 @@ def save_cross_subject(args, study, runs, out, script, **arrays):
     prov = dict(stage="04", stories=study["stories_fingerprint"], baselines=baselines,
                 runs={a: r["fingerprint"] for a, r in runs.items()}, code=code_state(script))
     save_result(path, prov, dict(out, **arrays, roi=np.array(args.roi), seed=np.int64(args.seed),
+                                 recipe=np.array(args.recipe),
                                  mode=np.array("full" if args.full_finetune else "lora"),
                                  runs=np.array([r["name"] for r in runs.values()]),
                                  **{f"baseline_{b}": np.array(f) for b, f in baselines.items()}))
@@ -334,7 +335,7 @@ def save_probes(args, study, subj, runs, base, script, **arrays):
                 runs={k: r["fingerprint"] for k, r in runs.items()}, word_vectors=args.word_vectors,
                 n_folds=args.n_folds, code=code_state(script))
     tuned = {} if "whole" not in runs else dict(tuned_layer=np.int64(int(runs["whole"]["layer"])))
-    save_result(path, prov, dict(arrays, subject=np.array(subj), **tuned,  # the layer compared at
+    save_result(path, prov, dict(arrays, subject=np.array(subj), **tuned, recipe=np.array(args.recipe),
                                  runs=np.array([runs[m]["name"] if m in runs else "" for m in models])))
     return path
 
@@ -476,17 +477,28 @@ def train_command(args, subjects, roi, mode, seed, init_from=None, *flags):
                    f"--init-from {init_from}" if init_from else "", *flags)
 
 
+def run_recipe(path):
+    """The --recipe a stage 03 result was trained with ('repo' for results older than the flag)."""
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(str(f["settings"])).get("recipe", "repo") if "settings" in f.files else "repo"
+
+
 def load_run(args, subject, roi, mode, seed, init_from=None, tag=None, study=None):
-    """The one stage 03 result matching the request, checked against the study and against the
-    stage 02 result it was scored against (same file, unchanged since). Returns the npz as a dict
-    with its name, provenance and its baseline (load_baseline's dict)."""
+    """The one stage 03 result matching the request (of args.recipe's runs, where the stage has the
+    flag), checked against the study and against the stage 02 result it was scored against (same
+    file, unchanged since). Returns the npz as a dict with its name, provenance and its baseline
+    (load_baseline's dict)."""
+    recipe = getattr(args, "recipe", None)
     runs = [(n, t, s) for n, t, s in find_runs(args.results, subject, roi, mode, seed, ".npz")
-            if init_matches(s, init_from, subject) and (tag is None or t == tag)]
-    train = train_command(args, [subject], roi, mode, seed, init_from)
+            if init_matches(s, init_from, subject) and (tag is None or t == tag)
+            and (recipe is None or run_recipe(os.path.join(args.results, n + ".npz")) == recipe)]
+    train = train_command(args, [subject], roi, mode, seed, init_from,
+                          f"--recipe {recipe}" if recipe not in (None, "repo") else "")
     if not runs:
         raise MissingRun(f"no stage 03 result {run_name(subject, roi, mode, seed)}{'*' if tag is None else tag}"
-                         f"{f' started from {init_from}' if init_from else ''} in {args.results}/: run {train} "
-                         "first (with your training flags)")
+                         f"{f' started from {init_from}' if init_from else ''}"
+                         f"{f' of --recipe {recipe}' if recipe not in (None, 'repo') else ''} in {args.results}/: "
+                         f"run {train} first (with your training flags)")
     if len(runs) > 1:
         listed = []
         for n, t, _ in runs:

@@ -109,7 +109,8 @@ def test_the_authors_training_kernel_drops_its_negative_lobes(model, audio):
 def test_instance_norm_and_zero_padded_delays_are_the_authors_readout_input():
     """norm 'instance' with history 'zeros' is the authors' preprocess_features: InstanceNorm1d
     (track_running_stats, never in eval mode) over the block's own rows, then DelayFeatures."""
-    x = torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    scale = torch.logspace(-3, 0.5, 16)  # features of small variance show where eps goes
+    x = (torch.randn(3, 10, 16, generator=torch.Generator().manual_seed(0)) + 0.5) * scale
     norm = torch.nn.InstanceNorm1d(16, track_running_stats=True)  # theirs, in training mode
     ref = [delay_features_authors(norm(b.T).T.numpy()) for b in x]
     out = common.readout_input(x, (1, 2, 3, 4), "instance", "zeros")

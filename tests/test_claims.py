@@ -115,3 +115,34 @@ def test_runs_still_improving_at_the_cap_are_said(folder, capsys):
         epochs=(6, 6))
     verdicts(res, data, capsys)
     assert "1 of 7 runs had their best epoch at the cap (6 epochs)" in open(os.path.join(res, "claims.md")).read()
+
+
+def test_each_recipes_claims_from_its_own_results_side_by_side(folder, capsys):
+    """Runs of the authors' recipe (docs/methods.md) beside this repository's, in one folder: each
+    recipe's claims come from its own results only (here every authors' result would fail its
+    claim), the authors' table in claims_authors.md."""
+    res, data = folder
+    untuned = np.full(V, 0.1, np.float32)
+    authors = dict(settings=np.array(json.dumps(dict(epochs=6, recipe="authors"))))
+    plumbing.save_npz(os.path.join(res, "02_baseline_sim01_fedcba.npz"), test_r=untuned, recipe=np.array("authors"))
+    for seed in range(3):
+        run(os.path.join(res, f"03_sim01_whole_lora_seed{seed}_fedcba.npz"), untuned + 0.01 + 0.001 * seed,
+            untuned, **authors)
+    run(os.path.join(res, "03_sim01_AC_lora_seed0_fedcba_from_sim01_whole_lora_seed0_fedcba.npz"),
+        untuned - 0.01, untuned, init_from=np.array("x/best"), test_r_start=untuned + 0.01, **authors)
+    plumbing.save_npz(os.path.join(res, "04_cross_subject_fedcba.npz"), tuned_on=np.array(["sim01", "sim02"]),
+                      mean_delta_r=np.array([[0.01, -0.004], [-0.003, 0.012]]), recipe=np.array("authors"))
+    by_fold = np.zeros((2, 4, 1, 5))
+    by_fold[1, 3, 0] = -0.01
+    plumbing.save_npz(os.path.join(res, "05_probes_fedcba.npz"), models=np.array(["baseline", "whole"]),
+                      probes=np.array(["semantic"]), scores=by_fold.mean(-1), scores_by_fold=by_fold,
+                      tuned_layer=np.int64(3), recipe=np.array("authors"))
+    v = verdicts(res, data, capsys)
+    assert v == {"1": "holds", "1b": "holds", "2": "holds", "2b": "holds", "3": "holds", "4": "holds"}, v
+    assert run_stage("claims.py", [res, "--data", data, "--recipe", "authors"]) == 0
+    text = open(os.path.join(res, "claims_authors.md")).read()
+    assert "3 LoRA and 0 full fine-tuning seed(s)" in text  # its own three seeds, none of the full runs
+    for mine in ("AC change +0.0110 +- 0.0008", "AC over the whole-cortex run -0.0200",
+                 "off-diagonal mean -0.0035", "whole - baseline at layer 3: -0.010"):
+        assert mine in text, mine
+    assert text.count("**does not hold**") == 4 and text.count("**holds**") == 1
