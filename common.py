@@ -567,25 +567,30 @@ def delay_reach(delays):
     """TRs the delays read before and after a block (a negative delay reads later rows)."""
     return max(0, max(delays)), max(0, -min(delays))
 
-def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0, take="stride"):
-    """Each story's audio and TR times on `device`, its windows on the training grid
+def story_windows(model, audio, tr_times, context_s=0.0, stride_s=4.0, take="stride", cnn=None):
+    """A story as block_inputs reads it: its audio (a tensor) and TR times, its windows
     (feature_windows), where each window's features start among the story's (`offsets`), and the
-    frozen CNN's output for each window (window_cnn), computed once rather than in every block of
-    every epoch: on the device while they fit in its budget, else in pinned host memory."""
+    frozen CNN's output for each window (window_cnn; cnn: story_cnn's, if the caller has it)."""
+    windows, times = feature_windows(len(audio), context_s, stride_s, take)
+    kept = np.array([k1 - k0 for _, _, k0, k1 in windows])
+    return dict(audio=audio, tr_times=tr_times, windows=windows, times=times, cnn=cnn,
+                offsets=np.cumsum(kept) - kept, window_cnn=window_cnn(model, audio, windows, cnn))
+
+def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0, take="stride"):
+    """Each story of `names` as story_windows gives it, on `device`, the frozen CNN's output computed
+    once rather than in every block of every epoch: on the device while it fits in its budget, else
+    in pinned host memory."""
     stories, room = {}, memory_budget(device)
     for s in names:
         story_file = load_npz(os.path.join(data, "stories", f"{s}.npz"))
         audio = torch.as_tensor(story_file["audio"], device=device)
-        windows, times = feature_windows(len(audio), context_s, stride_s, take)
         cnn = story_cnn(model, audio, data, s)  # a local CNN's, once per story (cached on disk)
-        cnns = window_cnn(model, audio, windows, cnn)
+        st = story_windows(model, audio, story_file["tr_times"], context_s, stride_s, take, cnn)
         if cnn is None:  # a group-norm CNN's output per window: memory of its own
-            room -= sum(c.numel() * c.element_size() for c in cnns)
+            room -= sum(c.numel() * c.element_size() for c in st["window_cnn"])
             if room < 0 and torch.device(device).type == "cuda":
-                cnns = [c.cpu().pin_memory() for c in cnns]
-        kept = np.array([k1 - k0 for _, _, k0, k1 in windows])
-        stories[s] = dict(audio=audio, tr_times=story_file["tr_times"], windows=windows, cnn=cnn,
-                          window_cnn=cnns, times=times, offsets=np.cumsum(kept) - kept)
+                st["window_cnn"] = [c.cpu().pin_memory() for c in st["window_cnn"]]
+        stories[s] = st
     return stories
 
 def block_span(story, i0, i1, delays, history="real"):

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from bench.legacy_step import legacy_extract, legacy_step, use_legacy_attention  # noqa: E402
-from lib import batching, plumbing  # noqa: E402
+from lib import plumbing  # noqa: E402
 
 
 class Count(TorchDispatchMode):
@@ -54,9 +54,9 @@ def setup(legacy):
     stories = {}
     for s in ("story00", "story01"):
         audio = torch.tensor(rng.standard_normal(150 * 16000).astype(np.float32) * 0.1)
-        windows = common.window_grid(batching.n_frames(len(audio)), 0.0, 4.0)
-        stories[s] = dict(audio=audio, tr_times=11.0 + 2.0 * np.arange(70), windows=windows, cnn=None,
-                          window_cnn=None if legacy else batching.window_cnn(base, audio, windows))
+        stories[s] = common.story_windows(base, audio, 11.0 + 2.0 * np.arange(70))
+        if legacy:
+            stories[s]["window_cnn"] = None
     resp = {s: torch.randn(70, 500) for s in stories}
     readout = common.make_readout(768 * 4, {"s": 500}, 100)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad] + list(readout.parameters()), lr=1e-4,

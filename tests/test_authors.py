@@ -10,7 +10,7 @@ import torch
 
 import common
 from helpers import fails_cleanly, run_stage, stage
-from lib import batching, checkpoints, plumbing
+from lib import checkpoints, plumbing
 
 SR = 16000
 
@@ -86,10 +86,8 @@ def test_the_authors_training_kernel_drops_its_negative_lobes(model, audio):
     """block_kernel with the authors' floor is their float32 kernel with entries below 1e-10 set to
     zero: the negative lobes (1-2 TRs away) gone, the third lobes kept; without a floor, the full
     kernel (with negative entries)."""
-    windows, times = common.feature_windows(len(audio), 3.75, 0.25, "first")
-    kept = np.ones(len(windows), int)
-    story = dict(tr_times=np.arange(6.0, 20.0, 2.0), windows=windows, times=times,
-                 offsets=np.cumsum(kept) - kept)
+    story = common.story_windows(model, torch.tensor(audio), np.arange(6.0, 20.0, 2.0), 3.75, 0.25, "first")
+    windows, times = story["windows"], story["times"]
     for i0, i1 in [(0, 2), (1, 3), (2, 3)]:
         grid, w0, w1 = common.block_span(story, i0, i1, (1, 2, 3, 4), "zeros")
         k = common.block_kernel(story, grid, w0, w1, "cpu", torch.float32, 1e-10).numpy()
@@ -124,11 +122,7 @@ def test_a_block_of_the_authors_recipe_is_their_block(model):
     in one step."""
     audio = np.random.default_rng(6).standard_normal(int(14.1 * SR)).astype(np.float32) * 0.1
     tr_times = 2.0 + 2.0 * np.arange(6)
-    windows, times = common.feature_windows(len(audio), 3.75, 0.25, "first")
-    kept = np.ones(len(windows), int)
-    stories = {"s": dict(audio=torch.tensor(audio), tr_times=tr_times, windows=windows, times=times,
-                         offsets=np.cumsum(kept) - kept,
-                         window_cnn=batching.window_cnn(model, torch.tensor(audio), windows))}
+    stories = {"s": common.story_windows(model, torch.tensor(audio), tr_times, 3.75, 0.25, "first")}
     ref_feats, ref_t = naive_window_features(model, audio, 1, "first")
     norm = torch.nn.InstanceNorm1d(96, track_running_stats=True)
     blocks = [("s", 3, 6), ("s", 0, 3), ("s", 1, 3)]
