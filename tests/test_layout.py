@@ -204,3 +204,88 @@ def test_test_files_share_helpers_through_one_module():
     for path in glob.glob(os.path.join(ROOT, "tests", "*.py")):
         for name in imports_of(path):
             assert not name.split(".")[0].startswith(("test_", "conftest")), (os.path.basename(path), name)
+
+
+# ---- the code a result records: every module a stage runs ----
+
+def reached_by_python(script, root=ROOT):
+    """The repository's files Python's own modulefinder reaches from `script` (package __init__
+    files, relative imports and imports inside functions included): a reading of the import graph
+    independent of lib/provenance.py's, from the compiled code."""
+    import modulefinder
+    finder = modulefinder.ModuleFinder(path=[str(root)])  # this tree only: numpy, torch, ... are not followed
+    finder.run_script(str(script))
+    files = [os.path.abspath(m.__file__) for m in finder.modules.values() if m.__file__]
+    return sorted(os.path.relpath(f, root) for f in files if f.startswith(os.path.abspath(root) + os.sep))
+
+
+def test_a_stage_s_code_record_holds_every_module_it_imports():
+    """What --reuse and run names compare (provenance.code_files, hashed by code_state) for each
+    stage: the stage and every repository module it reaches by any import, lib/'s __init__ included
+    (Python runs it), as Python's modulefinder finds them."""
+    from lib import provenance
+    for script in STAGES:
+        files = provenance.code_files(script)
+        assert files == reached_by_python(script), os.path.basename(script)
+        assert {"common.py", "lib/__init__.py", "lib/plumbing.py", "lib/provenance.py"} <= set(files)
+
+
+def test_code_files_follow_every_import_form(tmp_path, monkeypatch):
+    """On a small tree: import a, import a.b (as c), from a import b, from a.b import name, relative
+    imports (from . import x, from .x import y) and an import inside a function each bring in their
+    files and the packages' __init__ files; a file nobody imports, or a module from elsewhere, does
+    not."""
+    from lib import provenance
+    tree = {"stage.py": "import numpy\nimport alpha\nimport pkg.beta\nimport pkg.gamma as g\nfrom pkg import delta\n"
+                        "from pkg.sub.epsilon import thing\n\n\ndef later():\n    from pkg import zeta\n",
+            "alpha.py": "", "pkg/__init__.py": "", "pkg/beta.py": "from . import eta\n", "pkg/gamma.py": "",
+            "pkg/delta.py": "from .sub import theta\n", "pkg/sub/__init__.py": "", "pkg/sub/epsilon.py": "",
+            "pkg/sub/theta.py": "from ..iota import x\n", "pkg/zeta.py": "", "pkg/eta.py": "", "pkg/iota.py": "",
+            "unused.py": "", "pkg/unused.py": ""}
+    for name, text in tree.items():
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(provenance, "ROOT", str(tmp_path))
+    files = provenance.code_files(str(tmp_path / "stage.py"))
+    assert files == reached_by_python(tmp_path / "stage.py", tmp_path)
+    assert sorted(files) == sorted(set(tree) - {"unused.py", "pkg/unused.py"})
+
+
+def test_an_edit_to_any_module_a_stage_imports_changes_its_code_fingerprint(tmp_path, monkeypatch):
+    """In a copy of the repository's code: a comment added to any file stage 01 or stage 03 reaches
+    changes the fingerprint that stage's results record (--reuse fits again, stage 03 names the
+    run apart); the same edit to every file it does not reach leaves the fingerprint as it was."""
+    import contextlib
+    import shutil
+    from lib import provenance
+    os.makedirs(tmp_path / "lib")
+    for path in glob.glob(os.path.join(ROOT, "*.py")) + LIB:
+        shutil.copy(path, tmp_path / os.path.relpath(path, ROOT))
+    monkeypatch.setattr(provenance, "ROOT", str(tmp_path))
+    everything = {os.path.relpath(p, tmp_path) for p in glob.glob(f"{tmp_path}/**/*.py", recursive=True)}
+
+    def fingerprint(script):
+        provenance.code_state.cache_clear()  # it is cached per script for the life of a process
+        return provenance.code_state(script)["fingerprint"]
+
+    @contextlib.contextmanager
+    def edited(files):
+        texts = {f: (tmp_path / f).read_text() for f in files}
+        for f, text in texts.items():
+            (tmp_path / f).write_text(text + "# an edit\n")
+        yield
+        for f, text in texts.items():
+            (tmp_path / f).write_text(text)
+    try:
+        for stage_file in ("01_prepare_data.py", "03_finetune_lora.py"):
+            script = str(tmp_path / stage_file)
+            before, reached = fingerprint(script), reached_by_python(script, tmp_path)
+            assert len(reached) >= 10, reached
+            for f in reached:
+                with edited([f]):
+                    assert fingerprint(script) != before, (stage_file, f)
+            with edited(everything - set(reached)):
+                assert fingerprint(script) == before, stage_file
+            assert fingerprint(script) == before
+    finally:
+        provenance.code_state.cache_clear()
