@@ -21,6 +21,13 @@ def run(path, tuned, untuned, epochs=(5, 6), **extra):
     plumbing.save_npz(path, **dict(arrays, **extra))
 
 
+def cross_subject(res, tuned_on, mean_delta_r, evaluated_on=("sim01", "sim02")):
+    """Stage 04's result as it lays it out: a row per tuned model (single-subject runs, then any
+    joint runs), a column per subject evaluated on."""
+    plumbing.save_npz(os.path.join(res, "04_cross_subject_abcdef.npz"), tuned_on=np.array(tuned_on),
+                      evaluated_on=np.array(evaluated_on), mean_delta_r=np.array(mean_delta_r))
+
+
 @pytest.fixture
 def folder(tmp_path):
     """Results where every claim holds: whole-cortex LoRA gains 0.01 everywhere but AC (-0.004),
@@ -39,8 +46,7 @@ def folder(tmp_path):
     whole = untuned + np.where(AC, -0.004, 0.010)
     run(res / "03_sim01_AC_lora_seed0_abcdef_from_sim01_whole_lora_seed0_abcdef.npz",
         untuned + np.where(AC, 0.02, 0.008), untuned, init_from=np.array("checkpoints/x/best"), test_r_start=whole)
-    plumbing.save_npz(res / "04_cross_subject_abcdef.npz", tuned_on=np.array(["sim01", "sim02"]),
-                      mean_delta_r=np.array([[0.01, 0.004], [0.003, 0.012]]))
+    cross_subject(res, ["sim01", "sim02"], [[0.01, 0.004], [0.003, 0.012]])
     by_fold = np.zeros((2, 4, 1, 5))
     by_fold[1, 3, 0] = [0.02, 0.01, 0.015, -0.005, 0.01]  # whole - baseline at layer 3
     plumbing.save_npz(res / "05_probes_abcdef.npz", models=np.array(["baseline", "whole"]),
@@ -86,8 +92,7 @@ def test_a_result_altered_so_that_a_claim_fails_turns_its_row(folder, capsys, al
         r["test_r_tuned"] = np.where(AC, r["test_r_tuned"], 0.102).astype(np.float32)  # keeps 20%
         plumbing.save_npz(path, **r)
     elif alter == "one_transfer_hurts":
-        plumbing.save_npz(os.path.join(res, "04_cross_subject_abcdef.npz"), tuned_on=np.array(["sim01", "sim02"]),
-                          mean_delta_r=np.array([[0.01, -0.001], [0.003, 0.012]]))
+        cross_subject(res, ["sim01", "sim02"], [[0.01, -0.001], [0.003, 0.012]])
     else:
         r = plumbing.load_npz(os.path.join(res, "05_probes_abcdef.npz"))
         r["scores_by_fold"][1, 3, 0] *= -1
@@ -115,3 +120,23 @@ def test_runs_still_improving_at_the_cap_are_said(folder, capsys):
         epochs=(6, 6))
     verdicts(res, data, capsys)
     assert "1 of 7 runs had their best epoch at the cap (6 epochs)" in open(os.path.join(res, "claims.md")).read()
+
+
+def claim_3_row(res):
+    return next(line for line in open(os.path.join(res, "claims.md")).read().splitlines() if line.startswith("| 3."))
+
+
+@pytest.mark.parametrize("joint_gain", [-0.005, 0.02])
+def test_claim_3_reads_the_single_subject_rows_of_a_stage_04_result_with_joint_rows(folder, capsys, joint_gain):
+    """Stage 04 with joint runs adds a row per joint run (the joint run of both saw each subject;
+    a leave-one-out run never saw one). Claim 3 is about models tuned on one subject: its verdict and
+    its numbers come from those rows alone, whether the joint rows gain more or less."""
+    res, data = folder
+    joint = ["joint-sim01", "joint-sim02", "joint-sim01-sim02"]
+    for single, verdict in [([[0.01, 0.004], [0.003, 0.012]], "holds"), ([[0.01, -0.001], [0.003, 0.012]], "does not hold")]:
+        cross_subject(res, ["sim01", "sim02"] + joint, single + [[joint_gain] * 2] * len(joint))
+        assert verdicts(res, data, capsys)["3"] == verdict, (single, joint_gain)
+        off = np.array([single[0][1], single[1][0]])
+        assert (f"off-diagonal mean {off.mean():+.4f} (min {off.min():+.4f}), diagonal {single[0][0]:+.4f} / "
+                f"{single[1][1]:+.4f}") in claim_3_row(res), claim_3_row(res)
+
