@@ -140,3 +140,16 @@ def test_claim_3_reads_the_single_subject_rows_of_a_stage_04_result_with_joint_r
         assert (f"off-diagonal mean {off.mean():+.4f} (min {off.min():+.4f}), diagonal {single[0][0]:+.4f} / "
                 f"{single[1][1]:+.4f}") in claim_3_row(res), claim_3_row(res)
 
+
+def test_claim_3_pairs_subjects_by_name_in_a_stage_04_result_of_a_subset(folder, capsys):
+    """Stage 04 run for one tuned model on both subjects (--tuned-on sim02) writes a 1 x 2 matrix:
+    its transfer is sim02's model on sim01 alone; sim02's model on sim02 is its diagonal, whatever
+    its sign. On itself alone there is no transfer to judge: not run here."""
+    res, data = folder
+    for own in (0.01, -0.002):
+        cross_subject(res, ["sim02"], [[0.004, own]])
+        assert verdicts(res, data, capsys)["3"] == "holds", own
+        assert f"off-diagonal mean +0.0040 (min +0.0040), diagonal {own:+.4f} |" in claim_3_row(res), claim_3_row(res)
+    cross_subject(res, ["sim01", "joint-sim01-sim02"], [[0.01], [0.02]], evaluated_on=["sim01"])
+    assert verdicts(res, data, capsys)["3"] == "not run here"
+    assert "make 04" in claim_3_row(res)
