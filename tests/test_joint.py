@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from helpers import ctrl_c_after_each_epoch, fails_cleanly, fresh_results, one, run_stage
+from helpers import as_a_fresh_process, ctrl_c_after_each_epoch, fails_cleanly, fresh_results, one, run_stage, stage
 from lib import checkpoints, plumbing
 
 STAGE = "03_finetune_lora.py"
@@ -90,6 +90,7 @@ def test_a_joint_run_resumes_to_the_same_numbers(joint, tmp_path, monkeypatch, c
     hint = capsys.readouterr().err.split("`")[1].split()[2:]
     assert "--joint" in hint and "--resume" in hint
     monkeypatch.setattr(checkpoints, "save_checkpoint", real)
+    as_a_fresh_process(monkeypatch)
     assert run_stage(STAGE, hint) == 0
     a = plumbing.load_npz(one(f"{results}/03_joint-sim01-sim02_*.npz"))
     b = plumbing.load_npz(one(f"{res}/03_joint-sim01-sim02_*.npz"))
@@ -142,3 +143,63 @@ def test_compare_leaves_joint_runs_to_stage_04(joint, capsys):
     _, results, _ = joint
     assert run_stage("compare.py", [results, "--out", os.path.join(results, "compare_joint.png")]) == 0
     assert "joint-" not in capsys.readouterr().out
+
+
+def test_a_joint_step_of_stage_03_is_the_mean_of_each_subject_s_loss_and_moves_every_head(tiny_study, tmp_path,
+                                                                                        monkeypatch):
+    """Stage 03's own training function on two subjects, for an epoch of one step: the step's
+    gradient is that of the mean over the subjects of each block's loss, each block forward on its
+    own against the subject's responses at its rows (the step's three blocks, of 10, 5 and 10 TRs,
+    come back regrouped from block_inputs); every subject's output layer and the bottleneck move
+    from where the seed started them; the epoch's validation r is the mean over the subjects of
+    each one's r on the validation story."""
+    m = stage(STAGE)
+    args = m.get_args(["--epochs", "1", "--block-trs", "10", "--batch-blocks", "3", "--lora-dropout", "0",
+                       "--grad-clip", "1e9", "--bottleneck", "20", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
+                       "--device", "cpu"])
+    seed, layer, delays = 1, 2, (1, 2)
+    d = {s: plumbing.load_npz(f"{tiny_study}/subjects/{s}.npz") for s in ("sim01", "sim02")}
+    baseline = dict(model=np.array("tiny"), model_seed=np.int64(0), provenance=dict(stories="s"),
+                    delays=np.array(delays))
+    model, readout, opt, prov, _ = m.setup_model(args, baseline, seed, {s: len(d[s]["roi_AC"]) for s in d}, "cpu")
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # as after some training: lora_B starts at zero, which gives lora_A no gradient
+            p.data.normal_(0, 0.1)
+    start = {k: v.clone() for k, v in readout.state_dict().items()}
+    stories = common.load_stories(model, tiny_study, ["story00", "val00"], "cpu", 0.0, 4.0)
+    resp = {s: {"story00": torch.tensor(d[s]["resp_story00"])} for s in d}  # blocks of 10, 10 and 5 TRs
+    val_resp = {s: {"val00": d[s]["resp_val00"]} for s in d}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    real_inputs, steps, checked = common.block_inputs, [], []
+
+    def recorded(model_, stories_, blocks, *a, **k):
+        x, order = real_inputs(model_, stories_, blocks, *a, **k)
+        if torch.is_grad_enabled():  # a training step (validation runs without a gradient)
+            steps.append((list(blocks), order))
+        return x, order
+
+    def each_block_on_its_own(optimizer, *_):
+        loss = 0.0
+        for s, i0, i1 in steps[-1][0]:
+            x, _ = real_inputs(model, stories, [(s, i0, i1)], layer, delays)
+            preds = common.read_out(readout, x)
+            per_subject = [common.blocks_loss(preds[subj], resp[subj][s][i0:i1], [i1 - i0]) for subj in resp]
+            loss = loss + torch.stack(per_subject).mean()
+        expected = torch.autograd.grad(loss / args.batch_blocks, params, allow_unused=True)
+        for p, g in zip(params, expected):
+            if g is None:  # an adapter above the layer read out: the forward never reaches it
+                assert p.grad is None or not p.grad.any()
+            else:
+                torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+        checked.append(len(steps))
+    monkeypatch.setattr(common, "block_inputs", recorded)
+    opt.register_step_pre_hook(each_block_on_its_own)
+    run = dict(name="joint", ckpt=str(tmp_path / "ckpt"), prov=prov)
+    history = m.train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, delays)
+    assert checked == [1] and steps[0][1] != sorted(steps[0][1])  # regrouped (10, 5, 10): the case that can go wrong
+    for name, before in start.items():
+        assert not torch.equal(readout.state_dict()[name], before), f"{name} never moved from its start"
+    with torch.no_grad():
+        preds = common.predict_story(model, readout, stories["val00"], layer, args.block_trs, delays)
+    val_r = np.mean([common.pearson_r(val_resp[s]["val00"], preds[s]).mean() for s in resp])
+    assert history["val_r"] == [pytest.approx(val_r, abs=1e-6)]
