@@ -136,6 +136,39 @@ def test_stage_04_scores_joint_runs_like_for_like_and_on_the_subject_they_never_
     base = plumbing.load_npz(one(f"{out}/02_baseline_sim01_*.npz"))
     assert r["efficiency_sim01_untuned"][-1] == pytest.approx(base["test_r"].mean(), abs=1e-6)
     assert os.path.exists(one(f"{out}/04_cross_subject_*_data_efficiency.png"))
+    # each subject's curves come from the models that never saw it (never the joint run of both, nor
+    # a joint run of it alone); each at every story is that model's cross-subject score; the stories
+    # each needs are read off its curve against the untuned one's all-stories score
+    for b, other in [("sim01", "sim02"), ("sim02", "sim01")]:
+        kinds = {k[len(f"efficiency_{b}_"):] for k in r if k.startswith(f"efficiency_{b}_")}
+        assert kinds == {"untuned", other, f"joint-{other}"}, (b, kinds)
+        for kind in kinds - {"untuned"}:
+            assert r[f"efficiency_{b}_{kind}"][-1] == pytest.approx(r[f"test_r_{kind}_on_{b}"].mean(), abs=1e-6)
+        for kind in kinds:
+            needed = stage("04_cross_subject.py").stories_to_match(
+                r["efficiency_stories"], r[f"efficiency_{b}_{kind}"], r[f"efficiency_{b}_untuned"][-1])
+            np.testing.assert_equal(r[f"stories_to_match_{b}_{kind}"], np.float32(needed))
+
+
+def test_a_subject_no_joint_run_saw_is_scored_by_every_other_model_of_each_kind():
+    """held_out on three subjects (the README's table): for each subject, its own model, the mean of
+    the models tuned on each other subject, and the mean of the joint runs that never saw it (a
+    leave-one-out run and any joint run of others), never a joint run that saw it. (The joint
+    fixture's two subjects have one other model of each kind: there any of them is the mean.)"""
+    m = stage("04_cross_subject.py")
+    subjects = ["sim01", "sim02", "sim03"]
+    tuned_on = subjects + ["joint-sim01-sim02-sim03", "joint-sim02-sim03", "joint-sim01-sim03", "joint-sim01-sim02",
+                           "joint-sim03"]
+    delta = np.random.default_rng(0).normal(0.01, 0.01, (len(tuned_on), len(subjects)))
+    out = m.held_out(delta, tuned_on, subjects)
+    assert set(out) == set(subjects)
+    for j, b in enumerate(subjects):
+        saw = [set(a.split("-")[1:]) if a.startswith("joint-") else {a} for a in tuned_on]
+        single = [i for i, a in enumerate(tuned_on) if a in subjects and a != b]
+        joint = [i for i, a in enumerate(tuned_on) if a.startswith("joint-") and b not in saw[i]]
+        expected = (delta[j, j], delta[single, j].mean(), delta[joint, j].mean())
+        np.testing.assert_allclose(out[b], expected, rtol=1e-12, err_msg=b)
+        assert len(single) == 2 and len(joint) == (2 if b != "sim03" else 1)
 
 
 def test_compare_leaves_joint_runs_to_stage_04(joint, capsys):
@@ -203,3 +236,23 @@ def test_a_joint_step_of_stage_03_is_the_mean_of_each_subject_s_loss_and_moves_e
         preds = common.predict_story(model, readout, stories["val00"], layer, args.block_trs, delays)
     val_r = np.mean([common.pearson_r(val_resp[s]["val00"], preds[s]).mean() for s in resp])
     assert history["val_r"] == [pytest.approx(val_r, abs=1e-6)]
+
+
+def test_stories_needed_is_met_at_its_boundary_and_nan_when_never():
+    """The stories a curve of test r needs to reach a target: the untuned curve reaches its own
+    all-stories score exactly at its last size (the boundary: >=, not >); a size whose score equals
+    the target is that size; between sizes, linear (np.interp on a rising curve); a target above
+    the whole curve is never reached (NaN, not the largest size); below the first, the first size;
+    a curve that dips after reaching it is counted at its first crossing."""
+    m = stage("04_cross_subject.py")
+    sizes = [1, 2, 4, 8, 13]
+    curve = np.array([0.011, 0.017, 0.026, 0.031, 0.034])
+    assert m.stories_to_match(sizes, curve, curve[-1]) == 13.0
+    for k in range(len(sizes)):
+        assert m.stories_to_match(sizes, curve, curve[k]) == pytest.approx(sizes[k], abs=1e-9), k
+    for target in np.linspace(curve[0], curve[-1], 17):
+        assert m.stories_to_match(sizes, curve, target) == pytest.approx(np.interp(target, curve, sizes)), target
+    assert np.isnan(m.stories_to_match(sizes, curve, curve[-1] + 1e-4))
+    assert m.stories_to_match(sizes, curve, curve[0] - 0.01) == 1.0
+    dips = np.array([0.011, 0.030, 0.020, 0.031, 0.034])
+    assert m.stories_to_match(sizes, dips, 0.025) == pytest.approx(np.interp(0.025, dips[:2], sizes[:2]))
