@@ -132,6 +132,28 @@ def test_block_inputs_are_the_whole_story_recipe_at_its_rows(tiny_study, monkeyp
         assert max(len(o) for o in offsets.values()) > 1, offsets
 
 
+def test_features_and_predictions_over_several_forwards_are_those_of_one(tiny_study, monkeypatch):
+    """On a GPU the memory budget splits a story's windows (and predict_story's blocks) over several
+    forwards; on a CPU's 1 GB the tiny model takes them all in one, so the tests never split them.
+    Forced to 3 windows a forward: extract_features gives the same features frame for frame (the
+    windows of a batch of unequal lengths at the start and end), and predict_story, a block a
+    forward, the same predictions, the story's short last block included."""
+    model = common.load_wavlm("tiny")
+    st = common.load_stories(model, tiny_study, ["story01"], "cpu", 0.0, 4.0)["story01"]
+    readout = common.make_readout(96 * 2, {"a": 7, "b": 5}, 8)
+    audio, kw = st["audio"][:16000 * 20], dict(layers=[1, 3], context_s=2.0, stride_s=1.0)
+    whole, _ = common.extract_features(model, audio, **kw)
+    once = common.predict_story(model, readout, st, 2, 8, delays=(1, 2))
+    monkeypatch.setattr(common, "windows_per_batch", lambda *a, **k: 3)
+    split, _ = common.extract_features(model, audio, **kw)
+    for a, b in zip(whole, split):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert len(st["tr_times"]) % 8  # a short last block
+    for s, pred in common.predict_story(model, readout, st, 2, 8, delays=(1, 2)).items():
+        assert pred.shape == (len(st["tr_times"]), readout[s].out_features)
+        np.testing.assert_allclose(pred, once[s], atol=1e-5)
+
+
 def test_window_cnn_is_the_cnn_of_each_window_s_own_audio(tiny_study):
     """Stage 03 runs the frozen CNN once (per story for a frame-local CNN, sliced per window; per
     window for a group-norm one) and keeps it for every epoch: that must be exactly what the CNN
