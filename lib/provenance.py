@@ -58,23 +58,48 @@ def command(script, args, *flags):
 
 # ---- the code a result was made by ----
 
+def module_files(name):
+    """The repository's files Python runs to import the dotted module `name`: the __init__.py of
+    each package on the way and the module's own file (none for a module from elsewhere)."""
+    out, path = [], ROOT
+    for part in name.split("."):
+        path = os.path.join(path, part)
+        if os.path.isfile(path + ".py"):
+            return out + [path + ".py"]
+        if not os.path.isdir(path):
+            return out
+        if os.path.isfile(os.path.join(path, "__init__.py")):
+            out.append(os.path.join(path, "__init__.py"))
+    return out
+
+
+def imported_names(path, package):
+    """The dotted names a file's imports name (import a.b; from a import b: a and a.b), at any depth
+    (inside functions too); a relative import (from . import x, from .x import y) resolved against
+    the file's `package` (a list of names), as Python resolves it."""
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) + 1 - node.level] if node.level else []
+            module = base + (node.module.split(".") if node.module else [])
+            yield from [".".join(module)] + [".".join(module + [a.name]) for a in node.names]
+
+
 def code_files(script):
     """The repository's files a stage runs: the script and every module of this repository it
-    imports, followed through their own imports (common.py, lib/...), read from the source."""
+    imports, by any form, followed through their own imports (common.py, lib/...; lib/__init__.py
+    too: Python runs it), read from the source."""
     todo, seen = [os.path.relpath(os.path.abspath(script), ROOT)], set()
     while todo:
         f = todo.pop()
         if f in seen:
             continue
         seen.add(f)
-        for node in ast.walk(ast.parse(open(os.path.join(ROOT, f), encoding="utf-8").read())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
-                continue
-            todo += [n.replace(".", "/") + ".py" for n in names if os.path.isfile(os.path.join(ROOT, *n.split(".")) + ".py")]
+        parts = f[:-3].split(os.sep)
+        package = parts[:-1]  # a package's __init__.py imports relative to the package itself
+        for name in imported_names(os.path.join(ROOT, f), package):
+            todo += [os.path.relpath(m, ROOT) for m in module_files(name)]
     return sorted(seen)
 
 

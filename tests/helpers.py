@@ -93,6 +93,14 @@ def ctrl_c_after_each_epoch(monkeypatch):
     return real
 
 
+def as_a_fresh_process(monkeypatch):
+    """What a resumed run in a new process starts without: the kernels common.block_kernel cached
+    in this process, emptied (for the rest of the test), so that a resumed run that depends on
+    which block built a kernel first differs from the run that was never stopped."""
+    import common
+    monkeypatch.setattr(common, "_KERNELS", {})
+
+
 # ---- a miniature ds003020 in the published layout ----
 
 SUBJECTS = ["UTS01", "UTS02", "UTS03"]

@@ -21,6 +21,13 @@ def run(path, tuned, untuned, epochs=(5, 6), **extra):
     plumbing.save_npz(path, **dict(arrays, **extra))
 
 
+def cross_subject(res, tuned_on, mean_delta_r, evaluated_on=("sim01", "sim02")):
+    """Stage 04's result as it lays it out: a row per tuned model (single-subject runs, then any
+    joint runs), a column per subject evaluated on."""
+    plumbing.save_npz(os.path.join(res, "04_cross_subject_abcdef.npz"), tuned_on=np.array(tuned_on),
+                      evaluated_on=np.array(evaluated_on), mean_delta_r=np.array(mean_delta_r))
+
+
 @pytest.fixture
 def folder(tmp_path):
     """Results where every claim holds: whole-cortex LoRA gains 0.01 everywhere but AC (-0.004),
@@ -39,8 +46,7 @@ def folder(tmp_path):
     whole = untuned + np.where(AC, -0.004, 0.010)
     run(res / "03_sim01_AC_lora_seed0_abcdef_from_sim01_whole_lora_seed0_abcdef.npz",
         untuned + np.where(AC, 0.02, 0.008), untuned, init_from=np.array("checkpoints/x/best"), test_r_start=whole)
-    plumbing.save_npz(res / "04_cross_subject_abcdef.npz", tuned_on=np.array(["sim01", "sim02"]),
-                      mean_delta_r=np.array([[0.01, 0.004], [0.003, 0.012]]))
+    cross_subject(res, ["sim01", "sim02"], [[0.01, 0.004], [0.003, 0.012]])
     by_fold = np.zeros((2, 4, 1, 5))
     by_fold[1, 3, 0] = [0.02, 0.01, 0.015, -0.005, 0.01]  # whole - baseline at layer 3
     plumbing.save_npz(res / "05_probes_abcdef.npz", models=np.array(["baseline", "whole"]),
@@ -86,8 +92,7 @@ def test_a_result_altered_so_that_a_claim_fails_turns_its_row(folder, capsys, al
         r["test_r_tuned"] = np.where(AC, r["test_r_tuned"], 0.102).astype(np.float32)  # keeps 20%
         plumbing.save_npz(path, **r)
     elif alter == "one_transfer_hurts":
-        plumbing.save_npz(os.path.join(res, "04_cross_subject_abcdef.npz"), tuned_on=np.array(["sim01", "sim02"]),
-                          mean_delta_r=np.array([[0.01, -0.001], [0.003, 0.012]]))
+        cross_subject(res, ["sim01", "sim02"], [[0.01, -0.001], [0.003, 0.012]])
     else:
         r = plumbing.load_npz(os.path.join(res, "05_probes_abcdef.npz"))
         r["scores_by_fold"][1, 3, 0] *= -1
@@ -131,7 +136,8 @@ def test_each_recipes_claims_from_its_own_results_side_by_side(folder, capsys):
     run(os.path.join(res, "03_sim01_AC_lora_seed0_fedcba_from_sim01_whole_lora_seed0_fedcba.npz"),
         untuned - 0.01, untuned, init_from=np.array("x/best"), test_r_start=untuned + 0.01, **authors)
     plumbing.save_npz(os.path.join(res, "04_cross_subject_fedcba.npz"), tuned_on=np.array(["sim01", "sim02"]),
-                      mean_delta_r=np.array([[0.01, -0.004], [-0.003, 0.012]]), recipe=np.array("authors"))
+                      evaluated_on=np.array(["sim01", "sim02"]), recipe=np.array("authors"),
+                      mean_delta_r=np.array([[0.01, -0.004], [-0.003, 0.012]]))
     by_fold = np.zeros((2, 4, 1, 5))
     by_fold[1, 3, 0] = -0.01
     plumbing.save_npz(os.path.join(res, "05_probes_fedcba.npz"), models=np.array(["baseline", "whole"]),
@@ -146,3 +152,36 @@ def test_each_recipes_claims_from_its_own_results_side_by_side(folder, capsys):
                  "off-diagonal mean -0.0035", "whole - baseline at layer 3: -0.010"):
         assert mine in text, mine
     assert text.count("**does not hold**") == 4 and text.count("**holds**") == 1
+
+
+def claim_3_row(res):
+    return next(line for line in open(os.path.join(res, "claims.md")).read().splitlines() if line.startswith("| 3."))
+
+
+@pytest.mark.parametrize("joint_gain", [-0.005, 0.02])
+def test_claim_3_reads_the_single_subject_rows_of_a_stage_04_result_with_joint_rows(folder, capsys, joint_gain):
+    """Stage 04 with joint runs adds a row per joint run (the joint run of both saw each subject;
+    a leave-one-out run never saw one). Claim 3 is about models tuned on one subject: its verdict and
+    its numbers come from those rows alone, whether the joint rows gain more or less."""
+    res, data = folder
+    joint = ["joint-sim01", "joint-sim02", "joint-sim01-sim02"]
+    for single, verdict in [([[0.01, 0.004], [0.003, 0.012]], "holds"), ([[0.01, -0.001], [0.003, 0.012]], "does not hold")]:
+        cross_subject(res, ["sim01", "sim02"] + joint, single + [[joint_gain] * 2] * len(joint))
+        assert verdicts(res, data, capsys)["3"] == verdict, (single, joint_gain)
+        off = np.array([single[0][1], single[1][0]])
+        assert (f"off-diagonal mean {off.mean():+.4f} (min {off.min():+.4f}), diagonal {single[0][0]:+.4f} / "
+                f"{single[1][1]:+.4f}") in claim_3_row(res), claim_3_row(res)
+
+
+def test_claim_3_pairs_subjects_by_name_in_a_stage_04_result_of_a_subset(folder, capsys):
+    """Stage 04 run for one tuned model on both subjects (--tuned-on sim02) writes a 1 x 2 matrix:
+    its transfer is sim02's model on sim01 alone; sim02's model on sim02 is its diagonal, whatever
+    its sign. On itself alone there is no transfer to judge: not run here."""
+    res, data = folder
+    for own in (0.01, -0.002):
+        cross_subject(res, ["sim02"], [[0.004, own]])
+        assert verdicts(res, data, capsys)["3"] == "holds", own
+        assert f"off-diagonal mean +0.0040 (min +0.0040), diagonal {own:+.4f} |" in claim_3_row(res), claim_3_row(res)
+    cross_subject(res, ["sim01", "joint-sim01-sim02"], [[0.01], [0.02]], evaluated_on=["sim01"])
+    assert verdicts(res, data, capsys)["3"] == "not run here"
+    assert "make 04" in claim_3_row(res)

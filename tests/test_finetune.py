@@ -10,7 +10,7 @@ import torch
 
 import common
 from lib import batching, checkpoints, plumbing, provenance
-from helpers import ctrl_c_after_each_epoch, fails_cleanly, fresh_results, one, run_stage, stage
+from helpers import as_a_fresh_process, ctrl_c_after_each_epoch, fails_cleanly, fresh_results, one, run_stage, stage
 from lib.study import load_study
 
 STAGE = "03_finetune_lora.py"
@@ -54,8 +54,10 @@ def test_lora_changes_after_a_step_and_loss_falls_on_a_fixed_batch(tiny_study):
 def test_one_batched_step_has_the_gradients_of_its_blocks_one_by_one(tiny_study):
     """The paper's step (issue 35): all of a step's blocks in one forward and one backward give the
     gradients of the per-block path (each block forward and backward on its own, its loss divided
-    by the blocks per step) to float tolerance. The blocks: a whole one and a story's short last
-    one, whose windows include the story's padded last window (so two lengths in one step)."""
+    by the blocks per step) to float tolerance. The blocks come from two stories, two of one length
+    and two of others, the equal ones not side by side: block_inputs then groups the blocks and
+    hands back another order than the one asked for, and a group holds two blocks, each normalised
+    on its own. A story's short last block needs the story's padded last window."""
     torch.manual_seed(0)
     model = common.add_lora(common.load_wavlm("tiny"), 4, 4, 0.0, ["q_proj", "k_proj", "v_proj"]).train()
     for n, p in model.named_parameters():
@@ -65,29 +67,31 @@ def test_one_batched_step_has_the_gradients_of_its_blocks_one_by_one(tiny_study)
     d = plumbing.load_npz(f"{tiny_study}/subjects/sim01.npz")
     resp = {s: torch.tensor(d[f"resp_{s}"]) for s in stories}
     rows = len(stories["story01"]["tr_times"])
-    blocks = [("story00", 4, 20), ("story01", rows - 5, rows)]
+    blocks = [("story00", 4, 20), ("story01", rows - 5, rows), ("story01", 1, 17), ("story00", 16, 25)]
     readout = common.make_readout(96 * 4, {"s": resp["story00"].shape[1]}, 20)
     params = [p for p in model.parameters() if p.requires_grad] + list(readout.parameters())
 
     def grads(batches):
         for p in params:
             p.grad = None
-        total = 0.0
+        total, orders = 0.0, []
         for batch in batches:
             x, order = common.block_inputs(model, stories, batch, 3)
+            orders.append(order)
             batch = [batch[j] for j in order]
             loss = common.blocks_loss(common.read_out(readout, x)["s"], torch.cat([resp[s][a:b] for s, a, b in batch]),
                                       [b - a for _, a, b in batch])
-            (loss / 2).backward()
+            (loss / len(blocks)).backward()
             total += loss.item()
-        return total, [p.grad.clone() for p in params]
+        return total, [p.grad.clone() for p in params], orders
 
-    one_loss, one = grads([blocks])
-    each_loss, each = grads([[b] for b in blocks])
+    one_loss, one, (order,) = grads([blocks])
+    each_loss, each, _ = grads([[b] for b in blocks])
     assert abs(one_loss - each_loss) < 1e-5
     assert all(g.abs().sum() > 0 for g in one)  # every trainable tensor took part
     for a, b in zip(one, each):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert sorted(order) == list(range(len(blocks))) and order != sorted(order)  # regrouped: the case that can go wrong
     # and the pieces compose as the paper's loss: each block's spatial correlation loss, summed
     x, _ = common.block_inputs(model, stories, blocks[:1], 3)
     with torch.no_grad():
@@ -97,25 +101,57 @@ def test_one_batched_step_has_the_gradients_of_its_blocks_one_by_one(tiny_study)
 
 
 @pytest.mark.parametrize("context_s,stride_s,norm", [(0.0, 4.0, "layer"), (4.0, 2.0, "layer"), (4.0, 2.0, "group")])
-def test_block_inputs_are_the_whole_story_recipe_at_its_rows(tiny_study, context_s, stride_s, norm):
+def test_block_inputs_are_the_whole_story_recipe_at_its_rows(tiny_study, monkeypatch, context_s, stride_s, norm):
     """A block's differentiable path (the windows it needs, torch Lanczos to its grid, norm, delays)
-    equals the numpy recipe on the whole story's features at the block's rows, at the story's start,
-    middle and end, for a frame-local and a group-norm CNN."""
+    equals the numpy recipe on the whole story's features at the block's rows, for a frame-local
+    and a group-norm CNN: at the story's start, middle and end, and with windows every 4 s (the
+    TR is 2 s) for a block starting at every row of the story (the last ones shorter). There blocks
+    of one shape sit at two offsets from their first frame: the Lanczos kernels, cached by shape
+    and offset (from empty here, built by whichever block comes first), must tell them apart."""
+    monkeypatch.setattr(common, "_KERNELS", {})
     cfg = common.tiny_config()
     cfg.feat_extract_norm = norm
     model = common.load_wavlm("tiny", config=cfg)
     stories = common.load_stories(model, tiny_study, ["story01"], "cpu", context_s, stride_s)
     st = stories["story01"]
     f, t = common.extract_features(model, st["audio"], layers=[1], context_s=context_s, stride_s=stride_s)
-    rows = len(st["tr_times"])
-    for i0, i1 in [(0, 8), (4, 12), (rows - 6, rows)]:
+    rows, offsets = len(st["tr_times"]), {}
+    for i0 in range(rows) if stride_s == 4.0 else [0, 4, rows - 6]:
+        i1 = min(rows, i0 + 8)
         with torch.no_grad():
             block, _ = common.block_inputs(model, stories, [("story01", i0, i1)], 1, delays=(1, 2))
         grid = st["tr_times"][0] + 2.0 * np.arange(i0 - 2, i1)
         ref = common.lanczos_interp(f[0], t, grid)
         ref = (ref - ref.mean(0)) / (ref.std(0, ddof=1) + 1e-5)
         ref = common.make_delayed(ref, (1, 2))[2:]
-        np.testing.assert_allclose(block.numpy(), ref, atol=1e-4)
+        np.testing.assert_allclose(block.numpy(), ref, atol=1e-4, err_msg=f"block {i0}..{i1}")
+        _, w0, w1 = common.block_span(st, i0, i1, (1, 2))
+        f0, f1 = st["windows"][w0][1], st["windows"][w1 - 1][2]
+        offsets.setdefault((i1 - i0, f1 - f0), set()).add(round(grid[0] - common.frame_times(f0, 1)[0], 6))
+    if stride_s == 4.0:  # the case a kernel keyed without its offset gets wrong
+        assert max(len(o) for o in offsets.values()) > 1, offsets
+
+
+def test_features_and_predictions_over_several_forwards_are_those_of_one(tiny_study, monkeypatch):
+    """On a GPU the memory budget splits a story's windows (and predict_story's blocks) over several
+    forwards; on a CPU's 1 GB the tiny model takes them all in one, so the tests never split them.
+    Forced to 3 windows a forward: extract_features gives the same features frame for frame (the
+    windows of a batch of unequal lengths at the start and end), and predict_story, a block a
+    forward, the same predictions, the story's short last block included."""
+    model = common.load_wavlm("tiny")
+    st = common.load_stories(model, tiny_study, ["story01"], "cpu", 0.0, 4.0)["story01"]
+    readout = common.make_readout(96 * 2, {"a": 7, "b": 5}, 8)
+    audio, kw = st["audio"][:16000 * 20], dict(layers=[1, 3], context_s=2.0, stride_s=1.0)
+    whole, _ = common.extract_features(model, audio, **kw)
+    once = common.predict_story(model, readout, st, 2, 8, delays=(1, 2))
+    monkeypatch.setattr(common, "windows_per_batch", lambda *a, **k: 3)
+    split, _ = common.extract_features(model, audio, **kw)
+    for a, b in zip(whole, split):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert len(st["tr_times"]) % 8  # a short last block
+    for s, pred in common.predict_story(model, readout, st, 2, 8, delays=(1, 2)).items():
+        assert pred.shape == (len(st["tr_times"]), readout[s].out_features)
+        np.testing.assert_allclose(pred, once[s], atol=1e-5)
 
 
 def test_window_cnn_is_the_cnn_of_each_window_s_own_audio(tiny_study):
@@ -248,27 +284,35 @@ def test_an_edit_to_stage_03_is_a_run_of_its_own_and_compare_names_it(trained, t
     assert f"changes code differs (files {STAGE})" in line and "paired by seed 0: gain " in line
 
 
+# The resumed runs' settings: FAST's, 3 epochs, on one story in blocks of 5 TRs. With training
+# windows every 4 s and a TR of 2 s, blocks of one shape then sit at two offsets from their first
+# frame: a Lanczos kernel that depended on which block built it first would differ between a run
+# resumed in a fresh process and the run never stopped.
+RESUMED = ["--epochs", "3", "--tune-stories", "1", "--block-trs", "5"] + FAST[4:]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(trained, tmp_path_factory):
-    """The reference: a 3-epoch run of the FAST settings, never stopped."""
+    """The reference: a run of the RESUMED settings, never stopped."""
     data, results, _ = trained
     res, ckpt = fresh_results(results, tmp_path_factory.mktemp("ref"), "ref")
-    assert run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01",
-                             "--epochs", "3"] + FAST[2:]) == 0
+    assert run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01"]
+                     + RESUMED) == 0
     return res
 
 
 def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(trained, uninterrupted, tmp_path,
                                                                                  capsys, monkeypatch):
     """Ctrl-C right after epoch 1 is saved: one line with the command to continue. That command
-    (the run's own settings) trains epochs 2 and 3 only, and ends where the uninterrupted run ended.
-    A bare --resume does the same (the epochs and learning rates come from the checkpoint), and a
-    flag that contradicts the checkpoint is refused, naming both values."""
+    (the run's own settings), as in a fresh process (as_a_fresh_process), trains epochs 2 and 3
+    only, and ends where the uninterrupted run ended. A bare --resume does the same (the epochs and
+    learning rates come from the checkpoint), and a flag that contradicts the checkpoint is
+    refused, naming both values."""
     data, results, _ = trained
     res, ckpt = fresh_results(results, tmp_path, "a")
     real = ctrl_c_after_each_epoch(monkeypatch)
     capsys.readouterr()
-    argv = ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01", "--epochs", "3"] + FAST[2:]
+    argv = ["--data", data, "--results", res, "--checkpoints", ckpt, "--subject", "sim01"] + RESUMED
     assert run_stage(STAGE, argv) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: interrupted: continue with `python 03_finetune_lora.py") and len(err.splitlines()) == 1
@@ -283,6 +327,7 @@ def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(
                           "--lr-adapter", "1e-4"], capsys, "was started with --lr-adapter 0.003, you gave --lr-adapter 0.0001",
                   res, ckpt)
     assert snapshot_of(ckpt) == saved
+    as_a_fresh_process(monkeypatch)
     assert run_stage(STAGE, hint) == 0
     out = capsys.readouterr().out
     assert "after epoch 1" in out and "epoch 2:" in out and "epoch 3:" in out and "epoch 1:" not in out
@@ -292,6 +337,7 @@ def test_ctrl_c_says_how_to_resume_and_resume_continues_with_the_saved_settings(
     ctrl_c_after_each_epoch(monkeypatch)
     assert run_stage(STAGE, argv[:2] + ["--results", res_b, "--checkpoints", ckpt_b] + argv[6:]) == 130
     monkeypatch.setattr(checkpoints, "save_checkpoint", real)
+    as_a_fresh_process(monkeypatch)
     assert run_stage(STAGE, ["--data", data, "--results", res_b, "--checkpoints", ckpt_b, "--subject", "sim01",
                              "--resume"]) == 0
     _same_result(uninterrupted, res_b)
@@ -397,8 +443,9 @@ def test_a_crash_at_any_step_of_a_checkpoint_save_leaves_the_old_or_the_new_copy
 def test_a_crash_mid_save_then_resume_gives_the_uninterrupted_result(trained, uninterrupted, tmp_path,
                                                                      monkeypatch, capsys):
     """End to end, at three points (the first step of epoch 2's best/ save, the last step of its
-    last/ save, and a torch.save torn mid-file): --resume finishes with the very result of the run
-    that was never stopped. Every other crash point is covered on small checkpoint folders above."""
+    last/ save, and a torch.save torn mid-file): --resume, as in a fresh process, finishes with the
+    very result of the run that was never stopped. Every other crash point is covered on small
+    checkpoint folders above."""
     data, results, _ = trained
     steps = _FileSteps(monkeypatch)
     saves, real_save = [0], checkpoints.save_checkpoint
@@ -411,7 +458,7 @@ def test_a_crash_mid_save_then_resume_gives_the_uninterrupted_result(trained, un
         finally:
             steps.counting = False
     monkeypatch.setattr(checkpoints, "save_checkpoint", counted_save)
-    argv = ["--subject", "sim01", "--epochs", "3"] + FAST[2:]
+    argv = ["--subject", "sim01"] + RESUMED
 
     def attempt(crash_at, torn=False):
         res, ckpt = fresh_results(results, tmp_path, f"{crash_at}{'t' if torn else ''}")
@@ -426,6 +473,7 @@ def test_a_crash_mid_save_then_resume_gives_the_uninterrupted_result(trained, un
         assert code == 130, (k, code)
         steps.crash_at = None
         capsys.readouterr()
+        as_a_fresh_process(monkeypatch)
         assert run_stage(STAGE, ["--data", data, "--results", res, "--checkpoints", ckpt, "--resume"] + argv) == 0, k
         assert "resuming" in capsys.readouterr().out and os.path.exists(one(f"{res}/03_*.png"))
         _same_result(uninterrupted, res)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from helpers import ctrl_c_after_each_epoch, fails_cleanly, fresh_results, one, run_stage
+from helpers import as_a_fresh_process, ctrl_c_after_each_epoch, fails_cleanly, fresh_results, one, run_stage, stage
 from lib import checkpoints, plumbing
 
 STAGE = "03_finetune_lora.py"
@@ -90,6 +90,7 @@ def test_a_joint_run_resumes_to_the_same_numbers(joint, tmp_path, monkeypatch, c
     hint = capsys.readouterr().err.split("`")[1].split()[2:]
     assert "--joint" in hint and "--resume" in hint
     monkeypatch.setattr(checkpoints, "save_checkpoint", real)
+    as_a_fresh_process(monkeypatch)
     assert run_stage(STAGE, hint) == 0
     a = plumbing.load_npz(one(f"{results}/03_joint-sim01-sim02_*.npz"))
     b = plumbing.load_npz(one(f"{res}/03_joint-sim01-sim02_*.npz"))
@@ -135,6 +136,39 @@ def test_stage_04_scores_joint_runs_like_for_like_and_on_the_subject_they_never_
     base = plumbing.load_npz(one(f"{out}/02_baseline_sim01_*.npz"))
     assert r["efficiency_sim01_untuned"][-1] == pytest.approx(base["test_r"].mean(), abs=1e-6)
     assert os.path.exists(one(f"{out}/04_cross_subject_*_data_efficiency.png"))
+    # each subject's curves come from the models that never saw it (never the joint run of both, nor
+    # a joint run of it alone); each at every story is that model's cross-subject score; the stories
+    # each needs are read off its curve against the untuned one's all-stories score
+    for b, other in [("sim01", "sim02"), ("sim02", "sim01")]:
+        kinds = {k[len(f"efficiency_{b}_"):] for k in r if k.startswith(f"efficiency_{b}_")}
+        assert kinds == {"untuned", other, f"joint-{other}"}, (b, kinds)
+        for kind in kinds - {"untuned"}:
+            assert r[f"efficiency_{b}_{kind}"][-1] == pytest.approx(r[f"test_r_{kind}_on_{b}"].mean(), abs=1e-6)
+        for kind in kinds:
+            needed = stage("04_cross_subject.py").stories_to_match(
+                r["efficiency_stories"], r[f"efficiency_{b}_{kind}"], r[f"efficiency_{b}_untuned"][-1])
+            np.testing.assert_equal(r[f"stories_to_match_{b}_{kind}"], np.float32(needed))
+
+
+def test_a_subject_no_joint_run_saw_is_scored_by_every_other_model_of_each_kind():
+    """held_out on three subjects (the README's table): for each subject, its own model, the mean of
+    the models tuned on each other subject, and the mean of the joint runs that never saw it (a
+    leave-one-out run and any joint run of others), never a joint run that saw it. (The joint
+    fixture's two subjects have one other model of each kind: there any of them is the mean.)"""
+    m = stage("04_cross_subject.py")
+    subjects = ["sim01", "sim02", "sim03"]
+    tuned_on = subjects + ["joint-sim01-sim02-sim03", "joint-sim02-sim03", "joint-sim01-sim03", "joint-sim01-sim02",
+                           "joint-sim03"]
+    delta = np.random.default_rng(0).normal(0.01, 0.01, (len(tuned_on), len(subjects)))
+    out = m.held_out(delta, tuned_on, subjects)
+    assert set(out) == set(subjects)
+    for j, b in enumerate(subjects):
+        saw = [set(a.split("-")[1:]) if a.startswith("joint-") else {a} for a in tuned_on]
+        single = [i for i, a in enumerate(tuned_on) if a in subjects and a != b]
+        joint = [i for i, a in enumerate(tuned_on) if a.startswith("joint-") and b not in saw[i]]
+        expected = (delta[j, j], delta[single, j].mean(), delta[joint, j].mean())
+        np.testing.assert_allclose(out[b], expected, rtol=1e-12, err_msg=b)
+        assert len(single) == 2 and len(joint) == (2 if b != "sim03" else 1)
 
 
 def test_compare_leaves_joint_runs_to_stage_04(joint, capsys):
@@ -142,3 +176,83 @@ def test_compare_leaves_joint_runs_to_stage_04(joint, capsys):
     _, results, _ = joint
     assert run_stage("compare.py", [results, "--out", os.path.join(results, "compare_joint.png")]) == 0
     assert "joint-" not in capsys.readouterr().out
+
+
+def test_a_joint_step_of_stage_03_is_the_mean_of_each_subject_s_loss_and_moves_every_head(tiny_study, tmp_path,
+                                                                                        monkeypatch):
+    """Stage 03's own training function on two subjects, for an epoch of one step: the step's
+    gradient is that of the mean over the subjects of each block's loss, each block forward on its
+    own against the subject's responses at its rows (the step's three blocks, of 10, 5 and 10 TRs,
+    come back regrouped from block_inputs); every subject's output layer and the bottleneck move
+    from where the seed started them; the epoch's validation r is the mean over the subjects of
+    each one's r on the validation story."""
+    m = stage(STAGE)
+    args = m.get_args(["--epochs", "1", "--block-trs", "10", "--batch-blocks", "3", "--lora-dropout", "0",
+                       "--grad-clip", "1e9", "--bottleneck", "20", "--lr-adapter", "3e-3", "--lr-readout", "1e-3",
+                       "--device", "cpu"])
+    seed, layer, delays = 1, 2, (1, 2)
+    d = {s: plumbing.load_npz(f"{tiny_study}/subjects/{s}.npz") for s in ("sim01", "sim02")}
+    baseline = dict(model=np.array("tiny"), model_seed=np.int64(0), provenance=dict(stories="s"),
+                    delays=np.array(delays))
+    model, readout, opt, prov, _ = m.setup_model(args, baseline, seed, {s: len(d[s]["roi_AC"]) for s in d}, "cpu")
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # as after some training: lora_B starts at zero, which gives lora_A no gradient
+            p.data.normal_(0, 0.1)
+    start = {k: v.clone() for k, v in readout.state_dict().items()}
+    stories = common.load_stories(model, tiny_study, ["story00", "val00"], "cpu", 0.0, 4.0)
+    resp = {s: {"story00": torch.tensor(d[s]["resp_story00"])} for s in d}  # blocks of 10, 10 and 5 TRs
+    val_resp = {s: {"val00": d[s]["resp_val00"]} for s in d}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    real_inputs, steps, checked = common.block_inputs, [], []
+
+    def recorded(model_, stories_, blocks, *a, **k):
+        x, order = real_inputs(model_, stories_, blocks, *a, **k)
+        if torch.is_grad_enabled():  # a training step (validation runs without a gradient)
+            steps.append((list(blocks), order))
+        return x, order
+
+    def each_block_on_its_own(optimizer, *_):
+        loss = 0.0
+        for s, i0, i1 in steps[-1][0]:
+            x, _ = real_inputs(model, stories, [(s, i0, i1)], layer, delays)
+            preds = common.read_out(readout, x)
+            per_subject = [common.blocks_loss(preds[subj], resp[subj][s][i0:i1], [i1 - i0]) for subj in resp]
+            loss = loss + torch.stack(per_subject).mean()
+        expected = torch.autograd.grad(loss / args.batch_blocks, params, allow_unused=True)
+        for p, g in zip(params, expected):
+            if g is None:  # an adapter above the layer read out: the forward never reaches it
+                assert p.grad is None or not p.grad.any()
+            else:
+                torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+        checked.append(len(steps))
+    monkeypatch.setattr(common, "block_inputs", recorded)
+    opt.register_step_pre_hook(each_block_on_its_own)
+    run = dict(name="joint", ckpt=str(tmp_path / "ckpt"), prov=prov)
+    history = m.train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, delays)
+    assert checked == [1] and steps[0][1] != sorted(steps[0][1])  # regrouped (10, 5, 10): the case that can go wrong
+    for name, before in start.items():
+        assert not torch.equal(readout.state_dict()[name], before), f"{name} never moved from its start"
+    with torch.no_grad():
+        preds = common.predict_story(model, readout, stories["val00"], layer, args.block_trs, delays)
+    val_r = np.mean([common.pearson_r(val_resp[s]["val00"], preds[s]).mean() for s in resp])
+    assert history["val_r"] == [pytest.approx(val_r, abs=1e-6)]
+
+
+def test_stories_needed_is_met_at_its_boundary_and_nan_when_never():
+    """The stories a curve of test r needs to reach a target: the untuned curve reaches its own
+    all-stories score exactly at its last size (the boundary: >=, not >); a size whose score equals
+    the target is that size; between sizes, linear (np.interp on a rising curve); a target above
+    the whole curve is never reached (NaN, not the largest size); below the first, the first size;
+    a curve that dips after reaching it is counted at its first crossing."""
+    m = stage("04_cross_subject.py")
+    sizes = [1, 2, 4, 8, 13]
+    curve = np.array([0.011, 0.017, 0.026, 0.031, 0.034])
+    assert m.stories_to_match(sizes, curve, curve[-1]) == 13.0
+    for k in range(len(sizes)):
+        assert m.stories_to_match(sizes, curve, curve[k]) == pytest.approx(sizes[k], abs=1e-9), k
+    for target in np.linspace(curve[0], curve[-1], 17):
+        assert m.stories_to_match(sizes, curve, target) == pytest.approx(np.interp(target, curve, sizes)), target
+    assert np.isnan(m.stories_to_match(sizes, curve, curve[-1] + 1e-4))
+    assert m.stories_to_match(sizes, curve, curve[0] - 0.01) == 1.0
+    dips = np.array([0.011, 0.030, 0.020, 0.031, 0.034])
+    assert m.stories_to_match(sizes, dips, 0.025) == pytest.approx(np.interp(0.025, dips[:2], sizes[:2]))

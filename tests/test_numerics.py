@@ -80,6 +80,27 @@ def test_zscore_and_pearson():
     assert common.pearson_r(a, np.ones_like(a))[0] == 0
 
 
+def test_pearson_r_and_noise_ceiling_slice_by_slice_are_each_voxel_s_own(monkeypatch):
+    """Real subjects have ~81,000 voxels, which pearson_r and noise_ceiling take VOXEL_SLICE (10,000)
+    at a time; the tests' arrays are smaller than one slice. With slices of 7 voxels (the last one
+    short), every voxel's r is np.corrcoef's and its ceiling the formula's, voxel by voxel."""
+    monkeypatch.setattr(common, "VOXEL_SLICE", 7)
+    rng = np.random.default_rng(3)
+    signal = rng.standard_normal((60, 1)) * np.linspace(0.1, 3, 30)  # every voxel its own signal strength
+    a, b = signal + rng.standard_normal((60, 30)), signal + rng.standard_normal((60, 30))
+    np.testing.assert_allclose(common.pearson_r(a, b), [np.corrcoef(a[:, v], b[:, v])[0, 1] for v in range(30)],
+                               atol=1e-6)
+    repeats = signal[None] + rng.standard_normal((4, 60, 30))
+    ceiling = []
+    for v in range(30):
+        y = repeats[:, :, v]
+        var_mean, mean_var = y.mean(0).var(), y.var(1).mean()
+        power = max(0.0, (4 * var_mean - mean_var) / 3)  # the signal power of Sahani & Linden
+        ceiling.append(min(1.0, np.sqrt(power / var_mean)))
+    np.testing.assert_allclose(common.noise_ceiling(repeats), ceiling, atol=1e-6)
+    assert np.ptp(ceiling) > 0.5  # voxels far apart: one read at another's place would show
+
+
 @pytest.fixture(scope="module")
 def abstract_study(tmp_path_factory):
     """The abstract 300-voxel study (--cortex none): every voxel's noise sd 0.7-2 times its signal's."""

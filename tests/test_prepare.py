@@ -1,4 +1,5 @@
 """Stage 01: the simulated study and the ds003020 reader, including every bad-input path."""
+import argparse
 import json
 import os
 import shutil
@@ -153,6 +154,29 @@ def test_reuse_links_the_study_these_settings_and_this_code_build(default_study,
     assert run_stage(STAGE, ["--data", other, "--reuse", default_study, "--n-subjects", "1", "--n-voxels", "500"]) == 0
     assert "building the simulated study" in capsys.readouterr().out and not os.path.samefile(
         f"{other}/stories/test.npz", f"{default_study}/stories/test.npz")
+
+
+def test_a_small_study_on_s1_keeps_five_ac_columns_whatever_the_seed():
+    """--n-voxels 60 on S1: AC is 1.5% of cortex, so a uniform sample holds 0.9 AC columns on
+    average, too few for stages 03-05 to tune and score on AC. For every seed the sample keeps
+    anatomy.MIN_AC (5) of them: the uniform sample when it holds that many, else a stratified one
+    (exactly MIN_AC from AC, the rest from outside it); 60 distinct columns in order, their ROIs
+    S1's, either way."""
+    assert anatomy.MIN_AC == 5
+    ac = plumbing.load_npz(os.path.join(anatomy.ASSETS, "s1_cortex.npz"))["roi_AC"]
+    stratified = 0
+    for n, seed in [(60, seed) for seed in range(12)] + [(2000, 0)]:
+        c = anatomy.cortex_sample(argparse.Namespace(n_voxels=n), np.random.default_rng(seed))
+        columns = c["columns"]
+        assert len(columns) == n and np.all(np.diff(columns) > 0), seed
+        np.testing.assert_array_equal(c["roi_AC"], ac[columns])
+        uniform = np.sort(np.random.default_rng(seed).choice(len(ac), n, replace=False))
+        if ac[uniform].sum() >= anatomy.MIN_AC:
+            np.testing.assert_array_equal(columns, uniform)
+        else:
+            stratified += 1
+            assert ac[columns].sum() == anatomy.MIN_AC, (seed, ac[columns].sum())
+    assert stratified >= 10  # most 60-column draws: none or a few AC columns (2,000 hold ~30: uniform)
 
 
 # --------------------------------------------------------------------------- ds003020 fixture
