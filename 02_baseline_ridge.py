@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import common
-from lib import figures, inputs, plumbing, provenance, scoring
+from lib import batching, figures, inputs, plumbing, provenance, scoring
 from lib.plumbing import StudyError, ranged, sample_seconds, stage
 from lib.study import stack_responses
 
@@ -55,7 +55,7 @@ def get_parser():
                    help="seconds of past audio per window (lab: 16)")
     p.add_argument("--stride-s", type=sample_seconds(True), default=DEFAULT_STRIDE_S,
                    help="window step (lab: 0.1)")
-    p.add_argument("--window-feature", choices=common.WINDOW_FEATURES, default="stride",
+    p.add_argument("--window-feature", choices=batching.WINDOW_FEATURES, default="stride",
                    help="stride: every frame of a window's last --stride-s seconds, at its centre "
                    "(whole 20 ms frames); first/last: one frame per window, stamped at its end "
                    "(the authors': first)")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import common
-from lib import checkpoints, inputs, plumbing, provenance
+from lib import batching, checkpoints, inputs, plumbing
 from lib.study import stack_responses
 from lib.checkpoints import ROIS
 from lib.plumbing import one_of, ranged, sample_seconds, stage, tag_type
@@ -114,7 +114,16 @@ def get_parser():
                    help="validation: the best end-to-end validation r; linearized: the authors', "
                    "each epoch's features through a ridge with the untuned model's alphas, the "
                    "untuned model a candidate too (common.linearized_val_r)")
-    g = p.add_argument_group("training examples")
+    example_flags(p.add_argument_group("training examples"))
+    plumbing.add_recipe(p, dict(authors=AUTHORS), help="authors: the defaults of the authors' "
+                        "released code for " + ", ".join(sorted("--" + k.replace("_", "-")
+                                                                for k in AUTHORS))
+                        + " (docs/methods.md); needs stage 02's --recipe authors result")
+    return p
+
+
+def example_flags(g):
+    """How a run cuts its stories into training examples and takes them."""
     g.add_argument("--block-trs", type=ranged(int, 1), default=32, help="TRs per training "
                    "example (normalised as one block: see common.readout_input)")
     g.add_argument("--batch-blocks", type=ranged(int, 1), default=2, help="examples per step")
@@ -133,13 +142,8 @@ def get_parser():
                    "docs/methods.md)")
     g.add_argument("--train-stride-s", type=sample_seconds(True), default=4.0,
                    help="training window length and step, seconds")
-    g.add_argument("--train-window-feature", choices=common.WINDOW_FEATURES, default="stride",
+    g.add_argument("--train-window-feature", choices=batching.WINDOW_FEATURES, default="stride",
                    help="what a training window gives, as stage 02's --window-feature")
-    plumbing.add_recipe(p, dict(authors=AUTHORS), help="authors: the defaults of the authors' "
-                        "released code for " + ", ".join(sorted("--" + k.replace("_", "-")
-                                                                for k in AUTHORS))
-                        + " (docs/methods.md); needs stage 02's --recipe authors result")
-    return p
 
 
 def get_args(argv=None):
@@ -198,7 +202,7 @@ def train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, 
     saved before last/, so a crash between the two only repeats an epoch (the same numbers:
     seeded)."""
     first = next(iter(resp.values()))  # the subjects heard the same stories
-    blocks = common.training_blocks({s: len(stories[s]["tr_times"]) for s in first},
+    blocks = batching.training_blocks({s: len(stories[s]["tr_times"]) for s in first},
                                     args.block_trs, args.block_history)
     history, start = checkpoints.start_history(args, run, model, readout, opt)
     if lin is not None and "val_r_start" not in history:
@@ -208,7 +212,7 @@ def train(args, run, model, readout, opt, stories, resp, val_resp, layer, seed, 
             print(f"  early stop: no better validation r for {args.patience} epochs")
             break
         model.train()
-        order = common.block_order(blocks, seed, epoch, args.block_order)  # resumable
+        order = batching.block_order(blocks, seed, epoch, args.block_order)  # resumable
         loss_sum, n_blocks = 0.0, 0  # on the device: read once an epoch (or for the progress bar)
         steps = range(0, len(order), args.batch_blocks)
         for k in (bar := plumbing.progress_bar(steps, f"  {run['name']} epoch {epoch + 1}")):
@@ -242,8 +246,10 @@ def val_score(args, model, readout, stories, val_resp, layer, delays, lin=None):
     subject's training stories with the untuned model's alphas."""
     if lin is not None:
         _, window, study, recipe, fits = lin
-        tuned = common.merged(model)
-        feats = {s: common.tr_features(tuned, stories[s], layer, window, stories[s]["cnn"])
+        tuned, path = batching.merged(model), os.path.join(args.data, "stories", "{}.npz")
+        feats = {s: common.story_features(tuned, None, None, path.format(s), *window[:2],
+                                          top_layer=layer, cnn=stories[s]["cnn"],
+                                          take=window[2])[layer]
                  for s in study["train"] + study["val"]}
         return np.mean([common.linearized_val_r(feats, Y, val_resp[subj], study, recipe, alphas,
                                                 args.device)[0]
@@ -283,7 +289,7 @@ def evaluate(args, run, model, readout, stories, files, masks, layer, study, bas
                                      args.block_trs, delays, args.norm, args.block_history,
                                      args.lanczos_floor)
     fingerprint = plumbing.model_fingerprint(model)  # the tuned model's: stage 04 finds its cache
-    merged, cache = common.merged(model), os.path.join(args.data, "features", run["name"])
+    merged, cache = batching.merged(model), os.path.join(args.data, "features", run["name"])
     window = common.scoring_window(next(iter(baselines.values())))  # the subjects' share it
     features = {s: common.story_features(
         merged, fingerprint, cache, os.path.join(args.data, "stories", f"{s}.npz"), *window[:2],
@@ -318,10 +324,10 @@ def run(args, subjects, seed, study, baselines):
     if finished is not None:
         return checkpoints.run_rows(run["name"], finished, files)
     if args.compile:
-        common.compile_layers(model)
-    stories = common.load_stories(model, args.data, study["train"] + study["val"] + [study["test"]],
-                                  args.device, args.train_context_s, args.train_stride_s,
-                                  args.train_window_feature)
+        batching.compile_layers(model)
+    names = study["train"] + study["val"] + [study["test"]]
+    stories = batching.load_stories(model, args.data, names, args.device, args.train_context_s,
+                                    args.train_stride_s, args.train_window_feature)
     resp = {subj: {s: torch.as_tensor(files[subj][f"resp_{s}"][:, masks[subj]], device=args.device)
                    for s in study["train"][:args.tune_stories]} for subj in subjects}
     val_resp = {subj: {s: files[subj][f"resp_{s}"][:, masks[subj]] for s in study["val"]}

@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 import common
-from lib import checkpoints, figures, inputs, plumbing, provenance
+from lib import batching, checkpoints, figures, inputs, plumbing, provenance
 from lib.checkpoints import ROIS
 from lib.plumbing import one_of, stage, tag_type
 
@@ -62,7 +62,7 @@ def tuned_features(args, run, study):
     model = checkpoints.load_tuned(args, run, common.load_wavlm(
         str(base["model"]), int(base["model_seed"]), args.device), args.device)
     fingerprint, layer = plumbing.model_fingerprint(model), int(run["layer"])  # stage 03's key
-    model, cache = common.merged(model), os.path.join(args.data, "features", run["name"])
+    model, cache = batching.merged(model), os.path.join(args.data, "features", run["name"])
     window = common.scoring_window(base)
     return {s: common.story_features(model, fingerprint, cache,
                                      os.path.join(args.data, "stories", f"{s}.npz"), *window[:2],

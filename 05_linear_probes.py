@@ -157,7 +157,7 @@ def main(args):
     scores, by_fold, cnn = [], [], None
     for which in args.models:
         model = common.load_wavlm(str(base["model"]), int(base["model_seed"]), args.device)
-        model = common.merged(model if which == "baseline" else checkpoints.load_tuned_wavlm(
+        model = batching.merged(model if which == "baseline" else checkpoints.load_tuned_wavlm(
             model, os.path.join(runs[which]["best"], "model"), False, args.device))
         if cnn is None:  # the CNN is frozen in stage 03, so one pass serves every model
             cnn = {s: batching.story_cnn(model, stories[s]["audio"], args.data, s) for s in names}

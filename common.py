@@ -6,7 +6,6 @@
   4. BrainWavLM end to end (Section 2.3): frames -> Lanczos -> norm -> delays -> readout; the loss
   5. Linear probes (Section 3.4): word representations, ridge probes with whole stories held out
 """
-import copy
 import json
 import os
 import types
@@ -14,11 +13,11 @@ import types
 import numpy as np
 import torch
 
-from lib.batching import (FRAME_HOP, FRAME_WIN, SR, base_wavlm, encode_windows, kept_frames,
-                          n_frames, story_cnn, window_cnn, windows_per_batch)
-from lib.plumbing import (StudyError, autocast, cached_npz, check_window, feature_cache_dir,
-                          from_pretrained, load_npz, memory_budget, model_fingerprint, pick_device,
-                          progress_bar, sha1, to_device)
+from lib.batching import (FRAME_WIN, SR, base_wavlm, encode_windows, feature_times, feature_windows,
+                          kept_frames, n_frames, story_cnn, window_cnn, window_features,
+                          windows_per_batch)
+from lib.plumbing import (StudyError, autocast, cached_npz, feature_cache_dir, from_pretrained,
+                          load_npz, model_fingerprint, pick_device, progress_bar, sha1, to_device)
 from lib.study import stack_responses
 
 
@@ -120,9 +119,8 @@ def design_matrix(ds, delays=(1, 2, 3, 4), story_start="audio"):
     x = np.asarray(ds, dtype=np.float32)
     mean, std = x[PAD_TRS:].mean(0), x[PAD_TRS:].std(0)
     z = (x - mean) / np.where(std > 0, std, 1.0)
-    if story_start == "zeros":
-        return make_delayed(z[PAD_TRS:], delays)
-    return make_delayed(z, delays)[PAD_TRS:]
+    z = make_delayed(z[PAD_TRS:] if story_start == "zeros" else z, delays)
+    return z if story_start == "zeros" else z[PAD_TRS:]
 
 # The lab's bootstrap_ridge grid logspace(1, 3) is logspace(2, 6) in this (himalaya) convention; the
 # grid reaches lower so small studies (a few hundred TRs) find their optimum too.
@@ -134,9 +132,9 @@ def contiguous_folds(n_samples, n_folds=5):
     return [(np.concatenate([idx[:a], idx[b:]]), idx[a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
 def bootstrap_folds(n_samples, n_boots=3, chunk_trs=40, held_out=0.25, seed=0):
-    """The splits of the lab's bootstrap_ridge (the authors' refit): n_boots draws, each holding out
-    int(held_out * n / chunk_trs) chunks of chunk_trs consecutive TRs picked at random (the rows
-    past the last whole chunk are never held out). Seeded here; the authors' draw is not."""
+    """The lab's bootstrap_ridge splits (the authors' refit): n_boots draws, each holding out
+    int(held_out * n / chunk_trs) random chunks of chunk_trs TRs (never the rows past the last whole
+    chunk). Seeded here; theirs is not."""
     rng, chunks = np.random.default_rng(seed), np.arange(n_samples // chunk_trs * chunk_trs)
     chunks, n_held = chunks.reshape(-1, chunk_trs), int(n_samples * held_out / chunk_trs)
     out = []
@@ -145,12 +143,11 @@ def bootstrap_folds(n_samples, n_boots=3, chunk_trs=40, held_out=0.25, seed=0):
         out.append((np.setdiff1d(np.arange(n_samples), held), held))
     return out
 
-RIDGES = ("folds", "bootstrap")
+RIDGES = ("folds", "bootstrap")  # fit_ridge's
 
 def fit_ridge(X, Y, alphas=ALPHAS, n_folds=5, ridge="folds", device="cpu"):
-    """ridge_cv with a recipe's held-out splits: 'folds' (this repository's: n_folds contiguous
-    blocks, ties to the larger alpha, as himalaya) or 'bootstrap' (the lab's bootstrap_ridge: ties
-    to the smaller, as its argmax)."""
+    """ridge_cv with a recipe's splits: 'folds' (ours: n_folds contiguous blocks, ties to the larger
+    alpha as himalaya) or 'bootstrap' (the lab's bootstrap_ridge, ties to the smaller)."""
     if ridge == "bootstrap":
         return ridge_cv(X, Y, alphas, folds=bootstrap_folds(len(X)), device=device, ties="smaller")
     return ridge_cv(X, Y, alphas, n_folds=n_folds, device=device)
@@ -275,10 +272,9 @@ def untuned_features(baseline, layer, study, device="cpu"):
                               data=study["data"], take=window[2])[layer] for s in stories}
 
 def scoring_window(baseline):
-    """Stage 02's windows, which every scoring of tuned features shares: (context_s, stride_s,
-    feature_windows' take)."""
-    return (float(baseline["context_s"]), float(baseline["stride_s"]),
-            str(baseline.get("window_feature", "stride")))
+    """Stage 02's windows, which every scoring of tuned features shares: (context, stride, take)."""
+    take = str(baseline.get("window_feature", "stride"))
+    return float(baseline["context_s"]), float(baseline["stride_s"]), take
 
 def untuned_r(baseline, layer, subject_data, study, device="cpu"):
     """The yardstick of every tuned model: the untuned model read out at `layer`, on the subject of
@@ -300,10 +296,9 @@ def ridge_fixed(X, Y, alphas, device="cpu"):
     return (V @ (Z / shrink)).cpu().numpy()
 
 def linearized_val_r(features, Y_train, val_resp, study, recipe, alphas=None, device="cpu"):
-    """The authors' choice of epoch (brain_best_linear.py): features at the tuned layer through a
-    ridge on the training stories, scored by Pearson r on each validation story, the mean over the
-    stories, then over voxels (NaN-safe). alphas: each voxel's (epoch 0's), else chosen here with
-    the recipe's ridge. Returns (mean r, the alphas)."""
+    """The authors' choice of epoch (brain_best_linear.py): features through a ridge on the training
+    stories, Pearson r on each validation story, the mean over stories, then voxels (NaN-safe).
+    alphas: each voxel's (epoch 0's), else chosen by the recipe's ridge. Returns (r, alphas)."""
     X = np.vstack([design_matrix(features[s], recipe["delays"], recipe["story_start"])
                    for s in study["train"]])
     if alphas is None:
@@ -411,72 +406,7 @@ def add_lora(model, rank=4, alpha=4, dropout=0.1, targets=("q_proj", "k_proj", "
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                                             target_modules=list(targets)))
 
-def compile_layers(model):
-    """torch.compile on WavLM's transformer layers, where a step's time goes: their many small
-    operations fused into fewer kernels (on a GPU, replayed as CUDA graphs, one per window shape).
-    In place: names and checkpoints are unchanged. Returns the model."""
-    mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
-    for layer in base_wavlm(model).encoder.layers:
-        layer.compile(mode=mode)
-    return model
-
-def merged(model):
-    """The model for passes without a gradient (linearized scoring, stages 04 and 05): a copy with
-    LoRA's adapters merged into the weights they adapt (W + alpha/r B A: one matmul per projection
-    where the adapter takes three). A model without adapters is returned as it is."""
-    if not hasattr(model, "merge_and_unload"):
-        return model
-    return copy.deepcopy(model).merge_and_unload().eval()
-
 # ==== 3. Features: causal windows over a story, Lanczos-downsampled to its TRs ====
-
-FRAMES = (FRAME_WIN / 2, FRAME_HOP)  # the story's frames: the first centred at 12.5 ms, every 20 ms
-
-def feature_times(times, first, count):
-    """Seconds of features first .. first + count - 1 of a story whose features start at times[0]
-    samples and follow every times[1] samples (FRAMES: frame centres)."""
-    return ((first + np.arange(count)) * times[1] + times[0]) / SR
-
-def frame_times(first, count):
-    """Centres of frames first .. first + count - 1 in seconds (each frame spans 25 ms)."""
-    return feature_times(FRAMES, first, count)
-
-def window_grid(frames, context_s, stride_s):
-    """A story's causal windows, one every stride_s seconds: (first frame fed, first frame kept,
-    end). WavLM's attention is bidirectional, so causality comes from the windows: each keeps its
-    last stride_s seconds of frames and sees up to context_s seconds of the past before them."""
-    s, c = round(stride_s * SR / FRAME_HOP), round(context_s * SR / FRAME_HOP)
-    return [(max(0, k - c), k, min(frames, k + s)) for k in range(0, frames, s)]
-
-WINDOW_FEATURES = ("stride", "first", "last")
-
-def feature_windows(n_samples, context_s, stride_s, take="stride"):
-    """A story's windows as (first sample, end sample, first kept frame, end kept frame) of each
-    clip, and its features' times (feature_times). take 'stride' (this repository's): window_grid,
-    every frame of each window's last stride_s seconds kept at its centre, so the features are the
-    story's frames. 'first' or 'last' (the authors' extract_features_hf.slide_window with
-    target_token 0 or -1): windows of context_s + stride_s seconds ending every stride_s seconds
-    (the first ones shorter: they start with the story), each giving one frame, stamped at the
-    window's end. The authors' 'first' frame sees its window's future, not its past
-    (docs/methods.md, the authors' code)."""
-    if take == "stride":
-        check_window(context_s, stride_s, ("context_s", "stride_s"))
-        grid = window_grid(n_frames(n_samples), context_s, stride_s)
-        return [(a * FRAME_HOP, (b - 1) * FRAME_HOP + FRAME_WIN, k - a, b - a)
-                for a, k, b in grid], FRAMES
-    if take not in WINDOW_FEATURES:
-        raise StudyError(f"window feature {take!r}: choose one of {', '.join(WINDOW_FEATURES)}")
-    length, step = round((context_s + stride_s) * SR), round(stride_s * SR)
-    if step < 1 or abs(stride_s * SR - step) > 1e-6 or abs(context_s * SR - (length - step)) > 1e-6:
-        raise StudyError(f"context_s {context_s:g} and stride_s {stride_s:g} must be whole numbers "
-                         f"of samples at {SR} Hz, stride_s > 0")
-    out = []
-    for end in range(step, n_samples + 1, step):
-        start = max(0, end - length)
-        if end - start >= FRAME_WIN:  # as theirs: a clip shorter than one frame gives nothing
-            n = n_frames(end - start)
-            out.append((start, end, 0, 1) if take == "first" else (start, end, n - 1, n))
-    return out, (step, step)
 
 def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride_s=4.0, grad=False,
                      progress=False, cnn=None, take="stride"):
@@ -517,19 +447,12 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     feats = feats if grad else [f.cpu().numpy() for f in feats]
     return feats, feature_times(times, 0, len(feats[0]))
 
-def tr_features(model, story, layer, window, cnn=None):
-    """One story's hidden state `layer` downsample_to_trs'd, uncached (a model of one epoch):
-    story as load_stories holds it, window as scoring_window gives it."""
-    feats, times = extract_features(model, story["audio"], layers=[layer], context_s=window[0],
-                                    stride_s=window[1], cnn=cnn, take=window[2])
-    return downsample_to_trs(feats[0], times, story["tr_times"])
-
 def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False,
                    progress=False, top_layer=None, cnn=None, data=None, take="stride"):
     """Hidden states 0..top_layer (default: all) of one story, downsample_to_trs'd (layers x
     (PAD_TRS + TRs) x hidden), cached in <cache_dir>/<story>.npz under the model's fingerprint, the
-    windows, the audio and the TR times. cnn: the story's story_cnn output (else computed, cached in
-    `data`); take: feature_windows'."""
+    windows, the audio and the TR times (cache_dir None: not cached). cnn: the story's story_cnn
+    output (else computed, cached in `data`); take: feature_windows'."""
     name = os.path.basename(story_npz)[:-4]
     story = load_npz(story_npz, "story file")
     n_states = (base_wavlm(model).config.num_hidden_layers if top_layer is None else top_layer) + 1
@@ -542,6 +465,8 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
         feats, times = extract_features(model, story["audio"], int(story["sr"]), range(n_states),
                                         context_s, stride_s, progress=progress, cnn=c, take=take)
         return np.stack([downsample_to_trs(f, times, story["tr_times"]) for f in feats])
+    if cache_dir is None:
+        return compute()
     return cached_npz(os.path.join(cache_dir, f"{name}.npz"), key, compute, "ds", refresh)
 
 # ==== 4. BrainWavLM, end to end: WavLM layer -> Lanczos -> norm -> delays -> readout ====
@@ -567,32 +492,6 @@ def delay_reach(delays):
     """TRs the delays read before and after a block (a negative delay reads later rows)."""
     return max(0, max(delays)), max(0, -min(delays))
 
-def story_windows(model, audio, tr_times, context_s=0.0, stride_s=4.0, take="stride", cnn=None):
-    """A story as block_inputs reads it: its audio (a tensor) and TR times, its windows
-    (feature_windows), where each window's features start among the story's (`offsets`), and the
-    frozen CNN's output for each window (window_cnn; cnn: story_cnn's, if the caller has it)."""
-    windows, times = feature_windows(len(audio), context_s, stride_s, take)
-    kept = np.array([k1 - k0 for _, _, k0, k1 in windows])
-    return dict(audio=audio, tr_times=tr_times, windows=windows, times=times, cnn=cnn,
-                offsets=np.cumsum(kept) - kept, window_cnn=window_cnn(model, audio, windows, cnn))
-
-def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0, take="stride"):
-    """Each story of `names` as story_windows gives it, on `device`, the frozen CNN's output computed
-    once rather than in every block of every epoch: on the device while it fits in its budget, else
-    in pinned host memory."""
-    stories, room = {}, memory_budget(device)
-    for s in names:
-        story_file = load_npz(os.path.join(data, "stories", f"{s}.npz"))
-        audio = torch.as_tensor(story_file["audio"], device=device)
-        cnn = story_cnn(model, audio, data, s)  # a local CNN's, once per story (cached on disk)
-        st = story_windows(model, audio, story_file["tr_times"], context_s, stride_s, take, cnn)
-        if cnn is None:  # a group-norm CNN's output per window: memory of its own
-            room -= sum(c.numel() * c.element_size() for c in st["window_cnn"])
-            if room < 0 and torch.device(device).type == "cuda":
-                st["window_cnn"] = [c.cpu().pin_memory() for c in st["window_cnn"]]
-        stories[s] = st
-    return stories
-
 def block_span(story, i0, i1, delays, history="real"):
     """What rows i0..i1 of a story need: the TR grid that feeds their delays (rows i0 - max delay ..
     i1; history 'zeros': the block's rows alone, as the authors' zero-padded delays) and the windows
@@ -606,11 +505,6 @@ def block_span(story, i0, i1, delays, history="real"):
     first, last = (reach * SR - story["times"][0]) / story["times"][1]  # in features
     w0 = max(0, int(np.searchsorted(keep, np.ceil(first), "right")) - 1)
     return grid, w0, max(w0 + 1, int(np.searchsorted(keep, np.floor(last), "right")))
-
-def window_features(story, w0, w1):
-    """The first of the story's features that windows w0 .. w1 - 1 keep, and how many."""
-    _, _, k0, k1 = story["windows"][w1 - 1]
-    return story["offsets"][w0], story["offsets"][w1 - 1] + k1 - k0 - story["offsets"][w0]
 
 _KERNELS = {}  # Lanczos matrices on a device: the grids are regular, so blocks share a few
 
@@ -658,11 +552,10 @@ def block_inputs(model, stories, blocks, layer, delays=(1, 2, 3, 4), norm="block
 
 def readout_input(x, delays=(1, 2, 3, 4), norm="block", history="real"):
     """Blocks x grid rows x hidden -> per-feature norm over each block's rows -> delays. norm
-    'block': z-score with the unbiased std + 1e-5; 'instance': the authors' InstanceNorm1d (left in
-    training mode, so validation uses block statistics too): the biased variance, 1e-5 inside the
-    square root; 'none'. history 'real': the grid starts max(delays) rows early, so each delayed
-    copy reads real rows (make_delayed without its zero padding); 'zeros': the grid is the block's
-    own rows and the delays read zeros before its start (the authors' DelayFeatures)."""
+    'block': z-score with the unbiased std + 1e-5; 'instance': the authors' InstanceNorm1d (in
+    training mode, validation too): biased variance, 1e-5 inside the root; 'none'. history 'real':
+    the grid starts max(delays) rows early, so each delayed copy reads real rows (make_delayed
+    without its zero padding); 'zeros': the block's own rows, zeros before (their DelayFeatures)."""
     if norm == "block":
         # Per-feature normalisation over the block (the paper's readout starts with an
         # InstanceNorm): a block is all one step sees, so it is normalised on its own
@@ -676,25 +569,6 @@ def readout_input(x, delays=(1, 2, 3, 4), norm="block", history="real"):
     before, after = delay_reach(delays)
     n = x.shape[-2]
     return torch.cat([x[..., before - d:n - after - d, :] for d in delays], -1)
-
-def training_blocks(rows, block_trs, history="real"):
-    """A run's training examples [(story, i0, i1), ...]: each story ({story: rows}) cut into blocks
-    of block_trs TRs, the last shorter. With zero-padded delays (history 'zeros'), a block of one
-    row, whose input would be all zeros, is left out (as the authors')."""
-    least = 2 if history == "zeros" else 1
-    return [(s, i, min(n, i + block_trs)) for s, n in rows.items() for i in range(0, n, block_trs)
-            if min(n, i + block_trs) - i >= least]
-
-def block_order(blocks, seed, epoch, order="shuffled"):
-    """The order an epoch takes its blocks [(story, i0, i1), ...] in: 'shuffled' across stories,
-    anew each epoch (seeded by the seed and the epoch, so a resumed run takes the same); 'stories'
-    (the authors'): the stories in one seeded order, the same every epoch, each one's blocks in
-    time order."""
-    if order == "shuffled":
-        return np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))
-    names = np.random.default_rng(seed).permutation(sorted({s for s, _, _ in blocks}))
-    rank = {s: i for i, s in enumerate(names)}
-    return np.array(sorted(range(len(blocks)), key=lambda j: (rank[blocks[j][0]], blocks[j][1])))
 
 def tr_correlations(pred, y):
     """The correlation across voxels at each TR (row) of pred and y."""

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from bench.legacy_step import legacy_extract, legacy_step, use_legacy_attention  # noqa: E402
-from lib import plumbing  # noqa: E402
+from lib import batching, plumbing  # noqa: E402
 
 
 class Count(TorchDispatchMode):
@@ -54,7 +54,7 @@ def setup(legacy):
     stories = {}
     for s in ("story00", "story01"):
         audio = torch.tensor(rng.standard_normal(150 * 16000).astype(np.float32) * 0.1)
-        stories[s] = common.story_windows(base, audio, 11.0 + 2.0 * np.arange(70))
+        stories[s] = batching.story_windows(base, audio, 11.0 + 2.0 * np.arange(70))
         if legacy:
             stories[s]["window_cnn"] = None
     resp = {s: torch.randn(70, 500) for s in stories}

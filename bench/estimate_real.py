@@ -29,7 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-from lib import plumbing  # noqa: E402
+from lib import batching, plumbing  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--gpu-check", help="gpu_check.json measured on the GPU (else assumed efficiencies)")
@@ -76,10 +76,10 @@ feat_flops_per_audio_s = window_flops / per_window_s  # each window's features c
 lora = common.add_lora(model).train()
 audio = torch.zeros(200 * 16000)
 if authors:  # a shorter story: the CNN's output of its windows is made once, before the count
-    story = common.story_windows(model, audio[:60 * 16000], 11.0 + 2.0 * np.arange(20), 3.75, 0.25, "first")
+    story = batching.story_windows(model, audio[:60 * 16000], 11.0 + 2.0 * np.arange(20), 3.75, 0.25, "first")
     blocks, step_kw = [("s", 5, 15)], dict(norm="instance", history="zeros", floor=1e-10)
 else:
-    story = common.story_windows(model, audio, 11.0 + 2.0 * np.arange(90))
+    story = batching.story_windows(model, audio, 11.0 + 2.0 * np.arange(90))
     blocks, step_kw = [("s", 16, 48), ("s", 48, 80)], {}
 with FlopCounterMode(display=False) as fc:
     x, _ = common.block_inputs(lora, {"s": story}, blocks, 6, **step_kw)

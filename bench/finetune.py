@@ -53,7 +53,7 @@ n_vox = plumbing.array_shape(d, "test_resp")[1]
 readout = common.make_readout(model.config.hidden_size * 4, {"s": n_vox}, targs.bottleneck).to(device)
 opt = torch.optim.Adam([{"params": [q for q in model.parameters() if q.requires_grad], "lr": 1e-3},
                         {"params": readout.parameters(), "lr": 1e-3}])
-stories = common.load_stories(model, args.data, study["train"], device, targs.train_context_s, targs.train_stride_s)
+stories = batching.load_stories(model, args.data, study["train"], device, targs.train_context_s, targs.train_stride_s)
 blocks = [(s, i, min(len(stories[s]["tr_times"]), i + targs.block_trs)) for s in study["train"]
           for i in range(0, len(stories[s]["tr_times"]), targs.block_trs)]
 order = np.random.default_rng(0).permutation(len(blocks))

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 from bench.legacy_step import legacy_extract, legacy_step, use_legacy_attention  # noqa: E402
-from lib import plumbing  # noqa: E402
+from lib import batching, plumbing  # noqa: E402
 from lib.study import load_study, load_subject  # noqa: E402
 
 BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense
@@ -152,7 +152,7 @@ def setup(before):
     readout = common.make_readout(cfg.hidden_size * 4, {"s": resp[st["train"][0]].shape[1]}, 100).to(dev)
     opt = torch.optim.Adam([p_ for p_ in model.parameters() if p_.requires_grad] + list(readout.parameters()), lr=1e-4,
                            fused=not before)
-    stories = common.load_stories(model, data, st["train"], dev, 0.0, 4.0)
+    stories = batching.load_stories(model, data, st["train"], dev, 0.0, 4.0)
     blocks = [(s, i, i + 32) for s in st["train"] for i in range(0, len(stories[s]["tr_times"]) - 31, 32)]
     return model, readout, opt, stories, blocks
 
@@ -211,7 +211,7 @@ save()
 if not args.skip_compile:
     model, readout, opt, stories, blocks = setup(False)
     t0 = time.time()
-    common.compile_layers(model)
+    batching.compile_layers(model)
     for k in range(2):
         new_step(model, readout, opt, stories, blocks, k)
     sync()

@@ -18,11 +18,11 @@ P=${PYTHON:-.venv/bin/python}
 LORA="--lr-adapter 3e-3 --lr-readout 1e-3 --epochs 20 --patience 3"
 mkdir -p "$R"
 timed() {  # name, then the command: its wall and CPU (user + system) seconds into times.tsv
-  local name=$1; shift
+  local name=$1 me=$BASHPID; shift  # this shell's own: $BASHPID inside $(...) would be the subshell's
   local t0 c0 t1 c1
-  t0=$(date +%s.%N); c0=$(awk '{print $14 + $15 + $16 + $17}' /proc/$BASHPID/stat)
+  t0=$(date +%s.%N); c0=$(awk '{print $14 + $15 + $16 + $17}' /proc/$me/stat)
   "$@"
-  t1=$(date +%s.%N); c1=$(awk '{print $14 + $15 + $16 + $17}' /proc/$BASHPID/stat)
+  t1=$(date +%s.%N); c1=$(awk '{print $14 + $15 + $16 + $17}' /proc/$me/stat)
   printf '%s\t%.1f\t%.1f\n' "$name" "$(echo "$t1 - $t0" | bc)" "$(echo "($c1 - $c0) / $(getconf CLK_TCK)" | bc -l)" >> "$R/times.tsv"
 }
 IO="--data $D --results $R --checkpoints $C --threads 1"

@@ -1,6 +1,9 @@
 """WavLM over many windows at once: the machinery under common.extract_features and common.block_inputs.
 
-Used by common.py (features and BrainWavLM's training step), models/pretrain_tiny.py and bench/.
+Used by common.py (features and BrainWavLM's training step), stage 03 (its stories, blocks and their
+order), models/pretrain_tiny.py and bench/. A story's windows: this repository's (every frame of
+each window's last stride, with past context) or the authors' (one frame per window, stamped at
+its end: docs/methods.md).
 The frozen CNN's output is computed once (per story for a frame-local CNN, cached on disk; per
 window for a group-norm one) and kept; windows of any lengths go through the transformer in one
 batch, padded, the padding zeroed before the positional convolution and masked out of attention;
@@ -8,12 +11,14 @@ their kept frames are gathered back in order; a memory budget sets how many wind
 takes. None of it changes what is computed, only how fast (tests/test_model.py: padded windows
 equal one forward per window).
 """
+import copy
 import os
 
 import numpy as np
 import torch
 
-from lib.plumbing import autocast, cached_npz, memory_budget, model_fingerprint, sha1, to_device
+from lib.plumbing import (StudyError, autocast, cached_npz, check_window, load_npz, memory_budget,
+                          model_fingerprint, sha1, to_device)
 
 SR = 16000  # WavLM's audio rate: stage 01 resamples every story to it
 FRAME_HOP = 320  # WavLM's CNN strides multiply to 320 samples: one frame per 20 ms at 16 kHz
@@ -57,7 +62,7 @@ def story_cnn(model, audio, data=None, story=None):
 
 
 def window_cnn(model, audio, windows, cnn=None):
-    """The frozen CNN's output for each window (clip frames x channels; windows as common.feature_windows
+    """The frozen CNN's output for each window (clip frames x channels; windows as feature_windows
     gives them: (first sample, end sample, first kept frame, end kept frame)). A frame-local CNN
     gives slices of the story's (`cnn`, story_cnn's, for windows on the story's frame grid; windows
     that start between two of its frames slice the story's output from their own first sample on);
@@ -142,3 +147,134 @@ def kept_frames(states, windows):
     longest = states.shape[1]
     idx = np.concatenate([j * longest + np.arange(k0, k1) for j, (_, _, k0, k1) in enumerate(windows)])
     return states.reshape(-1, states.shape[-1])[to_device(idx, states.device)]
+
+
+def compile_layers(model):
+    """torch.compile on WavLM's transformer layers, where a step's time goes: their many small
+    operations fused into fewer kernels (on a GPU, replayed as CUDA graphs, one per window shape).
+    In place: names and checkpoints are unchanged. Returns the model."""
+    mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+    for layer in base_wavlm(model).encoder.layers:
+        layer.compile(mode=mode)
+    return model
+
+
+def merged(model):
+    """The model for passes without a gradient (linearized scoring, stages 04 and 05): a copy with
+    LoRA's adapters merged into the weights they adapt (W + alpha/r B A: one matmul per projection
+    where the adapter takes three). A model without adapters is returned as it is."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    return copy.deepcopy(model).merge_and_unload().eval()
+
+
+# ---- windows over a story, and blocks into steps ----
+
+
+FRAMES = (FRAME_WIN / 2, FRAME_HOP)  # the story's frames: the first centred at 12.5 ms, every 20 ms
+
+
+def feature_times(times, first, count):
+    """Seconds of features first .. first + count - 1 of a story whose features start at times[0]
+    samples and follow every times[1] samples (FRAMES: frame centres)."""
+    return ((first + np.arange(count)) * times[1] + times[0]) / SR
+
+
+def frame_times(first, count):
+    """Centres of frames first .. first + count - 1 in seconds (each frame spans 25 ms)."""
+    return feature_times(FRAMES, first, count)
+
+
+def window_grid(frames, context_s, stride_s):
+    """A story's causal windows, one every stride_s seconds: (first frame fed, first frame kept,
+    end). WavLM's attention is bidirectional, so causality comes from the windows: each keeps its
+    last stride_s seconds of frames and sees up to context_s seconds of the past before them."""
+    s, c = round(stride_s * SR / FRAME_HOP), round(context_s * SR / FRAME_HOP)
+    return [(max(0, k - c), k, min(frames, k + s)) for k in range(0, frames, s)]
+
+
+WINDOW_FEATURES = ("stride", "first", "last")
+
+
+def feature_windows(n_samples, context_s, stride_s, take="stride"):
+    """A story's windows as (first sample, end sample, first kept frame, end kept frame) of each
+    clip, and its features' times (feature_times). take 'stride' (this repository's): window_grid,
+    every frame of each window's last stride_s seconds kept at its centre, so the features are the
+    story's frames. 'first' or 'last' (the authors' extract_features_hf.slide_window with
+    target_token 0 or -1): windows of context_s + stride_s seconds ending every stride_s seconds
+    (the first ones shorter: they start with the story), each giving one frame, stamped at the
+    window's end. The authors' 'first' frame sees its window's future, not its past
+    (docs/methods.md, the authors' code)."""
+    if take == "stride":
+        check_window(context_s, stride_s, ("context_s", "stride_s"))
+        grid = window_grid(n_frames(n_samples), context_s, stride_s)
+        return [(a * FRAME_HOP, (b - 1) * FRAME_HOP + FRAME_WIN, k - a, b - a)
+                for a, k, b in grid], FRAMES
+    if take not in WINDOW_FEATURES:
+        raise StudyError(f"window feature {take!r}: choose one of {', '.join(WINDOW_FEATURES)}")
+    length, step = round((context_s + stride_s) * SR), round(stride_s * SR)
+    if step < 1 or abs(stride_s * SR - step) > 1e-6 or abs(context_s * SR - (length - step)) > 1e-6:
+        raise StudyError(f"context_s {context_s:g} and stride_s {stride_s:g} must be whole numbers "
+                         f"of samples at {SR} Hz, stride_s > 0")
+    out = []
+    for end in range(step, n_samples + 1, step):
+        start = max(0, end - length)
+        if end - start >= FRAME_WIN:  # as theirs: a clip shorter than one frame gives nothing
+            n = n_frames(end - start)
+            out.append((start, end, 0, 1) if take == "first" else (start, end, n - 1, n))
+    return out, (step, step)
+
+
+def story_windows(model, audio, tr_times, context_s=0.0, stride_s=4.0, take="stride", cnn=None):
+    """A story as block_inputs reads it: its audio (a tensor) and TR times, its windows
+    (feature_windows), where each window's features start among the story's (`offsets`), and the
+    frozen CNN's output for each window (window_cnn; cnn: story_cnn's, if the caller has it)."""
+    windows, times = feature_windows(len(audio), context_s, stride_s, take)
+    kept = np.array([k1 - k0 for _, _, k0, k1 in windows])
+    return dict(audio=audio, tr_times=tr_times, windows=windows, times=times, cnn=cnn,
+                offsets=np.cumsum(kept) - kept, window_cnn=window_cnn(model, audio, windows, cnn))
+
+
+def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0, take="stride"):
+    """Each story of `names` as story_windows gives it, on `device`, the frozen CNN's output computed
+    once rather than in every block of every epoch: on the device while it fits in its budget, else
+    in pinned host memory."""
+    stories, room = {}, memory_budget(device)
+    for s in names:
+        story_file = load_npz(os.path.join(data, "stories", f"{s}.npz"))
+        audio = torch.as_tensor(story_file["audio"], device=device)
+        cnn = story_cnn(model, audio, data, s)  # a local CNN's, once per story (cached on disk)
+        st = story_windows(model, audio, story_file["tr_times"], context_s, stride_s, take, cnn)
+        if cnn is None:  # a group-norm CNN's output per window: memory of its own
+            room -= sum(c.numel() * c.element_size() for c in st["window_cnn"])
+            if room < 0 and torch.device(device).type == "cuda":
+                st["window_cnn"] = [c.cpu().pin_memory() for c in st["window_cnn"]]
+        stories[s] = st
+    return stories
+
+
+def window_features(story, w0, w1):
+    """The first of the story's features that windows w0 .. w1 - 1 keep, and how many."""
+    _, _, k0, k1 = story["windows"][w1 - 1]
+    return story["offsets"][w0], story["offsets"][w1 - 1] + k1 - k0 - story["offsets"][w0]
+
+
+def training_blocks(rows, block_trs, history="real"):
+    """A run's training examples [(story, i0, i1), ...]: each story ({story: rows}) cut into blocks
+    of block_trs TRs, the last shorter. With zero-padded delays (history 'zeros'), a block of one
+    row, whose input would be all zeros, is left out (as the authors')."""
+    least = 2 if history == "zeros" else 1
+    return [(s, i, min(n, i + block_trs)) for s, n in rows.items() for i in range(0, n, block_trs)
+            if min(n, i + block_trs) - i >= least]
+
+
+def block_order(blocks, seed, epoch, order="shuffled"):
+    """The order an epoch takes its blocks [(story, i0, i1), ...] in: 'shuffled' across stories,
+    anew each epoch (seeded by the seed and the epoch, so a resumed run takes the same); 'stories'
+    (the authors'): the stories in one seeded order, the same every epoch, each one's blocks in
+    time order."""
+    if order == "shuffled":
+        return np.random.default_rng(seed * 1000 + epoch).permutation(len(blocks))
+    names = np.random.default_rng(seed).permutation(sorted({s for s, _, _ in blocks}))
+    rank = {s: i for i, s in enumerate(names)}
+    return np.array(sorted(range(len(blocks)), key=lambda j: (rank[blocks[j][0]], blocks[j][1])))

@@ -10,7 +10,7 @@ import torch
 
 import common
 from helpers import fails_cleanly, run_stage, stage
-from lib import checkpoints, plumbing
+from lib import batching, checkpoints, plumbing
 
 SR = 16000
 
@@ -86,17 +86,17 @@ def test_the_authors_training_kernel_drops_its_negative_lobes(model, audio):
     """block_kernel with the authors' floor is their float32 kernel with entries below 1e-10 set to
     zero: the negative lobes (1-2 TRs away) gone, the third lobes kept; without a floor, the full
     kernel (with negative entries)."""
-    story = common.story_windows(model, torch.tensor(audio), np.arange(6.0, 20.0, 2.0), 3.75, 0.25, "first")
+    story = batching.story_windows(model, torch.tensor(audio), np.arange(6.0, 20.0, 2.0), 3.75, 0.25, "first")
     windows, times = story["windows"], story["times"]
     for i0, i1 in [(0, 2), (1, 3), (2, 3)]:
         grid, w0, w1 = common.block_span(story, i0, i1, (1, 2, 3, 4), "zeros")
         k = common.block_kernel(story, grid, w0, w1, "cpu", torch.float32, 1e-10).numpy()
-        f0, n = common.window_features(story, w0, w1)
-        feature_t = common.feature_times(times, f0, n)
+        f0, n = batching.window_features(story, w0, w1)
+        feature_t = batching.feature_times(times, f0, n)
         # theirs is made on every TR of the story, then sliced to the block's rows
         np.testing.assert_allclose(k, lanczos_authors(feature_t, story["tr_times"])[i0:i1], atol=1e-6)
         # every feature the authors' kernel weighs for these rows is in the windows the block runs
-        all_t = common.feature_times(times, 0, len(windows))
+        all_t = batching.feature_times(times, 0, len(windows))
         full = lanczos_authors(all_t, story["tr_times"])[i0:i1]
         assert np.abs(full).sum() == pytest.approx(np.abs(k).sum(), rel=1e-6)
         assert (k >= 0).all()
@@ -122,7 +122,7 @@ def test_a_block_of_the_authors_recipe_is_their_block(model):
     in one step."""
     audio = np.random.default_rng(6).standard_normal(int(14.1 * SR)).astype(np.float32) * 0.1
     tr_times = 2.0 + 2.0 * np.arange(6)
-    stories = {"s": common.story_windows(model, torch.tensor(audio), tr_times, 3.75, 0.25, "first")}
+    stories = {"s": batching.story_windows(model, torch.tensor(audio), tr_times, 3.75, 0.25, "first")}
     ref_feats, ref_t = naive_window_features(model, audio, 1, "first")
     norm = torch.nn.InstanceNorm1d(96, track_running_stats=True)
     blocks = [("s", 3, 6), ("s", 0, 3), ("s", 1, 3)]
@@ -226,10 +226,9 @@ def test_the_authors_epoch_choice_is_linearized_and_counts_the_untuned_model(tin
     # the last epoch's score, recomputed from its checkpoint with those same alphas
     model = checkpoints.load_tuned_wavlm(common.load_wavlm("tiny-pretrained"),
                                          glob.glob(f"{ckpt}/03_sim01_*/last/model")[0], False)
-    tuned = common.merged(model)
-    feats = {s: common.tr_features(tuned, dict(audio=st["audio"], tr_times=st["tr_times"]), 1, (4.0, 2.0, "stride"))
-             for s in study["train"] + study["val"]
-             for st in [plumbing.load_npz(f"{tiny_study}/stories/{s}.npz")]}
+    tuned = batching.merged(model)
+    feats = {s: common.story_features(tuned, None, None, f"{tiny_study}/stories/{s}.npz", 4.0, 2.0)[1]
+             for s in study["train"] + study["val"]}
     W = ridge_lab(np.vstack([common.design_matrix(feats[s]) for s in study["train"]]), Y, alphas)
     r = [[np.corrcoef(p, y)[0, 1] if p.std() > 0 and y.std() > 0 else 0.0
           for p, y in zip((common.design_matrix(feats[s]) @ W).T, d[f"resp_{s}"].T)] for s in study["val"]]
@@ -240,11 +239,11 @@ def test_stories_order_is_the_authors_fixed_order():
     """block_order 'stories': the training stories sorted, then shuffled once by the seed; each
     story's blocks in time order; the same order every epoch (the authors shuffle once, seed 42)."""
     blocks = [(s, i, i + 10) for s in ("b", "c", "a") for i in (20, 0, 10)]
-    order = [blocks[j] for j in common.block_order(blocks, 7, 0, "stories")]
+    order = [blocks[j] for j in batching.block_order(blocks, 7, 0, "stories")]
     names = list(np.random.default_rng(7).permutation(["a", "b", "c"]))
     assert order == [(s, i, i + 10) for s in names for i in (0, 10, 20)]
-    assert [blocks[j] for j in common.block_order(blocks, 7, 5, "stories")] == order
-    shuffled = [common.block_order(blocks, 7, e) for e in (0, 1)]
+    assert [blocks[j] for j in batching.block_order(blocks, 7, 5, "stories")] == order
+    shuffled = [batching.block_order(blocks, 7, e) for e in (0, 1)]
     assert not np.array_equal(*shuffled)
 
 

@@ -31,7 +31,7 @@ def test_spatial_corr_loss_is_minus_one_for_perfect_and_scale_blind():
 def test_lora_changes_after_a_step_and_loss_falls_on_a_fixed_batch(tiny_study):
     torch.manual_seed(0)
     model = common.add_lora(common.load_wavlm("tiny"), 4, 4, 0.0, ["q_proj", "k_proj", "v_proj", "out_proj"]).train()
-    stories = common.load_stories(model, tiny_study, ["story00"], "cpu")
+    stories = batching.load_stories(model, tiny_study, ["story00"], "cpu")
     y = torch.tensor(plumbing.load_npz(f"{tiny_study}/subjects/sim01.npz")["resp_story00"][:16])
     readout = common.make_readout(96 * 4, {"s": y.shape[1]}, 20)
     opt = torch.optim.Adam([{"params": [p for p in model.parameters() if p.requires_grad], "lr": 3e-3},
@@ -63,7 +63,7 @@ def test_one_batched_step_has_the_gradients_of_its_blocks_one_by_one(tiny_study)
     for n, p in model.named_parameters():
         if "lora_B" in n:  # as after some training: lora_B starts at zero, which gives lora_A no gradient
             p.data.normal_(0, 0.1)
-    stories = common.load_stories(model, tiny_study, ["story00", "story01"], "cpu", 2.0, 2.0)
+    stories = batching.load_stories(model, tiny_study, ["story00", "story01"], "cpu", 2.0, 2.0)
     d = plumbing.load_npz(f"{tiny_study}/subjects/sim01.npz")
     resp = {s: torch.tensor(d[f"resp_{s}"]) for s in stories}
     rows = len(stories["story01"]["tr_times"])
@@ -112,7 +112,7 @@ def test_block_inputs_are_the_whole_story_recipe_at_its_rows(tiny_study, monkeyp
     cfg = common.tiny_config()
     cfg.feat_extract_norm = norm
     model = common.load_wavlm("tiny", config=cfg)
-    stories = common.load_stories(model, tiny_study, ["story01"], "cpu", context_s, stride_s)
+    stories = batching.load_stories(model, tiny_study, ["story01"], "cpu", context_s, stride_s)
     st = stories["story01"]
     f, t = common.extract_features(model, st["audio"], layers=[1], context_s=context_s, stride_s=stride_s)
     rows, offsets = len(st["tr_times"]), {}
@@ -126,8 +126,8 @@ def test_block_inputs_are_the_whole_story_recipe_at_its_rows(tiny_study, monkeyp
         ref = common.make_delayed(ref, (1, 2))[2:]
         np.testing.assert_allclose(block.numpy(), ref, atol=1e-4, err_msg=f"block {i0}..{i1}")
         _, w0, w1 = common.block_span(st, i0, i1, (1, 2))
-        f0, n = common.window_features(st, w0, w1)
-        offsets.setdefault((i1 - i0, n), set()).add(round(grid[0] - common.frame_times(f0, 1)[0], 6))
+        f0, n = batching.window_features(st, w0, w1)
+        offsets.setdefault((i1 - i0, n), set()).add(round(grid[0] - batching.frame_times(f0, 1)[0], 6))
     if stride_s == 4.0:  # the case a kernel keyed without its offset gets wrong
         assert max(len(o) for o in offsets.values()) > 1, offsets
 
@@ -139,7 +139,7 @@ def test_features_and_predictions_over_several_forwards_are_those_of_one(tiny_st
     windows of a batch of unequal lengths at the start and end), and predict_story, a block a
     forward, the same predictions, the story's short last block included."""
     model = common.load_wavlm("tiny")
-    st = common.load_stories(model, tiny_study, ["story01"], "cpu", 0.0, 4.0)["story01"]
+    st = batching.load_stories(model, tiny_study, ["story01"], "cpu", 0.0, 4.0)["story01"]
     readout = common.make_readout(96 * 2, {"a": 7, "b": 5}, 8)
     audio, kw = st["audio"][:16000 * 20], dict(layers=[1, 3], context_s=2.0, stride_s=1.0)
     whole, _ = common.extract_features(model, audio, **kw)
@@ -165,8 +165,8 @@ def test_window_cnn_is_the_cnn_of_each_window_s_own_audio(tiny_study):
         cfg = common.tiny_config()
         cfg.feat_extract_norm = norm
         model = common.load_wavlm("tiny", config=cfg)
-        for windows in (common.feature_windows(len(audio), 4.0, 2.0)[0],
-                        common.feature_windows(len(audio), 3.75, 0.25, "first")[0]):
+        for windows in (batching.feature_windows(len(audio), 4.0, 2.0)[0],
+                        batching.feature_windows(len(audio), 3.75, 0.25, "first")[0]):
             kept = batching.window_cnn(model, audio, windows)
             for w in (0, 3, 17, 18, len(windows) // 2, len(windows) - 1):
                 a, b = windows[w][:2]

@@ -11,7 +11,7 @@ import torch
 
 import common
 from helpers import as_a_fresh_process, ctrl_c_after_each_epoch, fails_cleanly, fresh_results, one, run_stage, stage
-from lib import checkpoints, plumbing
+from lib import batching, checkpoints, plumbing
 
 STAGE = "03_finetune_lora.py"
 FAST = ["--epochs", "2", "--block-trs", "16", "--lr-adapter", "3e-3", "--lr-readout", "1e-3"]
@@ -199,7 +199,7 @@ def test_a_joint_step_of_stage_03_is_the_mean_of_each_subject_s_loss_and_moves_e
         if "lora_B" in n:  # as after some training: lora_B starts at zero, which gives lora_A no gradient
             p.data.normal_(0, 0.1)
     start = {k: v.clone() for k, v in readout.state_dict().items()}
-    stories = common.load_stories(model, tiny_study, ["story00", "val00"], "cpu", 0.0, 4.0)
+    stories = batching.load_stories(model, tiny_study, ["story00", "val00"], "cpu", 0.0, 4.0)
     resp = {s: {"story00": torch.tensor(d[s]["resp_story00"])} for s in d}  # blocks of 10, 10 and 5 TRs
     val_resp = {s: {"val00": d[s]["resp_val00"]} for s in d}
     params = [p for g in opt.param_groups for p in g["params"]]
