@@ -107,6 +107,9 @@ def probe_model(args, which, model, stories, cnn, targets, groups, base):
     LoRA merged), then probe_layer. Returns (scores: layers x probes, by fold: layers x probes x
     folds)."""
     window = common.scoring_window(base)
+    if not cnn:  # the CNN is frozen in stage 03, so one pass serves every model
+        cnn.update({n: batching.story_cnns(model, s["audio"], *window, args.data, n)
+                    for n, s in stories.items()})
     reps = np.concatenate([common.word_representations(model, s, cnn[n], *window)
                            for n, s in stories.items()], axis=1)
     per_layer = [probe_layer(reps[li], targets, groups, args.n_folds, args.device)
@@ -154,13 +157,11 @@ def main(args):
     targets = probe_targets(args, study, stories.values(), words)
     print(f"stage 05: probes {', '.join(targets)} on {len(words)} words, models "
           f"{', '.join(args.models)}")
-    scores, by_fold, cnn = [], [], None
+    scores, by_fold, cnn = [], [], {}
     for which in args.models:
         model = common.load_wavlm(str(base["model"]), int(base["model_seed"]), args.device)
         model = batching.merged(model if which == "baseline" else checkpoints.load_tuned_wavlm(
             model, os.path.join(runs[which]["best"], "model"), False, args.device))
-        if cnn is None:  # the CNN is frozen in stage 03, so one pass serves every model
-            cnn = {s: batching.story_cnn(model, stories[s]["audio"], args.data, s) for s in names}
         row, folds = probe_model(args, which, model, stories, cnn, targets, groups, base)
         scores.append(row)
         by_fold.append(folds)

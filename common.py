@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lib.batching import (FRAME_WIN, SR, base_wavlm, encode_windows, feature_times, feature_windows,
-                          kept_frames, n_frames, story_cnn, window_cnn, window_features,
+                          kept_frames, n_frames, story_cnns, window_cnn, window_features,
                           windows_per_batch)
 from lib.plumbing import (StudyError, autocast, cached_npz, feature_cache_dir, from_pretrained,
                           load_npz, model_fingerprint, pick_device, progress_bar, sha1, to_device)
@@ -137,11 +137,8 @@ def bootstrap_folds(n_samples, n_boots=3, chunk_trs=40, held_out=0.25, seed=0):
     chunk). Seeded here; theirs is not."""
     rng, chunks = np.random.default_rng(seed), np.arange(n_samples // chunk_trs * chunk_trs)
     chunks, n_held = chunks.reshape(-1, chunk_trs), int(n_samples * held_out / chunk_trs)
-    out = []
-    for _ in range(n_boots):
-        held = np.sort(chunks[rng.permutation(len(chunks))[:n_held]].ravel())
-        out.append((np.setdiff1d(np.arange(n_samples), held), held))
-    return out
+    held = [np.sort(chunks[rng.permutation(len(chunks))[:n_held]].ravel()) for _ in range(n_boots)]
+    return [(np.setdiff1d(np.arange(n_samples), h), h) for h in held]
 
 RIDGES = ("folds", "bootstrap")  # fit_ridge's
 
@@ -252,12 +249,10 @@ def score_on_test(features, subject_data, study, delays=(1, 2, 3, 4), alphas=ALP
 
 def ridge_recipe(baseline):
     """Stage 02's ridge settings from its results npz: stages 03-04 score tuned features so."""
-    return dict(delays=tuple(int(x) for x in baseline["delays"]),
-                n_folds=int(baseline.get("n_folds", 5)),
-                alphas=np.asarray(baseline.get("alpha_grid", ALPHAS), np.float64),
-                ridge=str(baseline.get("ridge", "folds")),
-                fit_stories=str(baseline.get("fit_stories", "train+val")),
-                story_start=str(baseline.get("story_start", "audio")))
+    named = dict(n_folds=5, ridge="folds", fit_stories="train+val", story_start="audio")
+    return dict({k: type(d)(baseline.get(k, d)) for k, d in named.items()},  # older: the defaults
+                delays=tuple(int(x) for x in baseline["delays"]),
+                alphas=np.asarray(baseline.get("alpha_grid", ALPHAS), np.float64))
 
 def untuned_features(baseline, layer, study, device="cpu"):
     """The untuned model's features of every story at `layer` (stage 02's model and window, from
@@ -412,7 +407,7 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
                      progress=False, cnn=None, take="stride"):
     """Causal WavLM features of one story: its windows (feature_windows; the lab's recipe is 16 s
     of context every 0.1 s, costing (context_s + stride_s) / stride_s model-seconds per second), as
-    many per forward as memory allows. cnn: story_cnn's output, if the caller has it. Returns
+    many per forward as memory allows. cnn: story_cnn(s)' output, if the caller has it. Returns
     (feats, times): feats[i] (features x hidden; a tensor on the model's device when grad) is
     hidden state layers[i] (0: the first layer's input); times: the features' times in seconds."""
     m = base_wavlm(model)
@@ -428,8 +423,9 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
     if F < 1:
         raise StudyError(f"audio of {len(x)} samples is shorter than one WavLM frame "
                          f"({FRAME_WIN} samples)")
-    if cnn is not None and len(cnn) != F:
-        raise StudyError(f"precomputed CNN output has {len(cnn)} frames, the audio {F}")
+    whole = cnn.get(0) if isinstance(cnn, dict) else cnn  # the story's own frame grid
+    if whole is not None and len(whole) != F:
+        raise StudyError(f"precomputed CNN output has {len(whole)} frames, the audio {F}")
     windows, times = feature_windows(len(x), context_s, stride_s, take)
     if not windows:
         raise StudyError(f"audio of {len(x) / SR:g} s is shorter than one window step "
@@ -449,10 +445,10 @@ def extract_features(model, audio, sr=16000, layers=None, context_s=16.0, stride
 
 def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s, refresh=False,
                    progress=False, top_layer=None, cnn=None, data=None, take="stride"):
-    """Hidden states 0..top_layer (default: all) of one story, downsample_to_trs'd (layers x
-    (PAD_TRS + TRs) x hidden), cached in <cache_dir>/<story>.npz under the model's fingerprint, the
-    windows, the audio and the TR times (cache_dir None: not cached). cnn: the story's story_cnn
-    output (else computed, cached in `data`); take: feature_windows'."""
+    """Hidden states 0..top_layer (default: all) of one story, downsample_to_trs'd ((PAD_TRS + TRs)
+    x hidden each), cached in <cache_dir>/<story>.npz (None: not cached) under the model's
+    fingerprint, the windows (take: feature_windows'), the audio and the TR times. cnn: the story's
+    story_cnns (else computed, cached in `data`)."""
     name = os.path.basename(story_npz)[:-4]
     story = load_npz(story_npz, "story file")
     n_states = (base_wavlm(model).config.num_hidden_layers if top_layer is None else top_layer) + 1
@@ -461,7 +457,8 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
     key = json.dumps(key if take == "stride" else dict(key, take=take), sort_keys=True)
 
     def compute():
-        c = cnn if cnn is not None or data is None else story_cnn(model, story["audio"], data, name)
+        c = cnn if cnn is not None or data is None else story_cnns(
+            model, story["audio"], context_s, stride_s, take, data, name)
         feats, times = extract_features(model, story["audio"], int(story["sr"]), range(n_states),
                                         context_s, stride_s, progress=progress, cnn=c, take=take)
         return np.stack([downsample_to_trs(f, times, story["tr_times"]) for f in feats])

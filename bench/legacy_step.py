@@ -92,6 +92,7 @@ def legacy_predict_block(model, readout, story, i0, i1, layer, context_s=0.0, st
     a = max(0, int((grid[0] - half) * SR) // step * step - ctx)
     b = min(len(story["audio"]), -(-int((grid[-1] + half) * SR + FRAME_WIN) // step) * step + FRAME_WIN)
     cnn = story.get("cnn")
+    cnn = cnn.get(0) if isinstance(cnn, dict) else cnn  # the story's own frame grid
     if cnn is not None:
         cnn = cnn[a // FRAME_HOP:a // FRAME_HOP + batching.n_frames(b - a)]
     frames, times = legacy_extract(model, story["audio"][a:b], layer, context_s, stride_s, cnn)

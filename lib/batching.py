@@ -40,15 +40,16 @@ def cnn_features(model, audio):
         return base_wavlm(model).feature_extractor(audio).transpose(1, 2)
 
 
-def story_cnn(model, audio, data=None, story=None):
+def story_cnn(model, audio, data=None, story=None, phase=0):
     """A local (layer-norm) CNN's output for a whole story (frames x channels): each frame sees only
     its own 25 ms, so the frozen CNN runs once per story, not per window (None for group-norm CNNs
-    such as wavlm-base-plus's, which normalise over their input). With `data` and `story`, cached in
+    such as wavlm-base-plus's, which normalise over their input). phase: from that sample on, for
+    windows that start between two of the story's frames. With `data` and `story`, cached in
     <data>/features/cnn-<hash of the CNN>/: stages 02, 03 and 05 share one pass."""
     m = base_wavlm(model)
     if m.config.feat_extract_norm != "layer":
         return None
-    x = torch.as_tensor(audio, dtype=torch.float32, device=next(m.parameters()).device).reshape(-1)
+    x = torch.as_tensor(audio, dtype=torch.float32, device=next(m.parameters()).device).reshape(-1)[phase:]
     F, chunk = n_frames(len(x)), 3000  # 60 s of frames at a time: bounded memory
 
     def compute():
@@ -56,26 +57,37 @@ def story_cnn(model, audio, data=None, story=None):
                           for f0 in range(0, F, chunk)])
     if data is None:
         return compute()
-    path = os.path.join(data, "features", f"cnn-{model_fingerprint(m.feature_extractor)[:16]}", f"{story}.npz")
+    name = f"{story}.npz" if not phase else f"{story}@{phase}.npz"
+    path = os.path.join(data, "features", f"cnn-{model_fingerprint(m.feature_extractor)[:16]}", name)
     cnn = cached_npz(path, sha1(x.cpu().numpy()), lambda: compute().cpu().numpy(), "cnn")
     return torch.as_tensor(cnn, device=x.device)
+
+
+def story_cnns(model, audio, context_s, stride_s, take="stride", data=None, story=None):
+    """story_cnn at each phase the story's windows (feature_windows') start at: {phase: output}
+    (None for a group-norm CNN), so that no later pass over them runs the story's CNN again."""
+    if base_wavlm(model).config.feat_extract_norm != "layer":
+        return None
+    windows = feature_windows(len(audio), context_s, stride_s, take)[0]
+    return {p: story_cnn(model, audio, data, story, p) for p in sorted({a % FRAME_HOP for a, *_ in windows})}
 
 
 def window_cnn(model, audio, windows, cnn=None):
     """The frozen CNN's output for each window (clip frames x channels; windows as feature_windows
     gives them: (first sample, end sample, first kept frame, end kept frame)). A frame-local CNN
-    gives slices of the story's (`cnn`, story_cnn's, for windows on the story's frame grid; windows
-    that start between two of its frames slice the story's output from their own first sample on);
+    gives slices of the story's (`cnn`: story_cnn's, or story_cnns' for each phase; windows that
+    start between two of the story's frames slice its output from their own first sample on);
     a group-norm CNN normalises over its whole input, so each window runs on its own audio (windows
     of one length batched, under autocast as the rest)."""
     m = base_wavlm(model)
     if m.config.feat_extract_norm == "layer":
-        by_phase = {}  # the story's CNN output from sample `phase` on: 0 is the story's own grid
+        # the story's CNN output from sample `phase` on: 0 is the story's own grid
+        by_phase = dict(cnn) if isinstance(cnn, dict) else {} if cnn is None else {0: cnn}
         out = []
         for a, b, _, _ in windows:
             phase = a % FRAME_HOP
             if phase not in by_phase:
-                by_phase[phase] = story_cnn(m, audio[phase:]) if phase or cnn is None else cnn
+                by_phase[phase] = story_cnn(m, audio, phase=phase)
             first = a // FRAME_HOP
             out.append(by_phase[phase][first:first + n_frames(b - a)])
         return out
@@ -228,7 +240,7 @@ def feature_windows(n_samples, context_s, stride_s, take="stride"):
 def story_windows(model, audio, tr_times, context_s=0.0, stride_s=4.0, take="stride", cnn=None):
     """A story as block_inputs reads it: its audio (a tensor) and TR times, its windows
     (feature_windows), where each window's features start among the story's (`offsets`), and the
-    frozen CNN's output for each window (window_cnn; cnn: story_cnn's, if the caller has it)."""
+    frozen CNN's output for each window (window_cnn; cnn: story_cnns', if the caller has it)."""
     windows, times = feature_windows(len(audio), context_s, stride_s, take)
     kept = np.array([k1 - k0 for _, _, k0, k1 in windows])
     return dict(audio=audio, tr_times=tr_times, windows=windows, times=times, cnn=cnn,
@@ -243,7 +255,7 @@ def load_stories(model, data, names, device, context_s=0.0, stride_s=4.0, take="
     for s in names:
         story_file = load_npz(os.path.join(data, "stories", f"{s}.npz"))
         audio = torch.as_tensor(story_file["audio"], device=device)
-        cnn = story_cnn(model, audio, data, s)  # a local CNN's, once per story (cached on disk)
+        cnn = story_cnns(model, audio, context_s, stride_s, take, data, s)  # once (cached on disk)
         st = story_windows(model, audio, story_file["tr_times"], context_s, stride_s, take, cnn)
         if cnn is None:  # a group-norm CNN's output per window: memory of its own
             room -= sum(c.numel() * c.element_size() for c in st["window_cnn"])
