@@ -111,7 +111,10 @@ def main(args):
         note = (f"; {len(place['columns']):,} of {place['subject']}'s {place['thick'].sum():,} cortical voxels, "
                 "the rest blank" if len(place["columns"]) < place["thick"].sum() else "")
         maps += subject_maps(subj, baselines[subj], runs, cross, note)
-    maps = in_order(maps)
+    blank = [m["name"] for m in maps if not np.any(np.nan_to_num(m["values"]))]  # e.g. a run that never moved
+    maps = in_order([m for m in maps if m["name"] not in blank])
+    for name in blank:
+        print(f"  left out, 0 or NaN at every voxel (nothing to show): {name}")
     for m in maps:
         print(f"  {m['name']}  ({m['cmap']} {m['vmin']:+.3g} .. {m['vmax']:+.3g})")
     views = {m["name"]: anatomy.volume(m["values"], places[m["subject"]], cmap=m["cmap"], vmin=m["vmin"],
