@@ -8,6 +8,7 @@ in a real browser). Needs the playwright package (requirements.txt) to drive a C
 not used. The page is waited for, not a timer: Chromium's own --screenshot fires while the page
 still says "Loading brain...".
 """
+import base64
 import contextlib
 import functools
 import http.server
@@ -73,19 +74,20 @@ class Page:
         return self.picture()
 
     def picture(self, path=None, tries=20):
-        """The canvas as an RGB array, taken once two pictures in a row agree (the brain is drawn,
-        not being drawn); `path`: the whole page (the map's name and colour scale too) saved there."""
+        """The brain as pycortex drew it, an RGB array of the WebGL canvas's own pixels (not the
+        name and colour scale laid over it), taken once two readings in a row agree (the brain is
+        drawn, not being drawn); `path`: the whole page, name and colour scale too, saved there."""
         import matplotlib.image
         last = None
         for _ in range(tries):
             self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
-            now = self.page.locator("#brain").screenshot()
+            now = self.page.evaluate("() => document.getElementById('brain').toDataURL('image/png')")
             if now == last:
                 break
             last = now
         if path:
             self.page.screenshot(path=path)
-        return matplotlib.image.imread(io.BytesIO(last), format="png")[..., :3]
+        return matplotlib.image.imread(io.BytesIO(base64.b64decode(last.split(",", 1)[1])), format="png")[..., :3]
 
 
 @contextlib.contextmanager
