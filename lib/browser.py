@@ -18,8 +18,6 @@ import os
 import shutil
 import threading
 
-import numpy as np
-
 from lib.plumbing import StudyError
 
 # headless Chromium in a container: no sandbox, no network of its own, WebGL on the CPU (SwiftShader)
