@@ -15,7 +15,7 @@ another study, or one whose inputs were rerun since, is refused in one line; not
 
     make viewer                          # after make demo and make pycortex: results/viewer/
     python -m http.server 8000 --bind 127.0.0.1 --directory results/viewer   # then open the address
-    python viewer.py [--results DIR] [--data DIR] [--subjects sim01] [--out DIR] [--screenshot PNG]
+    python viewer.py --data experiments/mse/data --results experiments/mse/results --subjects sim01
 """
 import os
 
