@@ -20,7 +20,7 @@ LORA := --lr-adapter 3e-3 --lr-readout 1e-3 --epochs 12 --patience 3
 FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 12 --patience 3
 STAGE_ARGS := --data $(DATA) --results $(RESULTS)
 
-.PHONY: demo test 01 02 03 04 05 claims stability joint clean gpu-wheel figures fetch pycortex quick
+.PHONY: demo test 01 02 03 04 05 claims stability joint clean gpu-wheel figures fetch pycortex quick viewer
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -111,6 +111,11 @@ quick: $(VENV)/.installed
 test: $(VENV)/.installed $(VENV)/.pycortex
 	-$(PY) -c "import cortex" > /dev/null 2>&1
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+
+# every result on the brain, after make demo: pycortex's WebGL viewer in $(RESULTS)/viewer/ (viewer.py),
+# opened by the serve line it prints (python -m http.server ... --bind 127.0.0.1)
+viewer: $(VENV)/.pycortex
+	$(PY) viewer.py --data $(DATA) --results $(RESULTS)
 
 # the README's figures, from the last demo run
 # (the demo's runs carry the tag of its LORA settings in their names: one match each after make demo)

@@ -1,8 +1,10 @@
-"""The cortex: pycortex ROIs and flatmaps of a subject, the S1 cortex asset, drawing on a flatmap.
+"""The cortex: pycortex ROIs and flatmaps of a subject, the S1 cortex asset, drawing on a flatmap,
+a study's maps in pycortex's WebGL viewer.
 
 Used by stage 01 (AC/LH/RH masks and the flatmap of each ds003020 subject from the dataset's own
 pycortex database, --rois-from-pycortex; the simulated subjects' columns on pycortex's S1 from
-assets/s1_cortex.npz), stages 02-03 (draw_flatmap: the paper's figures, without pycortex) and
+assets/s1_cortex.npz), stages 02-03 (draw_flatmap: the paper's figures, without pycortex),
+viewer.py (each subject's columns as a pycortex volume, the viewer written by pycortex) and
 assets/make_s1_cortex.py (which builds that asset with the same pycortex code). pycortex is
 optional: a source build (`make pycortex`), imported only where it is needed.
 """
@@ -25,13 +27,13 @@ FLAT_HEIGHT = 512  # pixels of a flatmap's height (pycortex's quickflat draws at
 
 # ---- pycortex: a subject's ROIs and flatmap from its database ----
 
-def import_pycortex():
+def import_pycortex(who="--rois-from-pycortex", instead="pass --roi-file masks.npz instead"):
     try:
         import cortex
     except ImportError:
-        raise StudyError("--rois-from-pycortex needs pycortex, which is not installed (a source build: `pip install "
+        raise StudyError(f"{who} needs pycortex, which is not installed (a source build: `pip install "
                          "numpy cython setuptools-scm wheel && pip install --no-build-isolation pycortex`, or `make "
-                         "pycortex`), or pass --roi-file masks.npz instead")
+                         f"pycortex`)" + (f", or {instead}" if instead else ""))
     return cortex
 
 
@@ -197,6 +199,66 @@ def build_s1_asset(root):
                 flat_extents=extents, xyz_mm=xyz.astype(np.float32), dist_AC_mm=dist_ac.astype(np.float32),
                 ijk=kji[:, ::-1].astype(np.int16), volume_shape=np.array(thick.shape),
                 source=np.array(f"pycortex {cortex.__version__}, subject S1, transform fullhead"))
+
+
+# ---- pycortex's WebGL viewer (viewer.py) ----
+
+def s1_place(columns):
+    """Where the simulated study's columns lie: pycortex's own S1 (transform fullhead), `columns` the
+    sample of S1's cortical voxels stage 01 drew (data/truth.npz). Returns what volume() needs."""
+    cortex = import_pycortex("viewer.py", None)
+    cortex.db.filestore, cortex.db._subjects = cortex.database.default_filestore, None
+    thick = np.asarray(cortex.db.get_mask("S1", "fullhead", "thick"), bool)
+    if thick.sum() != S1_COLUMNS or np.max(columns) >= S1_COLUMNS:
+        raise StudyError(f"pycortex's S1 has {thick.sum()} cortical voxels, assets/s1_cortex.npz {S1_COLUMNS}: "
+                         "another pycortex than the one the asset was built from (`make pycortex` builds it)")
+    return dict(subject="S1", xfm="fullhead", thick=thick, columns=np.asarray(columns), db=cortex.db.filestore)
+
+
+def dataset_place(deriv, subject, n_columns):
+    """Where a ds003020 subject's columns lie: the true voxels of its transform's thick cortical mask
+    in the dataset's pycortex database, in order, as --rois-from-pycortex reads them."""
+    import_pycortex("viewer.py", None)
+    cortex, xfm = pycortex_subject(deriv, subject)
+    thick = np.asarray(cortex.db.get_mask(subject, xfm, "thick"), bool)
+    if thick.sum() != n_columns:
+        raise StudyError(f"{subject}'s data hold {n_columns} voxels but the thick cortical mask of its transform "
+                         f"{xfm} in {os.path.join(deriv, 'pycortex-db')} has {thick.sum()}: is --ds-root the "
+                         "dataset the study was built from?")
+    return dict(subject=subject, xfm=xfm, thick=thick, columns=np.arange(n_columns), db=cortex.db.filestore)
+
+
+def volume(values, place, **view):
+    """A subject's per-column values as a pycortex Volume on its cortex (s1_place, dataset_place);
+    the cortex's voxels without a column (the simulated study's unsampled ones) are NaN: blank.
+    view: cmap, vmin, vmax, description."""
+    import cortex
+    columns = np.full(place["thick"].sum(), np.nan, np.float32)
+    columns[place["columns"]] = values
+    vol = np.full(place["thick"].shape, np.nan, np.float32)
+    vol[place["thick"]] = columns
+    return cortex.Volume(vol, place["subject"], place["xfm"], **view)
+
+
+def write_viewer(out, views, db, title):
+    """pycortex's static WebGL viewer (cortex.webgl.make_static) of `views` ({name: Volume}, the first
+    the one it opens on) from the database `db`, written into a folder beside `out` and swapped in
+    whole: an error or Ctrl-C on the way leaves `out` as it was."""
+    import cortex
+    import cortex.webgl
+    cortex.db.filestore, cortex.db._subjects = db, None
+    tmp, old = out.rstrip("/") + ".tmp", out.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        cortex.webgl.make_static(tmp, views, title=title)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- drawing (no pycortex needed) ----

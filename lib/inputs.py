@@ -3,13 +3,15 @@ asked for, stage 02's baselines and stage 03's runs with their checkpoints. Anyt
 foreign or missing is refused here, before any work, with one line naming the command that makes
 it (lib/provenance.py keeps the records these checks compare).
 
-Used by stages 02-05.
+Used by stages 02-05 and viewer.py.
 """
+import glob
+import json
 import os
 
 import numpy as np
 
-from lib import checkpoints, plumbing, provenance
+from lib import anatomy, checkpoints, ds003020, plumbing, provenance
 from lib.plumbing import StudyError
 from lib.study import load_study, load_subject
 
@@ -159,3 +161,45 @@ def tuning_baselines(args, study, subjects):
             raise StudyError(f"--joint: the subjects did not hear the same stories ({st}: "
                              + ", ".join(f"{s} {n} TRs" for s, n in rows.items()) + "); tune them apart")
     return out
+
+
+def viewer(args):
+    """viewer.py's inputs: the study, where each subject's voxels lie on a cortex and every result in
+    args.results, each checked as the stages check it: stage 02's of each subject (every tag),
+    stage 03's runs (single and joint), stage 04's results. Returns (study, {subject: its place,
+    anatomy.s1_place or dataset_place}, {subject: [stage 02 results]}, {name: run}, [stage 04])."""
+    study, files = study_and_subjects(args, args.subjects)
+    found = glob.glob(os.path.join(glob.escape(args.results), "0[234]_*.npz"))
+    if not found:
+        raise StudyError(f"no results in {args.results}/ (02_baseline_*.npz, 03_*.npz, 04_cross_subject*.npz): "
+                         "run `make demo`, or stages 02-04, first")
+    baselines = {s: [provenance.load_baseline(args, s, study, tag)
+                     for tag in sorted(provenance.baseline_files(args.results, s))] for s in files}
+    runs = provenance.load_runs(args, study)
+    cross = [provenance.load_cross_subject(args, path, study, runs) for path in sorted(
+        glob.glob(os.path.join(glob.escape(args.results), "04_cross_subject*.npz")))]
+    return study, places(args, study, files), baselines, runs, cross
+
+
+def places(args, study, files):
+    """Where each subject's voxels lie: the simulated study's on pycortex's S1 (the sample stage 01
+    drew, data/truth.npz), ds003020's on the subject's own surfaces in the dataset's pycortex-db
+    (--ds-root, else the root the study was built from)."""
+    if study["source"] == "simulated":
+        truth = plumbing.load_npz(os.path.join(args.data, "truth.npz"), "the simulated study's truth.npz")
+        if "columns" not in truth:
+            raise StudyError(f"{args.data}/ is the abstract simulated study (01_prepare_data.py --cortex none): its "
+                             "voxels lie on no cortex; build it on S1 (the default) to see it on the brain")
+        place = anatomy.s1_place(truth["columns"])
+        for s, d in files.items():
+            if plumbing.array_shape(d, "test_resp")[1] != len(place["columns"]):
+                raise StudyError(f"{args.data}/subjects/{s}.npz and {args.data}/truth.npz differ in voxels: "
+                                 "rebuild the study with 01_prepare_data.py")
+        return {s: place for s in files}
+    built = json.loads(str(plumbing.load_npz(os.path.join(args.data, "study.npz"))["provenance"]))["settings"]
+    root = args.ds_root or built.get("ds_root")
+    if not root or not os.path.isdir(root):
+        raise StudyError(f"the study was built from ds003020 at {root}, which is not there now: pass --ds-root PATH "
+                         "(the dataset's root, whose derivative/pycortex-db holds the subjects' surfaces)")
+    deriv = ds003020.derivatives(root)
+    return {s: anatomy.dataset_place(deriv, s, plumbing.array_shape(d, "test_resp")[1]) for s, d in files.items()}

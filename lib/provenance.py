@@ -170,17 +170,17 @@ def link_tree(src, dest, names=None):
         os.replace(tmp, b)
 
 
-def describe_run(prov):
+def describe_run(prov, flags=True):
     """A stage 03 run in words (figures): what it tuned (a joint run: on whom), its seed, its flags,
-    edited code."""
+    edited code (flags=False: up to the seed and start run, a short name for viewer.py's maps)."""
     edited = (prov.get("code") or {}).get("edited")
     start = (prov.get("init_from") or {}).get("name")
-    flags = [f for f in prov.get("flags", []) if not f.startswith("--init-from")]
+    used = [f for f in prov.get("flags", []) if not f.startswith("--init-from")]
     who = "joint on " + "+".join(prov["subjects"]) if "subjects" in prov else prov["subject"]
     return (f"{who} {prov['roi']} {'LoRA' if prov['mode'] == 'lora' else 'full fine-tuning'}, seed "
             f"{prov['seed']}" + (f", from {start.split('_')[1]}'s {start.split('_')[2]} run" if start else "")
-            + (f", {' '.join(flags)}" if flags else ", default flags")
-            + (f", code edited ({', '.join(edited)})" if edited else ""))
+            + ("" if not flags else f", {' '.join(used)}" if used else ", default flags")
+            + (f", code edited ({', '.join(edited)})" if edited and flags else ""))
 
 
 def code_differs(mine, ref):
@@ -548,3 +548,42 @@ def load_run(args, subject, roi, mode, seed, init_from=None, tag=None, study=Non
         run["baseline"] = base  # the first subject's
     run.update(name=name, path=path, provenance=prov, fingerprint=digest(prov), tag=runs[0][1])
     return run
+
+
+RUN_FILE = re.compile(r"03_((?:joint-)?[^_]+)_([^_]+)_(lora|full)_seed(\d+)(?:_([0-9a-f]{6}))?(?:_from_(.+))?\.npz")
+
+
+def load_runs(args, study):
+    """Every stage 03 result in args.results, single and joint runs, each checked by load_run:
+    {name: run}."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(args.results), "03_*.npz"))):
+        m = RUN_FILE.fullmatch(os.path.basename(path))
+        if m:
+            who, roi, mode, seed, tag, start = m.groups()
+            run = load_run(args, who, roi, mode, int(seed), start and "03_" + start, tag or "", study)
+            out[run["name"]] = run
+    return out
+
+
+def load_cross_subject(args, path, study, runs):
+    """A stage 04 result, checked as stage 04 checks its inputs: from this study, and every stage 03
+    run (`runs`: load_runs') and stage 02 result it read is the one in args.results now."""
+    d = load_npz(path, "stage 04 result")
+    rebuild = command("04_cross_subject.py", args, "" if str(d["roi"]) == "whole" else f"--roi {d['roi']}",
+                      "--full-finetune" if str(d["mode"]) == "full" else "",
+                      f"--seed {int(d['seed'])}" if int(d["seed"]) else "")
+    prov = read_provenance(d, path, rebuild)
+    check_built_from(prov, study, None, path, rebuild)
+    for label, name in zip(d["tuned_on"], d["runs"]):
+        run = runs.get(str(name))
+        if run is None or run["fingerprint"] != prov["runs"][str(label)]:
+            raise StudyError(f"{path} scored {name}, which {'is not in' if run is None else 'was rerun since in'} "
+                             f"{args.results}/: rerun stage 04 with {rebuild}")
+    tag = runs[str(d["runs"][0])]["provenance"]["baseline"]["tag"]
+    for b, fingerprint in prov["baselines"].items():
+        if load_baseline(args, b, study, tag)["fingerprint"] != fingerprint:
+            raise StudyError(f"{path} was scored against another stage 02 result of {b} than {args.results}/ "
+                             f"holds now (stage 02 was rerun since): rerun stage 04 with {rebuild}")
+    d.update(path=path, provenance=prov)
+    return d

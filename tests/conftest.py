@@ -20,7 +20,8 @@ plumbing.set_threads(THREADS)
 # make test runs two pytest-xdist workers, each taking a whole file at a time (--dist loadfile: a
 # file's fixtures are built once) in this order (--no-loadscope-reorder): the longest files first,
 # so that the workers finish together instead of one running the README recipe alone at the end
-SLOWEST_FIRST = ["test_real_recipe.py", "test_gpu_check.py", "test_real_architecture.py", "test_cortex.py"]
+SLOWEST_FIRST = ["test_real_recipe.py", "test_viewer.py", "test_gpu_check.py", "test_real_architecture.py",
+                 "test_cortex.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -96,3 +96,7 @@ def test_the_readme_recipe_runs_as_written(miniature, tmp_path, monkeypatch):
     probes = plumbing.load_npz(one(f"{res}/05_probes_*.npz"))
     assert list(probes["probes"]) == ["semantic", "acoustic"]  # English1000 from the dataset, no GloVe
     assert os.path.exists(one(f"{res}/02_flatmaps_*.png"))
+    # pycortex's WebGL viewer, each subject on its own surfaces from the dataset's pycortex-db
+    assert ran[-1] == "viewer.py"
+    viewer = os.listdir(f"{res}/viewer")
+    assert "index.html" in viewer and all(f"{s}_[inflated]_mg2_9_v4.ctm" in viewer for s in SUBJECTS), viewer
