@@ -54,10 +54,18 @@ def short(prov):
     return words if "subjects" in prov else words.split(" ", 1)[1]
 
 
+def settings_words(baseline):
+    """How a stage 02 result's map tells it from another's of the same subject: its recipe, or tag."""
+    recipe = str(baseline.get("recipe", "repo"))
+    return f", the {recipe} recipe" if recipe != "repo" else f", settings {baseline['tag']}" if baseline["tag"] else ""
+
+
 def subject_maps(subj, baselines, runs, cross, note):
     """A subject's maps, stage by stage: test r (stage 02), each run's gain and a started run's change
     over its start (stage 03), the gain from each other subject's model (stage 04)."""
-    maps = [a_map(f"{subj}: test r of the untuned model, layer {int(b['best_layer'])}", b["test_r"],
+    several = len(baselines) > 1  # then each says which it is
+    maps = [a_map(f"{subj}: test r of the untuned model, layer {int(b['best_layer'])}"
+                  + (settings_words(b) if several else ""), b["test_r"],
                   os.path.basename(b["path"]), f"stage 02 ({' '.join(b['provenance']['flags']) or 'defaults'}), "
                   f"test r on the test story{note}", False) for b in baselines]
     for name, run in sorted(runs.items(), key=lambda item: paper_first(item[1]["provenance"])):

@@ -177,8 +177,10 @@ def describe_run(prov, flags=True):
     start = (prov.get("init_from") or {}).get("name")
     used = [f for f in prov.get("flags", []) if not f.startswith("--init-from")]
     who = "joint on " + "+".join(prov["subjects"]) if "subjects" in prov else prov["subject"]
+    recipe = (prov.get("settings") or {}).get("recipe", "repo")
     return (f"{who} {prov['roi']} {'LoRA' if prov['mode'] == 'lora' else 'full fine-tuning'}, seed "
             f"{prov['seed']}" + (f", from {start.split('_')[1]}'s {start.split('_')[2]} run" if start else "")
+            + (f", the {recipe} recipe" if recipe != "repo" else "")
             + ("" if not flags else f", {' '.join(used)}" if used else ", default flags")
             + (f", code edited ({', '.join(edited)})" if edited and flags else ""))
 
