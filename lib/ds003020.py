@@ -11,8 +11,6 @@ import json
 import os
 
 import numpy as np
-from scipy.io import wavfile
-from scipy.signal import resample_poly
 
 from lib.anatomy import import_pycortex
 from lib.plumbing import StudyError, load_npz, save_npz
@@ -72,6 +70,8 @@ def read_textgrid_words(path):
 
 def read_wav(path):
     """Any rate, mono or stereo, int or float wav -> float32 mono at 16 kHz."""
+    from scipy.io import wavfile  # here, not at the top: scipy.io/signal cost every stage ~0.9 s to import
+    from scipy.signal import resample_poly
     try:
         rate, x = wavfile.read(path)
     except (OSError, ValueError) as e:

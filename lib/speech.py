@@ -8,7 +8,6 @@ import multiprocessing
 import os
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from lib.batching import SR  # every story's audio rate, WavLM's
 from lib.plumbing import StudyError
@@ -48,6 +47,7 @@ def synthesize(job):
     lib.espeak_Synth(text, len(text), 0, 1, 0, 0, None, None)
     lib.espeak_Synchronize()
     x = np.concatenate(chunks).astype(np.float32) / 32768.0
+    from scipy.signal import resample_poly  # here: only synthesis needs it, and it costs ~0.7 s to import
     x = resample_poly(x, SR, rate_in).astype(np.float32)
     voiced = np.nonzero(np.abs(x) > 0.01)[0]
     return x[voiced[0]:voiced[-1] + 1]
