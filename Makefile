@@ -14,7 +14,7 @@ SUBJ ?= sim01
 # rates 30x / 10x the paper's, because the study gives about 9 steps per epoch where the paper had
 # thousands: at the paper's 1e-4 the gain over 3 seeds was -0.0001 (README, bench/RESULTS.md).
 # Training stops 3 epochs after the best validation r (--patience 3). The demo caps it at 12 epochs
-# to stay within its 10-minute budget (8 min 57 s, bench/RESULTS.md): most runs still improve at 12
+# to stay within its 10-minute budget (8 min 16 s, bench/RESULTS.md): most runs still improve at 12
 # (stage 03 says which); trained until they stop (bench/claims.sh, up to 20) they gain more.
 LORA := --lr-adapter 3e-3 --lr-readout 1e-3 --epochs 12 --patience 3
 FULL := --full-finetune --lr-adapter 1e-3 --lr-readout 1e-3 --epochs 12 --patience 3
