@@ -280,18 +280,6 @@ def ranged(kind, lo=None, hi=None, why="", above=False):
     return check
 
 
-def frame_seconds(positive):
-    """An argparse type: seconds, a whole number of WavLM's 20 ms frames (> 0 when `positive`)."""
-    def check(text):
-        value = float(text)
-        if not whole_frames(value, positive):
-            raise argparse.ArgumentTypeError(f"{value:g} must be a {'positive' if positive else 'non-negative'} "
-                                             "multiple of WavLM's 20 ms frame (e.g. 0.1, 2, 4)")
-        return value
-    check.__name__ = "float"
-    return check
-
-
 def one_of(names, what):
     """An argparse type: one of `names` (say, the ROIs), else `--flag 'X': unknown <what>; choose ...`."""
     def check(text):
@@ -326,15 +314,18 @@ def add_recipe(p, recipes, help):
     """--recipe NAME: the defaults of the flags recipes[NAME] names ({dest: value}), all at once;
     a flag typed on the command line still wins. 'repo' keeps this repository's defaults."""
     p.add_argument("--recipe", choices=["repo", *recipes], default="repo", help=help)
-    parse = p.parse_args
+    parse, own = p.parse_args, {}  # each flag's own default, kept from the first parse on
 
     def parse_args(args=None, namespace=None):
+        for a in p._actions:  # explicit_flags' parse (every default SUPPRESS) is left as it is
+            if a.default is not argparse.SUPPRESS:
+                own.setdefault(a.dest, a.default)
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--recipe", default="repo")
         chosen = recipes.get(pre.parse_known_args(args)[0].recipe, {})
-        for a in p._actions:  # explicit_flags' parse (every default SUPPRESS) is left as it is
-            if a.dest in chosen and a.default is not argparse.SUPPRESS:
-                a.default = chosen[a.dest]
+        for a in p._actions:  # a later parse of another recipe starts from the flags' own defaults
+            if a.dest in own and a.default is not argparse.SUPPRESS:
+                a.default = chosen.get(a.dest, own[a.dest])
         return parse(args, namespace)
     p.parse_args = parse_args
 

@@ -273,6 +273,11 @@ def test_recipe_authors_sets_every_flag_it_names_and_a_flag_typed_wins(script):
     assert str(getattr(m.get_args(["--recipe", "authors", flag, other]), k)) == other
     assert str(getattr(m.get_args([flag, other, "--recipe", "authors"]), k)) == other
     assert plumbing.explicit_flags(m.get_parser(), ["--recipe", "authors"]) == {"recipe"}
+    p = m.get_parser()  # one parser parsed again: each parse takes its own recipe's defaults
+    assert plumbing.explicit_flags(p, ["--recipe", "authors"]) == {"recipe"}
+    for argv, want in ((["--recipe", "authors"], m.AUTHORS), ([], vars(repo)), (["--recipe", "repo"], vars(repo))):
+        again = vars(p.parse_args(argv))
+        assert all(again[k] == want[k] for k in m.AUTHORS), argv
 
 
 def test_a_run_of_one_recipe_refuses_the_others_stage_02_result(tiny_study, tmp_path, capsys):
