@@ -192,11 +192,6 @@ def feature_times(times, first, count):
     return ((first + np.arange(count)) * times[1] + times[0]) / SR
 
 
-def frame_times(first, count):
-    """Centres of frames first .. first + count - 1 in seconds (each frame spans 25 ms)."""
-    return feature_times(FRAMES, first, count)
-
-
 def window_grid(frames, context_s, stride_s):
     """A story's causal windows, one every stride_s seconds: (first frame fed, first frame kept,
     end). WavLM's attention is bidirectional, so causality comes from the windows: each keeps its

@@ -127,7 +127,7 @@ def test_block_inputs_are_the_whole_story_recipe_at_its_rows(tiny_study, monkeyp
         np.testing.assert_allclose(block.numpy(), ref, atol=1e-4, err_msg=f"block {i0}..{i1}")
         _, w0, w1 = common.block_span(st, i0, i1, (1, 2))
         f0, n = batching.window_features(st, w0, w1)
-        offsets.setdefault((i1 - i0, n), set()).add(round(grid[0] - batching.frame_times(f0, 1)[0], 6))
+        offsets.setdefault((i1 - i0, n), set()).add(round(grid[0] - batching.feature_times(batching.FRAMES, f0, 1)[0], 6))
     if stride_s == 4.0:  # the case a kernel keyed without its offset gets wrong
         assert max(len(o) for o in offsets.values()) > 1, offsets
 
