@@ -452,9 +452,6 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
     name = os.path.basename(story_npz)[:-4]
     story = load_npz(story_npz, "story file")
     n_states = (base_wavlm(model).config.num_hidden_layers if top_layer is None else top_layer) + 1
-    key = dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS,
-               layers=n_states, audio=sha1(story["audio"]), tr_times=sha1(story["tr_times"]))
-    key = json.dumps(key if take == "stride" else dict(key, take=take), sort_keys=True)
 
     def compute():
         c = cnn if cnn is not None or data is None else story_cnns(
@@ -462,8 +459,11 @@ def story_features(model, fingerprint, cache_dir, story_npz, context_s, stride_s
         feats, times = extract_features(model, story["audio"], int(story["sr"]), range(n_states),
                                         context_s, stride_s, progress=progress, cnn=c, take=take)
         return np.stack([downsample_to_trs(f, times, story["tr_times"]) for f in feats])
-    if cache_dir is None:
+    if cache_dir is None:  # uncached (a tuned model's epoch): no key to hash the audio for
         return compute()
+    key = dict(model=fingerprint, context_s=context_s, stride_s=stride_s, pad=PAD_TRS,
+               layers=n_states, audio=sha1(story["audio"]), tr_times=sha1(story["tr_times"]))
+    key = json.dumps(key if take == "stride" else dict(key, take=take), sort_keys=True)
     return cached_npz(os.path.join(cache_dir, f"{name}.npz"), key, compute, "ds", refresh)
 
 # ==== 4. BrainWavLM, end to end: WavLM layer -> Lanczos -> norm -> delays -> readout ====
