@@ -9,7 +9,6 @@ matrix, stage 05's probes), by the rule printed beside it; a claim whose runs ar
 "not run here", with the command that runs them. Gains are like for like: a tuned model's
 linearized test r minus the untuned model's at the same layer, mean over voxels.
 """
-import argparse
 import glob
 import json
 import os
@@ -18,7 +17,8 @@ import sys
 import numpy as np
 
 from lib import plumbing
-from lib.plumbing import StudyError
+from lib.plumbing import StudyError, tag_type
+from lib.provenance import RUN_FILE
 
 HOLDS, FAILS, NOT_RUN = "holds", "does not hold", "not run here"
 
@@ -31,6 +31,9 @@ def get_parser():
     p.add_argument("--out", help="the table's markdown file (default: <results>/claims.md)")
     p.add_argument("--recipe", choices=["repo", "authors"], default="repo", help="whose results: "
                    "those made with stages 02-05's --recipe (default: this repository's)")
+    p.add_argument("--tag", type=tag_type, help="which stage 03 settings when the folder holds runs of "
+                   "several: their tag (6 hex digits in the name) or 'default' (default: the tag with "
+                   "the most whole-cortex seeds of the subject)")
     return p
 
 
@@ -45,6 +48,28 @@ def load(results, pattern, recipe="repo"):
     """The results matching `pattern` made with `recipe` (runs of both live side by side)."""
     found = [plumbing.load_npz(f) for f in sorted(glob.glob(os.path.join(results, pattern)))]
     return [r for r in found if recipe_of(r) == recipe]
+
+
+def own_tag(path):
+    """The settings tag in a stage 03 run's own name ('' for the defaults'; a run started from
+    another carries that one's name after its own), None for a file that is no run's."""
+    m = RUN_FILE.fullmatch(os.path.basename(path))
+    return m and (m.group(5) or "")
+
+
+def pick_tag(files, tag, what):
+    """The settings of the runs a claim compares: `tag` if given ('default': ''), else the tag most
+    of `files` carry; seeds of other settings are never counted as seeds of these."""
+    counts = {}
+    for f in files:
+        counts[own_tag(f)] = counts.get(own_tag(f), 0) + 1
+    if tag is not None or not counts:
+        return "" if tag == "default" else tag
+    top = [t for t, n in counts.items() if n == max(counts.values())]
+    if len(top) > 1:
+        raise StudyError(f"{what} are of {len(top)} settings with {max(counts.values())} seed(s) each (tags "
+                         f"{', '.join(sorted(t or 'default' for t in top))}): say which with --tag")
+    return top[0]
 
 
 def gain(run, mask=None):
@@ -137,9 +162,8 @@ def claim_4(probes):
              "mean > 0 and higher on most folds")]
 
 
-def still_improving(results, recipe="repo"):
+def still_improving(runs):
     """Runs whose best epoch was their last one at the epochs they were allowed: measured mid-climb."""
-    runs = load(results, "03_*.npz", recipe)
     capped = [r for r in runs if int(r["best_epoch"]) == len(r["val_r_by_epoch"])
               == json.loads(str(r["settings"]))["epochs"]]
     if not capped:
@@ -150,27 +174,43 @@ def still_improving(results, recipe="repo"):
             "validation stops, up to 20 epochs: bench/RESULTS.md).")
 
 
-def check(results, data, subject=None, recipe="repo"):
+def check(results, data, subject=None, recipe="repo", tag=None):
     """Every claim's rows (claim, the paper, measured here, verdict, rule or command) and the
-    line on runs still improving, from the results of `recipe`."""
-    whole_all = [f for f in glob.glob(os.path.join(results, "03_*_whole_lora_seed*.npz"))
-                 if "_from_" not in os.path.basename(f) and "joint-" not in os.path.basename(f)
-                 and recipe_of(plumbing.load_npz(f)) == recipe]
+    line on runs still improving, from the results of `recipe` and, where runs of several settings
+    are there, those of one (pick_tag)."""
+    def runs(pattern):
+        return [f for f in sorted(glob.glob(os.path.join(results, pattern))) if own_tag(f) is not None
+                and recipe_of(plumbing.load_npz(f)) == recipe]
+    whole_all = [f for f in runs("03_*_whole_lora_seed*.npz")
+                 if "_from_" not in os.path.basename(f) and "joint-" not in os.path.basename(f)]
     if not whole_all and subject is None:
         raise StudyError(f"{results}: no stage 03 whole-cortex run (03_<subject>_whole_lora_seed*.npz): run make 03")
     subject = subject or max({os.path.basename(f).split("_")[1] for f in whole_all},
                              key=lambda s: sum(f"03_{s}_" in f for f in whole_all))
     ac = plumbing.load_npz(os.path.join(data, "subjects", f"{subject}.npz"), "the subject's file")["roi_AC"]
-    whole = [r for r in load(results, f"03_{subject}_whole_lora_seed*.npz", recipe) if not str(r["init_from"])]
-    full = load(results, f"03_{subject}_whole_full_seed*.npz", recipe)
-    from_whole = [r for r in load(results, f"03_{subject}_AC_lora_seed*_from_*whole*.npz", recipe)
-                  if "test_r_start" in r]
+    mine = [f for f in whole_all if os.path.basename(f).startswith(f"03_{subject}_")]
+    tag = pick_tag(mine, tag, f"{results}: {subject}'s whole-cortex LoRA runs")
+    full_files = runs(f"03_{subject}_whole_full_seed*.npz")
+    full_tag = pick_tag(full_files, None, f"{results}: {subject}'s full fine-tuning runs")
+
+    def of(files, t=tag):
+        return [plumbing.load_npz(f) for f in files if t is None or own_tag(f) == t]
+
+    def built_from_these(result):  # a stage 04/05 result of these runs only
+        return all(own_tag(n + ".npz") == tag for n in map(str, result.get("runs", ())) if n)
+    whole = [r for r in of(mine) if not str(r["init_from"])]
+    full = of(full_files, full_tag)
+    from_whole = [r for r in of(runs(f"03_{subject}_AC_lora_seed*_from_*whole*.npz")) if "test_r_start" in r]
     base = load(results, f"02_baseline_{subject}*.npz", recipe)
-    cross = next(iter(load(results, "04_cross_subject*.npz", recipe)), None)
-    probes = next(iter(load(results, "05_probes*.npz", recipe)), None)
+    cross = next((d for d in load(results, "04_cross_subject*.npz", recipe) if built_from_these(d)), None)
+    probes = next((d for d in load(results, "05_probes*.npz", recipe) if built_from_these(d)), None)
     rows = (claim_1(whole, full, float(base[0]["test_r"].mean()) if base else np.nan)
             + claim_2(whole, from_whole, ac) + claim_3(cross) + claim_4(probes))
-    return subject, rows, still_improving(results, recipe)
+    note = still_improving(of(runs("03_*.npz")))
+    if len({own_tag(f) for f in mine}) > 1:
+        note += (f" Runs of the settings tagged {tag or 'default'}; the folder holds {subject}'s runs of other "
+                 "settings too (--tag picks them).")
+    return subject, rows, note
 
 
 def table(subject, rows, note, recipe="repo"):
@@ -184,7 +224,7 @@ def table(subject, rows, note, recipe="repo"):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
-        subject, rows, note = check(args.results, args.data, args.subject, args.recipe)
+        subject, rows, note = check(args.results, args.data, args.subject, args.recipe, args.tag)
     except StudyError as e:
         plumbing.fail(e)
     text = table(subject, rows, note, args.recipe)

@@ -154,6 +154,41 @@ def test_each_recipes_claims_from_its_own_results_side_by_side(folder, capsys):
     assert text.count("**does not hold**") == 4 and text.count("**holds**") == 1
 
 
+def test_runs_of_other_settings_in_the_folder_are_not_counted_as_seeds(folder, capsys):
+    """A folder that also holds sim01's runs of other settings (a flag tried on one or two seeds,
+    tag 123456, and their stage 04 and 05 results): the claims read the settings with the most
+    seeds (abcdef) and say so; --tag reads the others; a tie is refused, naming --tag."""
+    res, data = folder
+    untuned = np.full(V, 0.1, np.float32)
+    other = untuned + np.where(AC, 0.03, -0.02)  # loses outside AC, gains in AC
+    for seed in range(2):
+        run(os.path.join(res, f"03_sim01_whole_lora_seed{seed}_123456.npz"), other, untuned)
+    runs = np.array(["03_sim01_whole_lora_seed0_123456", "03_sim02_whole_lora_seed0_123456"])
+    plumbing.save_npz(os.path.join(res, "04_cross_subject_123456.npz"), tuned_on=np.array(["sim01", "sim02"]),
+                      evaluated_on=np.array(["sim01", "sim02"]), mean_delta_r=np.array([[0.01, -0.004], [-0.003, 0.012]]),
+                      runs=runs)
+    by_fold = np.full((2, 4, 1, 5), -0.01)
+    by_fold[0] = 0
+    plumbing.save_npz(os.path.join(res, "05_probes_123456_from_whole.npz"), models=np.array(["baseline", "whole"]),
+                      probes=np.array(["semantic"]), scores=by_fold.mean(-1), scores_by_fold=by_fold,
+                      tuned_layer=np.int64(3), runs=np.array(["", runs[0]]))
+    v = verdicts(res, data, capsys)
+    assert v == {"1": "holds", "1b": "holds", "2": "holds", "2b": "holds", "3": "holds", "4": "holds"}, v
+    text = open(os.path.join(res, "claims.md")).read()
+    assert "+0.0080 +- 0.0007 (+8% of the untuned 0.100), 3 seed(s)" in text
+    assert "AC change -0.0040 +- 0.0000" in text and "tagged abcdef" in text and "--tag" in text
+    assert run_stage("claims.py", [res, "--data", data, "--tag", "123456"]) == 0
+    text = open(os.path.join(res, "claims.md")).read()
+    assert "-0.0100 +- 0.0000 (-10% of the untuned 0.100), 2 seed(s)" in text and "AC change +0.0300" in text
+    assert "off-diagonal mean -0.0035" in text and "whole - baseline at layer 3: -0.010" in text
+    run(os.path.join(res, "03_sim01_whole_lora_seed2_123456.npz"), other, untuned)  # 3 seeds each: which?
+    os.remove(os.path.join(res, "claims.md"))
+    assert run_stage("claims.py", [res, "--data", data]) != 0
+    err = capsys.readouterr().err
+    assert "(tags 123456, abcdef)" in err and "--tag" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(res, "claims.md"))
+
+
 def claim_3_row(res):
     return next(line for line in open(os.path.join(res, "claims.md")).read().splitlines() if line.startswith("| 3."))
 
