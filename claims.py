@@ -57,7 +57,7 @@ def own_tag(path):
     return m and (m.group(5) or "")
 
 
-def pick_tag(files, tag, what):
+def pick_tag(files, tag, what, fix="say which with --tag"):
     """The settings of the runs a claim compares: `tag` if given ('default': ''), else the tag most
     of `files` carry; seeds of other settings are never counted as seeds of these."""
     counts = {}
@@ -68,7 +68,7 @@ def pick_tag(files, tag, what):
     top = [t for t, n in counts.items() if n == max(counts.values())]
     if len(top) > 1:
         raise StudyError(f"{what} are of {len(top)} settings with {max(counts.values())} seed(s) each (tags "
-                         f"{', '.join(sorted(t or 'default' for t in top))}): say which with --tag")
+                         f"{', '.join(sorted(t or 'default' for t in top))}): {fix}")
     return top[0]
 
 
@@ -191,7 +191,8 @@ def check(results, data, subject=None, recipe="repo", tag=None):
     mine = [f for f in whole_all if os.path.basename(f).startswith(f"03_{subject}_")]
     tag = pick_tag(mine, tag, f"{results}: {subject}'s whole-cortex LoRA runs")
     full_files = runs(f"03_{subject}_whole_full_seed*.npz")
-    full_tag = pick_tag(full_files, None, f"{results}: {subject}'s full fine-tuning runs")
+    full_tag = pick_tag(full_files, None, f"{results}: {subject}'s full fine-tuning runs",
+                        "move one settings' runs to a folder of their own")
 
     def of(files, t=tag):
         return [plumbing.load_npz(f) for f in files if t is None or own_tag(f) == t]
