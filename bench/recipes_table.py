@@ -50,11 +50,12 @@ for recipe in ("repo", "authors"):
             print(f"  {r['name']:60s} best epoch {r['best']:2d} of {r['ran']:2d}, gain {r['gain']:+.4f}, AC {r['ac']:+.4f}")
     print(f"  {note}")
 
-runs = [run_of(f) for f in sorted(glob.glob(os.path.join(R, "03_sim01_whole_lora_seed*.npz")))
-        if "_from_" not in os.path.basename(f)]
-runs = [r for r in runs if r["settings"].get("recipe", "repo") == "repo"]
-ref = min((r for r in runs if r["name"].startswith("03_sim01_whole_lora_seed0_")), key=lambda r: len(r["name"]))
-seeds = [r["gain"] for r in runs if r["settings"] == ref["settings"]]
+files = [f for f in sorted(glob.glob(os.path.join(R, "03_sim01_whole_lora_seed*.npz")))
+         if "_from_" not in os.path.basename(f) and claims.recipe_of(plumbing.load_npz(f)) == "repo"]
+tag = claims.pick_tag(files, None, "sim01's runs of this repository's recipe")  # the recipe's: most seeds
+runs = [dict(run_of(f), tag=claims.own_tag(f)) for f in files]
+ref = next(r for r in runs if r["tag"] == tag and r["name"].startswith("03_sim01_whole_lora_seed0_"))
+seeds = [r["gain"] for r in runs if r["tag"] == tag]
 print(f"\n== each of the authors' choices alone (sim01, seed 0; this repository's seed 0 gains {ref['gain']:+.4f}, "
       f"AC {ref['ac']:+.4f}; the sd of its {len(seeds)} seeds' gains {np.std(seeds):.4f})")
 
@@ -66,7 +67,7 @@ def alone(r, flags):
 
 for r in runs:
     changed = {k: v for k, v in r["settings"].items() if ref["settings"].get(k) != v}
-    if changed and r["name"].startswith("03_sim01_whole_lora_seed0_"):
+    if r["tag"] != tag and r["name"].startswith("03_sim01_whole_lora_seed0_"):
         alone(r, "stage 03 " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
 for folder in sorted(glob.glob(os.path.join(R, "alone02_*"))):
     base = plumbing.load_npz(glob.glob(os.path.join(folder, "02_baseline_sim01*.npz"))[0])
