@@ -33,7 +33,7 @@ from lib import batching, plumbing  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--gpu-check", help="gpu_check.json measured on the GPU (else assumed efficiencies)")
-p.add_argument("--before", action="store_true", help="with --gpu-check: the rates of the path before issue 35")
+p.add_argument("--before", action="store_true", help="with --gpu-check: the rates of the path before the batched step (1a7be3b)")
 p.add_argument("--bf16-peak", type=float, default=989e12, help="dense bf16 FLOP/s (H100 SXM: 989e12)")
 p.add_argument("--fp32-peak", type=float, default=67e12, help="FP32 FLOP/s without tensor cores (H100 SXM: 67e12)")
 p.add_argument("--model-efficiency", type=float, default=0.15, help="assumed fraction of bf16 peak for WavLM")
@@ -102,7 +102,7 @@ if measured:
     step_rate = measured[f"train_steps_per_s{tag}"]
     ridge_rate = ridge_flops(*measured["ridge_shape"]) / measured["ridge_s"]
     probe_rate = measured.get("stage05_audio_s_per_s")
-    how = f"measured on {measured['device']} (bench/gpu_check.sh{', the path before issue 35' if tag else ''})"
+    how = f"measured on {measured['device']} (bench/gpu_check.sh{', the path before the batched step' if tag else ''})"
 else:
     feat_rate = args.model_efficiency * args.bf16_peak / feat_flops_per_audio_s
     step_rate = args.model_efficiency * args.bf16_peak / step_flops

@@ -1,6 +1,6 @@
 """Cost and accuracy of causal feature extraction: the default stride against the lab's 0.1 s.
 
-Issue #3 target: the default stride is at least 20x cheaper (model-seconds per audio second) at
+Target: the default stride is at least 20x cheaper (model-seconds per audio second) at
 |delta mean baseline test r| <= 0.01 on the simulated study. One run prints both, measured: the
 cost once, and the baseline of every subject, scored with stage 02's recipe unchanged (layer
 chosen on the validation stories, refit, Pearson r on the test story), plus the test r of every

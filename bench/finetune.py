@@ -1,6 +1,6 @@
 """Where a stage 03 training step spends its time, from one run.
 
-Issue #4 target: >= 85% of a step in the WavLM forward + backward (the readout, Lanczos, loss and
+Target: >= 85% of a step in the WavLM forward + backward (the readout, Lanczos, loss and
 data feeding must be cheap). Measured as 1 - (time of the same steps with WavLM's output replaced
 by a precomputed tensor) / (time of the full steps). Also prints steps per second and peak memory.
 

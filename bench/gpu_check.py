@@ -1,6 +1,6 @@
 """One prepared GPU check: the CUDA tests, stages 01-03 and 05 on the device, and the rates
 bench/estimate_real.py turns into the real study's time, each measured after a warm-up, with the
-path before issue 35 beside the new one (bench/legacy_step.py) in the same run. Run by
+path before the batched step (1a7be3b) beside the new one (bench/legacy_step.py) in the same run. Run by
 bench/gpu_check.sh (see there).
 
     python3 bench/gpu_check.py --out $OUT                     # on a GPU: wavlm-base-plus's shape, 12 layers
@@ -127,7 +127,7 @@ audio_s = sum(len(f["audio"]) for f in story_files.values()) / 16000
 out["stage05_audio_s_per_s"] = round(2 * audio_s / out["stage05_s"], 1)  # two models, every story
 save()
 
-# 4. features: stage 02's extraction of one story, the path before issue 35 and today's
+# 4. features: stage 02's extraction of one story, the path before the batched step and today's
 model = common.load_wavlm(folder, device=dev)
 audio = torch.as_tensor(story_files[st["train"][0]]["audio"], device=dev)
 n = cfg.num_hidden_layers

@@ -2,7 +2,7 @@
 
 The simulated study's auditory voxels are driven by 8-band log-mel energy (stage 01). A random model
 is a stand-in for a pretrained one, so the baseline (stage 02's recipe, unchanged) should get a
-good share of their ceiling: issue #3 asks for >= 70%. This prints, from one run, the fraction of
+good share of their ceiling: the target is >= 70%. This prints, from one run, the fraction of
 the ceiling reached on the test story by the AC voxels (and the non-AC ones) of every subject, for
 common.tiny_config() and the variants that differ from it in one setting, over several model
 seeds. The first lines put the truth through the same pipeline: the log-mel drive (what a perfect
@@ -29,7 +29,7 @@ VARIANTS = {  # name: changes to common.tiny_config()
     "default": {},
     "conv-bias": dict(conv_bias=True),
     "conv-64": dict(conv_dim=(64,) * 7),
-    "old-default": dict(conv_bias=True, conv_dim=(64,) * 7),  # the tiny model before issue #3's fix
+    "old-default": dict(conv_bias=True, conv_dim=(64,) * 7),  # the tiny model before its fix
     "hidden-128": dict(hidden_size=128, intermediate_size=256),
     "group-norm": dict(feat_extract_norm="group"),  # as wavlm-base-plus; CNN per window: ~2x slower
 }

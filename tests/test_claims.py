@@ -1,4 +1,4 @@
-"""claims.py (issue 38): every verdict computed from the result files. A results folder written here
+"""claims.py: every verdict computed from the result files. A results folder written here
 in the stages' layout, with every claim holding; then one result altered at a time so that its
 claim fails, and its row turns to "does not hold" (and the other rows stay)."""
 import json

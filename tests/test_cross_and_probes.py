@@ -1,5 +1,5 @@
 """Stages 04 and 05 on a tiny study: the outputs, their meaning, provenance and the bad-input paths.
-Also the issue-20 scenarios: a rebuilt study, a stage 02 rerun, subsets that must not replace
+Also the stale-input scenarios: a rebuilt study, a stage 02 rerun, subsets that must not replace
 the full results."""
 import glob
 import json
@@ -168,7 +168,7 @@ def test_a_subset_writes_its_own_file_and_replaces_nothing(tuned, tmp_path):
 
 
 def test_a_rebuilt_study_is_refused_not_mixed(tuned, tmp_path, capsys):
-    """The issue's first scenario: rebuild the study with other noise, then stage 04 (or 03) must
+    """The first stale-input scenario: rebuild the study with other noise, then stage 04 (or 03) must
     refuse the old results with one line saying why and how to rebuild them, never print a delta."""
     data, results, ckpt = tuned
     new = str(tmp_path / "data")

@@ -52,7 +52,7 @@ def test_lora_changes_after_a_step_and_loss_falls_on_a_fixed_batch(tiny_study):
 
 
 def test_one_batched_step_has_the_gradients_of_its_blocks_one_by_one(tiny_study):
-    """The paper's step (issue 35): all of a step's blocks in one forward and one backward give the
+    """The paper's step (the batched step, 1a7be3b): all of a step's blocks in one forward and one backward give the
     gradients of the per-block path (each block forward and backward on its own, its loss divided
     by the blocks per step) to float tolerance. The blocks come from two stories, two of one length
     and two of others, the equal ones not side by side: block_inputs then groups the blocks and

@@ -21,7 +21,7 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert out["ridge_s"] > 0 and out["ridge_shape"] == [2000, 256, 3000]
     # two blocks (~8,400 frames) through the tiny model's first layer and back: a forward pass is
     # about 0.2 MFLOP per frame, so a few GFLOP per step, not a few MFLOP (nothing counted) or TFLOP;
-    # the step before issue 35 did the same work (its CNN was the story's, sliced, for this model)
+    # the step before the batched step (1a7be3b) did the same work (its CNN was the story's, sliced, for this model)
     for tag in ("", "_before"):
         assert 1e9 < out["train_flops_per_step" + tag] < 2e10
     assert abs(out["train_flops_per_step"] / out["train_flops_per_step_before"] - 1) < 0.1

@@ -1,4 +1,4 @@
-"""One model, several brains (issue 37): stage 03 --joint (one run, the same adapters and bottleneck,
+"""One model, several brains (beyond the paper): stage 03 --joint (one run, the same adapters and bottleneck,
 an output layer per subject), stage 04's rows for joint runs, the subjects they never saw, and
 the data-efficiency curves, on the tiny study."""
 import json

@@ -1,4 +1,4 @@
-"""The repository's shape (issues 26 and 36): the science in five short stage scripts and a small
+"""The repository's shape: the science in five short stage scripts and a small
 common.py, each stage's main() a page of its method, the machinery one level down in lib/ (each
 module saying what it is for and who uses it), imports in one direction, lines a reader can take
 in, and no script that loads a stage file as a library."""
@@ -14,7 +14,7 @@ from helpers import ROOT
 STAGES = sorted(glob.glob(os.path.join(ROOT, "0[1-5]_*.py")))
 SCIENCE = STAGES + [os.path.join(ROOT, "common.py")]
 LIB = sorted(glob.glob(os.path.join(ROOT, "lib", "*.py")))
-# common.py grew past issue 26's 500 lines with issue 35's batched step; the five stages and
+# common.py grew past the redesign's (4a0415c) 500 lines with the batched step (1a7be3b); the five stages and
 # common.py together stay within 2,000
 LIMITS = {"common.py": 650, "01_prepare_data.py": 350}  # every other stage: 450
 
