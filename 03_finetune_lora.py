@@ -43,7 +43,8 @@ TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "norm", "tune_s
                   "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "bottleneck",
                   "lr_adapter", "lr_readout", "grad_clip", "block_trs", "batch_blocks",
                   "train_context_s", "train_stride_s", "train_window_feature", "lanczos_floor",
-                  "block_history", "block_order", "best_epoch", "readout_init", "recipe")
+                  "block_history", "block_order", "best_epoch", "readout_init", "layerdrop",
+                  "recipe")
 POSITIVE = ranged(float, 0, above=True)
 # the authors' released code (docs/methods.md, "Beside the authors' code"): brain_finetune.py's
 # training windows (stage 02's), thresholded Lanczos, 10-TR blocks one per step in story order,
@@ -106,6 +107,9 @@ def get_parser():
                    help="block: z-score each feature over the training block before the delays "
                    "(the paper's InstanceNorm); instance: the authors' InstanceNorm1d (biased "
                    "variance, eps inside the root); none: leave it out")
+    g.add_argument("--layerdrop", type=ranged(float, 0, 0.99), default=0.0, help="WavLM's "
+                   "LayerDrop in training: each layer after the first skipped with this chance, "
+                   "one draw a layer a forward (transformers'; the authors' train() leaves 0.1 on)")
     g.add_argument("--lr-adapter", type=POSITIVE, default=1e-4, help="LoRA's (or all weights')")
     g.add_argument("--lr-readout", type=POSITIVE, default=1e-4, help="the readout's learning rate")
     g.add_argument("--grad-clip", type=POSITIVE, default=1.0, help="clip the gradient norm (inf: "
@@ -174,6 +178,7 @@ def setup_model(args, baseline, seed, n_vox, device, prov=None):
     provenance, init: (folder, name, fingerprint) or None)."""
     torch.manual_seed(seed)
     model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
+    model.config.layerdrop = args.layerdrop  # training only (batching.hidden_states_from_cnn)
     prov = checkpoints.with_model(prov or dict(stories=baseline["provenance"]["stories"],
                                                settings=run_settings(args)), args, baseline, model)
     init = checkpoints.init_checkpoint(args.init_from, prov) if args.init_from else None

@@ -122,7 +122,8 @@ def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None, mask=
     """WavLM from CNN output: [input to layer 1, output of layer 1, ..., of n_layers] (transformers'
     hidden_states; the layers above never run). attention_mask (batch x frames, True = real):
     padded frames. mask (batch x frames): those frames become mask_embed, for
-    models/pretrain_tiny.py (transformers ignores mask_time_indices once SpecAugment is off)."""
+    models/pretrain_tiny.py (transformers ignores mask_time_indices once SpecAugment is off). In
+    training, the config's layerdrop skips layers as transformers does (stage 03 --layerdrop)."""
     m = base_wavlm(model)
     enc, (h, _) = m.encoder, m.feature_projection(cnn)
     if mask is not None:
@@ -131,7 +132,13 @@ def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None, mask=
         h = h * attention_mask[..., None].to(h.dtype)
     h = h + enc.pos_conv_embed(h)
     states, bias = [enc.dropout(h if m.config.do_stable_layer_norm else enc.layer_norm(h))], None
-    for layer in enc.layers[:n_layers if n_layers is not None else len(enc.layers)]:
+    drop = m.config.layerdrop if m.training else 0.0  # LayerDrop (stage 03 --layerdrop), else 0
+    for i, layer in enumerate(enc.layers[:n_layers if n_layers is not None else len(enc.layers)]):
+        # transformers' rule: one draw a layer a forward, never the first (it makes the position
+        # bias); a skipped layer's state repeats the last, as transformers 4.33 listed them
+        if drop > 0 and i > 0 and torch.rand([]) < drop:
+            states.append(states[-1])
+            continue
         h, bias = layer(states[-1], attention_mask=attention_mask, position_bias=bias)
         states.append(h)
     return states

@@ -291,3 +291,41 @@ def test_a_run_of_one_recipe_refuses_the_others_stage_02_result(tiny_study, tmp_
     err = fails_cleanly("03_finetune_lora.py", io + ["--checkpoints", ckpt, "--subject", "sim02"],
                         capsys, "made by stage 02 --recipe authors", results, ckpt)
     assert "--recipe authors" in err and "02_baseline_ridge.py" in err
+
+
+def test_layerdrop_is_transformers_own_in_training_and_off_in_eval(audio):
+    """--layerdrop p (the authors' model.train() leaves WavLM's 0.1 on): in training, transformers'
+    WavLM forward skips each layer after the first when one uniform draw a layer is below p, and
+    the transformers 4.33 the authors ran lists hidden states by position (a skipped layer's entry
+    repeats the one before; 5.x leaves it out). The batched forward (hidden_states_from_cnn) from
+    the same seed gives those states, for every pattern of skips; in eval mode no layer is
+    skipped and no draw is taken."""
+    m = common.load_wavlm("tiny", seed=2)  # every dropout 0: the layer draws are the only ones
+    m.config.layerdrop = 0.5
+    x = torch.tensor(audio[None, :4 * SR])
+    patterns = set()
+    with torch.no_grad():
+        cnn = batching.cnn_features(m, x)
+        m.train()
+        for seed in range(8):
+            torch.manual_seed(seed)
+            skip = [False] + [bool(torch.rand([]) < 0.5) for _ in range(2)]  # the rule, drawn alone
+            torch.manual_seed(seed)
+            run = list(m(x, output_hidden_states=True).hidden_states)  # transformers' own forward
+            expected = [run.pop(0)]
+            for skipped in skip:  # 4.33's list: the state entering each layer, then the last
+                expected.append(expected[-1] if skipped else run.pop(0))
+            torch.manual_seed(seed)
+            ours = batching.hidden_states_from_cnn(m, cnn)
+            assert len(ours) == len(expected) == 4 and not run
+            for a, b in zip(ours, expected):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            patterns.add(tuple(skip))
+        assert len(patterns) >= 3, patterns  # layer 2 skipped, layer 3, both or neither
+        m.eval()
+        torch.manual_seed(0)
+        plain = batching.hidden_states_from_cnn(m, cnn)
+        assert not any(torch.equal(plain[k + 1], plain[k]) for k in range(3))
+        after = torch.rand([])
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.rand([]))  # eval took no draw
