@@ -178,9 +178,14 @@ def check(results, data, subject=None, recipe="repo", tag=None):
     """Every claim's rows (claim, the paper, measured here, verdict, rule or command) and the
     line on runs still improving, from the results of `recipe` and, where runs of several settings
     are there, those of one (pick_tag)."""
+    read = {}  # each result file read once, however many patterns match it
+
+    def result(f):
+        return read[f] if f in read else read.setdefault(f, plumbing.load_npz(f))
+
     def runs(pattern):
         return [f for f in sorted(glob.glob(os.path.join(results, pattern))) if own_tag(f) is not None
-                and recipe_of(plumbing.load_npz(f)) == recipe]
+                and recipe_of(result(f)) == recipe]
     whole_all = [f for f in runs("03_*_whole_lora_seed*.npz")
                  if "_from_" not in os.path.basename(f) and "joint-" not in os.path.basename(f)]
     if not whole_all and subject is None:
@@ -195,7 +200,7 @@ def check(results, data, subject=None, recipe="repo", tag=None):
                         "move one settings' runs to a folder of their own")
 
     def of(files, t=tag):
-        return [plumbing.load_npz(f) for f in files if t is None or own_tag(f) == t]
+        return [result(f) for f in files if t is None or own_tag(f) == t]
 
     def built_from_these(result):  # a stage 04/05 result of these runs only
         return all(own_tag(n + ".npz") == tag for n in map(str, result.get("runs", ())) if n)
