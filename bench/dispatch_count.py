@@ -1,10 +1,10 @@
 """Operations dispatched per stage 03 training step and per audio-second of features, before and
-after the batched step (1a7be3b), counted on this CPU (a GPU launches about one kernel per operation, at ~10-20 us
-each: the count bounds a step's speed when the card waits on the host).
+after the batched step (1a7be3b), counted on this CPU (a GPU launches about one kernel per
+operation, at ~10-20 us each: the count bounds a step's speed when the card waits on the host).
 
-The setting: wavlm-base-plus's architecture (transformers' WavLMConfig(), random
-weights) with 4 layers, LoRA r4 on q/k/v, tuned at hidden state 2, two 150 s training stories,
-blocks of 32 TRs, two per step. An operation is one call through torch's dispatcher (views
+The setting: wavlm-base-plus's architecture (transformers' WavLMConfig(), random weights) with 4
+layers, LoRA r4 on q/k/v, tuned at hidden state 2, two 150 s training stories, blocks of 32 TRs,
+two per step. An operation is one call through torch's dispatcher (views
 included), counted with a TorchDispatchMode from the optimizer's zero_grad to its step.
 
     .venv/bin/python bench/dispatch_count.py          # about 2 minutes on 2 cores

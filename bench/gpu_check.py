@@ -1,7 +1,7 @@
 """One prepared GPU check: the CUDA tests, stages 01-03 and 05 on the device, and the rates
 bench/estimate_real.py turns into the real study's time, each measured after a warm-up, with the
-path before the batched step (1a7be3b) beside the new one (bench/legacy_step.py) in the same run. Run by
-bench/gpu_check.sh (see there).
+path before the batched step (1a7be3b) beside the new one (bench/legacy_step.py) in the same run.
+Run by bench/gpu_check.sh (see there).
 
     python3 bench/gpu_check.py --out $OUT                     # on a GPU: wavlm-base-plus's shape, 12 layers
     python3 bench/gpu_check.py --device cpu --size tiny --out /tmp/gc   # the same steps, tiny, on CPU

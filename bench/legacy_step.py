@@ -1,9 +1,9 @@
-"""Stage 03's training step as it was before the batched step (commit 0213a81), kept for one purpose: the
-before/after pair of bench/dispatch_count.py (this CPU) and bench/gpu_check.py (a lent GPU). Each
-block ran on its own (its audio segment cut, ~3 forwards of 8 windows, its own backward), the
-frozen CNN ran on every window of group-norm models, the position bias was rebuilt and repeated
-in every forward, and every block's loss was read back to the host. Delete this file once a GPU
-has measured the pair (bench/RESULTS.md says when).
+"""Stage 03's training step as it was before the batched step (commit 0213a81), kept for one purpose:
+the before/after pair of bench/dispatch_count.py (this CPU) and bench/gpu_check.py (a lent GPU).
+Each block ran on its own (its audio segment cut, ~3 forwards of 8 windows, its own backward), the
+frozen CNN ran on every window of group-norm models, the position bias was rebuilt and repeated in
+every forward, and every block's loss was read back to the host. Delete this file once a GPU has
+measured the pair (bench/RESULTS.md says when).
 
     legacy_step(model, readout, opt, stories, resp, blocks, layer)   # one optimizer step, as before
 """
