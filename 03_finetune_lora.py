@@ -44,16 +44,18 @@ TRAIN_SETTINGS = ("full_finetune", "epochs", "patience", "loss", "norm", "tune_s
                   "lr_adapter", "lr_readout", "grad_clip", "block_trs", "batch_blocks",
                   "train_context_s", "train_stride_s", "train_window_feature", "lanczos_floor",
                   "block_history", "block_order", "best_epoch", "readout_init", "layerdrop",
-                  "recipe")
+                  "mask_time_prob", "recipe")
 POSITIVE = ranged(float, 0, above=True)
 # the authors' released code (docs/methods.md, "Beside the authors' code"): brain_finetune.py's
 # training windows (stage 02's), thresholded Lanczos, 10-TR blocks one per step in story order,
 # InstanceNorm and zero-padded delays, xavier readout, no clipping, LoRA's dropout inactive
-# (theirs adds B A to the weights), 20 epochs; brain_best_linear.py's epoch choice
+# (theirs adds B A to the weights), 20 epochs, wavlm-base-plus's LayerDrop and SpecAugment left on
+# by model.train(); brain_best_linear.py's epoch choice
 AUTHORS = dict(train_context_s=3.75, train_stride_s=0.25, train_window_feature="first",
                lanczos_floor=1e-10, block_trs=10, batch_blocks=1, block_history="zeros",
                norm="instance", block_order="stories", best_epoch="linearized", epochs=20,
-               patience=20, readout_init="xavier", grad_clip=float("inf"), lora_dropout=0.0)
+               patience=20, readout_init="xavier", grad_clip=float("inf"), lora_dropout=0.0,
+               layerdrop=0.1, mask_time_prob=0.05)
 
 
 def get_parser():
@@ -110,6 +112,11 @@ def get_parser():
     g.add_argument("--layerdrop", type=ranged(float, 0, 0.99), default=0.0, help="WavLM's "
                    "LayerDrop in training: each layer after the first skipped with this chance, "
                    "one draw a layer a forward (transformers'; the authors' train() leaves 0.1 on)")
+    g.add_argument("--mask-time-prob", type=ranged(float, 0, 0.99), default=0.0, help="WavLM's "
+                   "SpecAugment in training: spans of the config's mask_time_length frames (10) "
+                   "replaced by the mask embedding, about this share of each window's frames, at "
+                   "least mask_time_min_masks (2) spans (transformers'; the authors' train() "
+                   "leaves wavlm-base-plus's 0.05 on)")
     g.add_argument("--lr-adapter", type=POSITIVE, default=1e-4, help="LoRA's (or all weights')")
     g.add_argument("--lr-readout", type=POSITIVE, default=1e-4, help="the readout's learning rate")
     g.add_argument("--grad-clip", type=POSITIVE, default=1.0, help="clip the gradient norm (inf: "
@@ -178,7 +185,8 @@ def setup_model(args, baseline, seed, n_vox, device, prov=None):
     provenance, init: (folder, name, fingerprint) or None)."""
     torch.manual_seed(seed)
     model = common.load_wavlm(str(baseline["model"]), int(baseline["model_seed"]), device)
-    model.config.layerdrop = args.layerdrop  # training only (batching.hidden_states_from_cnn)
+    # training only (batching.hidden_states_from_cnn)
+    model.config.layerdrop, model.config.mask_time_prob = args.layerdrop, args.mask_time_prob
     prov = checkpoints.with_model(prov or dict(stories=baseline["provenance"]["stories"],
                                                settings=run_settings(args)), args, baseline, model)
     init = checkpoints.init_checkpoint(args.init_from, prov) if args.init_from else None

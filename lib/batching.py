@@ -118,14 +118,38 @@ def windows_per_batch(model, frames, device, grad=False, cnn=False):
     return max(1, int(memory_budget(device) // per_window))
 
 
+def spec_augment_mask(config, shape, attention_mask=None):
+    """SpecAugment's time mask (batch x frames, True = masked) as WavLM's training forward draws it:
+    transformers' own _compute_mask_indices with the config's mask_time_prob, mask_time_length and
+    mask_time_min_masks, each window's real frames from attention_mask. It draws from numpy's
+    global RNG, seeded here from torch's (which stage 03 seeds and checkpoints, so a resumed run
+    masks as the uninterrupted one), numpy's own state put back. A batch shorter than one span
+    is not masked (transformers raises)."""
+    from transformers.models.wavlm.modeling_wavlm import _compute_mask_indices
+    seed, state = int(torch.randint(2 ** 31 - 1, ())), np.random.get_state()
+    if shape[1] < config.mask_time_length:
+        return np.zeros(shape, bool)
+    np.random.seed(seed)
+    try:
+        return _compute_mask_indices(tuple(shape), config.mask_time_prob, config.mask_time_length,
+                                     attention_mask, config.mask_time_min_masks)
+    finally:
+        np.random.set_state(state)
+
+
 def hidden_states_from_cnn(model, cnn, n_layers=None, attention_mask=None, mask=None, mask_embed=None):
     """WavLM from CNN output: [input to layer 1, output of layer 1, ..., of n_layers] (transformers'
     hidden_states; the layers above never run). attention_mask (batch x frames, True = real):
     padded frames. mask (batch x frames): those frames become mask_embed, for
     models/pretrain_tiny.py (transformers ignores mask_time_indices once SpecAugment is off). In
-    training, the config's layerdrop skips layers as transformers does (stage 03 --layerdrop)."""
+    training, the config's layerdrop skips layers and its mask_time_prob masks frames with the
+    model's spec_embed (load_wavlm's), as transformers does (stage 03 --layerdrop,
+    --mask-time-prob)."""
     m = base_wavlm(model)
     enc, (h, _) = m.encoder, m.feature_projection(cnn)
+    if mask is None and m.training and m.config.mask_time_prob > 0:  # SpecAugment
+        mask = to_device(spec_augment_mask(m.config, h.shape[:2], attention_mask), h.device)
+        mask_embed = m.spec_embed
     if mask is not None:
         h = torch.where(mask[..., None], mask_embed.to(h.dtype), h)
     if attention_mask is not None:  # padding is zeros, as beyond a window's ends, to the positional conv

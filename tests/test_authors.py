@@ -329,3 +329,76 @@ def test_layerdrop_is_transformers_own_in_training_and_off_in_eval(audio):
         after = torch.rand([])
         torch.manual_seed(0)
         assert torch.equal(after, torch.rand([]))  # eval took no draw
+
+
+def test_spec_augment_is_transformers_own_on_padded_windows_and_off_in_eval(audio):
+    """--mask-time-prob p (the authors' model.train() leaves wavlm-base-plus's 0.05 on): in training,
+    frames of each window are replaced by the mask embedding in spans that transformers' own WavLM
+    forward draws (numpy's global RNG, here seeded from torch's), each window's spans within its
+    own frames. The batched forward over windows of two lengths gives transformers' states on every
+    real frame; numpy's state is left as it was; eval neither masks nor draws."""
+    m = common.load_wavlm("tiny", seed=2)  # every dropout 0: the masks are the only draws
+    m.config.mask_time_prob = 0.2
+    clips = [audio[:4 * SR], audio[SR:SR + 2 * SR + 1234]]
+    n = [batching.n_frames(len(c)) for c in clips]
+    x = torch.zeros(2, len(clips[0]))
+    for i, c in enumerate(clips):
+        x[i, :len(c)] = torch.tensor(c)
+    samples = (torch.arange(x.shape[1])[None] < torch.tensor([len(c) for c in clips])[:, None]).long()
+    ref = common.load_wavlm("tiny", seed=2)  # transformers' forward, SpecAugment switched on in it
+    ref.config.mask_time_prob, ref.config.apply_spec_augment = 0.2, True
+    ref.masked_spec_embed = torch.nn.Parameter(m.spec_embed.clone())
+    with torch.no_grad():
+        cnns = [batching.cnn_features(m, torch.tensor(c)[None])[0] for c in clips]
+        m.eval()
+        plain = batching.encode_windows(m, cnns, None)
+        m.train(), ref.train()
+        masked = 0
+        for s in range(4):
+            torch.manual_seed(s)
+            np.random.seed(int(torch.randint(2 ** 31 - 1, ())))  # the rule: numpy seeded from torch
+            expected = ref(x, attention_mask=samples, output_hidden_states=True).hidden_states
+            np.random.seed(99)
+            before = np.random.get_state()[1].copy()
+            torch.manual_seed(s)
+            ours = batching.encode_windows(m, cnns, None)
+            assert np.array_equal(np.random.get_state()[1], before)  # numpy's state put back
+            for a, b in zip(ours, expected):
+                for i in range(2):
+                    torch.testing.assert_close(a[i, :n[i]], b[i, :n[i]], rtol=1e-5, atol=1e-5)
+            changed = (ours[0] != plain[0]).any(-1)
+            assert changed[0].sum() >= 10 and changed[1, :n[1]].sum() >= 10  # 2 spans of 10 at least
+            masked += int(changed.sum())
+        assert masked < 0.6 * 4 * sum(n)  # masks, not every frame
+        m.eval()
+        torch.manual_seed(0)
+        again = batching.encode_windows(m, cnns, None)
+        after = torch.rand([])
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.rand([]))  # eval took no draw
+        for a, b in zip(again, plain):
+            assert torch.equal(a, b)
+
+
+def test_the_mask_embedding_is_the_checkpoints_and_outside_the_fingerprint(tmp_path):
+    """load_wavlm keeps a checkpoint's masked_spec_embed (the one SpecAugment fills with) beside the
+    weights, not among them: the model's fingerprint, which stages 02-05 check, is that of the same
+    weights without it; a model without one gets a seeded draw."""
+    from transformers import WavLMModel
+    cfg = common.tiny_config()
+    cfg.mask_time_prob = 0.05
+    torch.manual_seed(5)
+    saved = WavLMModel(cfg)
+    torch.nn.init.normal_(saved.masked_spec_embed)  # not U(0, 1): a draw could not match it
+    saved.save_pretrained(tmp_path / "with")
+    cfg.mask_time_prob = 0.0
+    plain = WavLMModel(cfg)
+    plain.load_state_dict({k: v for k, v in saved.state_dict().items() if k != "masked_spec_embed"})
+    plain.save_pretrained(tmp_path / "without")
+    a, b = common.load_wavlm(str(tmp_path / "with")), common.load_wavlm(str(tmp_path / "without"))
+    assert torch.equal(a.spec_embed, saved.masked_spec_embed.detach())
+    assert "masked_spec_embed" not in a.state_dict() and "spec_embed" not in a.state_dict()
+    assert plumbing.model_fingerprint(a) == plumbing.model_fingerprint(b)
+    assert not torch.equal(b.spec_embed, a.spec_embed)
+    assert torch.equal(b.spec_embed, common.load_wavlm(str(tmp_path / "without")).spec_embed)
+    assert not torch.equal(b.spec_embed, common.load_wavlm(str(tmp_path / "without"), seed=1).spec_embed)
