@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from lib.batching import (FRAME_WIN, SR, base_wavlm, encode_windows, feature_times, feature_windows,
-                          kept_frames, n_frames, story_cnns, window_cnn, window_features,
-                          windows_per_batch)
+                          keep_mask_embed, kept_frames, n_frames, story_cnns, window_cnn,
+                          window_features, windows_per_batch)
 from lib.plumbing import (StudyError, autocast, cached_npz, feature_cache_dir, from_pretrained,
                           load_npz, model_fingerprint, pick_device, progress_bar, sha1, to_device)
 from lib.study import stack_responses
@@ -372,28 +372,21 @@ def make_lora_able(model):
 def load_wavlm(name="tiny", seed=0, device=None, config=None):
     """`tiny`: a seeded random tiny WavLM (`config`, default tiny_config()); `tiny-pretrained`: this
     repository's self-supervised one (models/); else a Hugging Face id or folder (e.g.
-    microsoft/wavlm-base-plus). LayerDrop and SpecAugment off, CNN frozen, attention LoRA-able,
-    eval mode. SpecAugment's mask embedding (the checkpoint's masked_spec_embed, else a seeded
-    U(0, 1) draw, WavLM's own initialisation) is kept as `spec_embed`, outside the state_dict, so
-    the model's fingerprint is the same whether or not stage 03 masks (--mask-time-prob)."""
+    microsoft/wavlm-base-plus). LayerDrop and SpecAugment off (stage 03 may set them), CNN frozen,
+    attention LoRA-able, eval mode; the mask embedding kept beside the weights (keep_mask_embed)."""
     from transformers import WavLMModel
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise around our one-line errors
     name = PRETRAINED_TINY if name == "tiny-pretrained" else name
-    missing = ["masked_spec_embed"]
     if name == "tiny":
         torch.manual_seed(seed)
-        model = WavLMModel(config if config is not None else tiny_config())
+        model, info = WavLMModel(config if config is not None else tiny_config()), None
     else:  # the checkpoint's own mask probability, so that its masked_spec_embed is read
         model, info = from_pretrained(WavLMModel, name, layerdrop=0.0, mask_feature_prob=0.0,
                                       output_loading_info=True)
-        missing = info["missing_keys"]
-    embed = model._parameters.pop("masked_spec_embed", None)
-    if embed is None or "masked_spec_embed" in missing:
-        embed = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
-    model.register_buffer("spec_embed", embed.detach().float(), persistent=False)
+    keep_mask_embed(model, seed, info)
     model.config.layerdrop, model.config.mask_time_prob = 0.0, 0.0
-    model.config.apply_spec_augment = False  # batching.hidden_states_from_cnn masks, not transformers
+    model.config.apply_spec_augment = False  # batching masks (hidden_states_from_cnn)
     model.freeze_feature_encoder()
     return make_lora_able(model).to(pick_device(device)).eval()
 

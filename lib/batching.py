@@ -118,6 +118,17 @@ def windows_per_batch(model, frames, device, grad=False, cnn=False):
     return max(1, int(memory_budget(device) // per_window))
 
 
+def keep_mask_embed(model, seed, info=None):
+    """SpecAugment's mask embedding moved out of the weights into `spec_embed`, a buffer outside the
+    state_dict, so the model's fingerprint (which stages 02-05 check) is the same whether or not
+    stage 03 masks (--mask-time-prob): the checkpoint's masked_spec_embed (info: from_pretrained's
+    loading info), else a U(0, 1) draw from `seed` (WavLM's own initialisation)."""
+    embed = model._parameters.pop("masked_spec_embed", None)
+    if embed is None or info is None or "masked_spec_embed" in info["missing_keys"]:
+        embed = torch.rand(model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    model.register_buffer("spec_embed", embed.detach().float(), persistent=False)
+
+
 def spec_augment_mask(config, shape, attention_mask=None):
     """SpecAugment's time mask (batch x frames, True = masked) as WavLM's training forward draws it:
     transformers' own _compute_mask_indices with the config's mask_time_prob, mask_time_length and
