@@ -65,6 +65,9 @@ alone epochs --patience 20
 alone lora-dropout --lora-dropout 0
 alone readout-init --readout-init xavier
 alone grad-clip --grad-clip inf
+alone layer --layer 2  # the analogue of their fixed layer 9 of 12: one below stage 02's best
+alone layerdrop --layerdrop 0.1
+alone mask-time-prob --mask-time-prob 0.05
 alone02 windows --window-feature first --context-s 3.75 --stride-s 0.25
 alone02 ridge --ridge bootstrap --alphas $($P -c "import numpy as np; print(*np.logspace(2, 8, 10))")
 alone02 fit-stories --fit-stories train
