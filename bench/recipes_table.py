@@ -66,7 +66,8 @@ def alone(r, flags):
 
 
 for r in runs:
-    changed = {k: v for k, v in r["settings"].items() if ref["settings"].get(k) != v}
+    # a setting newer than the reference run, at its off value (0), is not a change
+    changed = {k: v for k, v in r["settings"].items() if ref["settings"].get(k, None if v else v) != v}
     if r["tag"] != tag and r["name"].startswith("03_sim01_whole_lora_seed0_"):
         alone(r, "stage 03 " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
 for folder in sorted(glob.glob(os.path.join(R, "alone02_*"))):
