@@ -331,14 +331,15 @@ def test_layerdrop_is_transformers_own_in_training_and_off_in_eval(audio):
         assert torch.equal(after, torch.rand([]))  # eval took no draw
 
 
-def test_spec_augment_is_transformers_own_on_padded_windows_and_off_in_eval(audio):
+@pytest.mark.parametrize("prob", [0.05, 0.2])  # 0.05 (theirs): a 4 s window gets the 2 spans' minimum
+def test_spec_augment_is_transformers_own_on_padded_windows_and_off_in_eval(audio, prob):
     """--mask-time-prob p (the authors' model.train() leaves wavlm-base-plus's 0.05 on): in training,
     frames of each window are replaced by the mask embedding in spans that transformers' own WavLM
     forward draws (numpy's global RNG, here seeded from torch's), each window's spans within its
     own frames. The batched forward over windows of two lengths gives transformers' states on every
     real frame; numpy's state is left as it was; eval neither masks nor draws."""
     m = common.load_wavlm("tiny", seed=2)  # every dropout 0: the masks are the only draws
-    m.config.mask_time_prob = 0.2
+    m.config.mask_time_prob = prob
     clips = [audio[:4 * SR], audio[SR:SR + 2 * SR + 1234]]
     n = [batching.n_frames(len(c)) for c in clips]
     x = torch.zeros(2, len(clips[0]))
@@ -346,7 +347,7 @@ def test_spec_augment_is_transformers_own_on_padded_windows_and_off_in_eval(audi
         x[i, :len(c)] = torch.tensor(c)
     samples = (torch.arange(x.shape[1])[None] < torch.tensor([len(c) for c in clips])[:, None]).long()
     ref = common.load_wavlm("tiny", seed=2)  # transformers' forward, SpecAugment switched on in it
-    ref.config.mask_time_prob, ref.config.apply_spec_augment = 0.2, True
+    ref.config.mask_time_prob, ref.config.apply_spec_augment = prob, True
     ref.masked_spec_embed = torch.nn.Parameter(m.spec_embed.clone())
     with torch.no_grad():
         cnns = [batching.cnn_features(m, torch.tensor(c)[None])[0] for c in clips]
@@ -395,10 +396,48 @@ def test_the_mask_embedding_is_the_checkpoints_and_outside_the_fingerprint(tmp_p
     plain = WavLMModel(cfg)
     plain.load_state_dict({k: v for k, v in saved.state_dict().items() if k != "masked_spec_embed"})
     plain.save_pretrained(tmp_path / "without")
+    cfg.mask_time_prob = 0.05  # masking on in its config, the embedding missing from its weights
+    WavLMModel(cfg).save_pretrained(tmp_path / "lost", state_dict=plain.state_dict())
     a, b = common.load_wavlm(str(tmp_path / "with")), common.load_wavlm(str(tmp_path / "without"))
     assert torch.equal(a.spec_embed, saved.masked_spec_embed.detach())
     assert "masked_spec_embed" not in a.state_dict() and "spec_embed" not in a.state_dict()
     assert plumbing.model_fingerprint(a) == plumbing.model_fingerprint(b)
-    assert not torch.equal(b.spec_embed, a.spec_embed)
-    assert torch.equal(b.spec_embed, common.load_wavlm(str(tmp_path / "without")).spec_embed)
+    assert "spec_embed" in dict(a.named_buffers())  # moves with the model (.to(device))
+    assert a.to(torch.float64).spec_embed.dtype == torch.float64
+    draw = torch.rand(cfg.hidden_size, generator=torch.Generator().manual_seed(0))  # WavLM's U(0, 1)
+    assert torch.equal(b.spec_embed, draw) and not torch.equal(b.spec_embed, a.spec_embed)
+    assert torch.equal(common.load_wavlm(str(tmp_path / "lost")).spec_embed, draw)
     assert not torch.equal(b.spec_embed, common.load_wavlm(str(tmp_path / "without"), seed=1).spec_embed)
+    assert torch.equal(common.load_wavlm("tiny", seed=0).spec_embed, draw)
+
+
+def test_masking_and_layerdrop_reach_the_trained_model_and_never_the_validation(tiny_study, tmp_path):
+    """--mask-time-prob and --layerdrop (the authors' 0.05 and 0.1; ours 0) reach the model stage 03
+    trains, each its own value; the validation r that picks the best epoch is the eval-mode model's,
+    which neither masks nor skips (in training mode the same predictions differ)."""
+    m = stage("03_finetune_lora.py")
+    assert (m.AUTHORS["mask_time_prob"], m.AUTHORS["layerdrop"]) == (0.05, 0.1)  # wavlm-base-plus's
+    assert (m.get_args([]).mask_time_prob, m.get_args([]).layerdrop) == (0.0, 0.0)
+    args = m.get_args(["--epochs", "1", "--block-trs", "10", "--mask-time-prob", "0.3", "--layerdrop",
+                       "0.2", "--bottleneck", "20", "--lr-adapter", "3e-3", "--device", "cpu"])
+    layer, delays, d = 2, (1, 2), plumbing.load_npz(f"{tiny_study}/subjects/sim01.npz")
+    baseline = dict(model=np.array("tiny"), model_seed=np.int64(0), provenance=dict(stories="s"),
+                    delays=np.array(delays))
+    model, readout, opt, prov, _ = m.setup_model(args, baseline, 0, {"sim01": len(d["roi_AC"])}, "cpu")
+    config = batching.base_wavlm(model).config
+    assert (config.mask_time_prob, config.layerdrop) == (0.3, 0.2)
+    stories = batching.load_stories(model, tiny_study, ["story00", "val00"], "cpu", 0.0, 4.0)
+    resp, val = {"sim01": {"story00": torch.tensor(d["resp_story00"])}}, d["resp_val00"]
+    run = dict(name="masked", ckpt=str(tmp_path / "ckpt"), prov=prov)
+    history = m.train(args, run, model, readout, opt, stories, resp, {"sim01": {"val00": val}},
+                      layer, 0, delays)
+
+    def val_r():
+        with torch.no_grad():
+            preds = common.predict_story(model, readout, stories["val00"], layer, args.block_trs, delays)
+        return float(common.pearson_r(val, preds["sim01"]).mean())
+    model.eval()
+    assert history["val_r"] == [pytest.approx(val_r(), abs=1e-6)]
+    model.train()
+    torch.manual_seed(1)
+    assert abs(val_r() - history["val_r"][0]) > 1e-4

@@ -545,6 +545,12 @@ def test_every_training_setting_alone_changes_the_run_tag(monkeypatch):
         tags[k] = run_tag(args, dict(tag=""))
         assert tags[k] and list(tags.values()).count(tags[k]) == 1, (k, tags)
     assert run_tag(m.get_args([]), dict(tag="abcdef")) not in [""] + list(tags.values())  # another stage 02 result
+    # every flag is a training setting, or one of these (what the run is of, where, how fast): a new
+    # flag left out of TRAIN_SETTINGS would give runs of two settings one name
+    elsewhere = {"baseline_tag", "checkpoints", "compile", "data", "device", "init_from", "joint",
+                 "results", "resume", "roi", "seed", "seeds", "subject", "threads", "help"}
+    flags = {a.dest for a in m.get_parser()._actions}
+    assert flags - elsewhere == set(m.TRAIN_SETTINGS), flags - elsewhere ^ set(m.TRAIN_SETTINGS)
 
 
 def test_roi_restricts_the_readout(trained, tmp_path):
